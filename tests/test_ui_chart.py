@@ -1,5 +1,6 @@
 """SVG rendering of the loss curve and the confusion matrix: valid XML, the right marks, odd inputs."""
 
+import itertools
 import math
 import xml.etree.ElementTree as ET
 
@@ -33,7 +34,10 @@ def polyline_points(el):
 
 
 def history(n=30, every=10, evals=(100, 200)):
-    rows = [{"step": i * every, "epoch": i / 10, "loss": 3.0 / (1 + 0.1 * i), "learning_rate": 2e-4} for i in range(1, n + 1)]
+    rows = [
+        {"step": i * every, "epoch": i / 10, "loss": 3.0 / (1 + 0.1 * i), "learning_rate": 2e-4}
+        for i in range(1, n + 1)
+    ]
     rows += [{"step": s, "eval_loss": 2.0 - s / 1000, "eval_accuracy": 0.8} for s in evals]
     return rows
 
@@ -130,7 +134,7 @@ def test_nice_ticks_are_round_and_inside(lo, hi):
     ticks = nice_ticks(lo, hi)
     assert 2 <= len(ticks) <= 11
     assert all(lo - 1e-12 <= t <= hi + 1e-12 for t in ticks)
-    steps = {round(b - a, 12) for a, b in zip(ticks, ticks[1:])}
+    steps = {round(b - a, 12) for a, b in itertools.pairwise(ticks)}
     assert len(steps) == 1
     mantissa = steps.pop() / 10 ** math.floor(math.log10(ticks[1] - ticks[0]))
     assert round(mantissa, 6) in (1, 2, 5)

@@ -143,10 +143,14 @@ def loss_chart_svg(
     left, right, top, bottom = 46, 10, 16, 30
     plot_w, plot_h = max(width - left - right, 10), max(height - top - bottom, 10)
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" class="peft-loss-chart" role="img" aria-label="{escape(title)} curve">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="{AXIS_COLOR}" '
-        'stroke-width="0.5"/>',
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" class="peft-loss-chart" role="img" aria-label="{escape(title)} curve">'
+        ),
+        (
+            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="{AXIS_COLOR}" '
+            'stroke-width="0.5"/>'
+        ),
         f'<text x="{left}" y="{top - 4}" {FONT} fill="#444">{escape(title)}</text>',
     ]
     if not train and not evals:
@@ -185,9 +189,7 @@ def loss_chart_svg(
             f'<text x="{_fmt(x)}" y="{top + plot_h + 12}" {FONT} fill="{AXIS_COLOR}" text-anchor="middle">'
             f"{_tick_label(t)}</text>"
         )
-    parts.append(
-        f'<text x="{left + plot_w}" y="{height - 3}" {FONT} fill="{AXIS_COLOR}" text-anchor="end">step</text>'
-    )
+    parts.append(f'<text x="{left + plot_w}" y="{height - 3}" {FONT} fill="{AXIS_COLOR}" text-anchor="end">step</text>')
 
     if len(train) == 1:
         x, y = train[0]
@@ -270,8 +272,10 @@ def confusion_matrix_svg(
     width, height = margin + size + 8, top + size + 8
     vmax = max((v for r in rows for v in r if _finite(v)), default=0.0) or 1.0
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" class="peft-confusion-matrix" role="img" aria-label="confusion matrix">',
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" class="peft-confusion-matrix" role="img" aria-label="confusion matrix">'
+        ),
         f'<text x="{margin + size / 2:.1f}" y="10" {FONT} fill="#444" text-anchor="middle">predicted</text>',
         f'<text x="4" y="{top - 6}" {FONT} fill="#444">true</text>',
     ]
@@ -280,7 +284,7 @@ def confusion_matrix_svg(
         if cell >= 10:
             parts.append(
                 f'<text x="{margin + j * cell + cell / 2:.1f}" y="{top - 6}" {FONT} fill="{AXIS_COLOR}" '
-                f'text-anchor="middle"><title>{escape(names[j])}</title>{escape(label[:max(1, cell // 6)])}</text>'
+                f'text-anchor="middle"><title>{escape(names[j])}</title>{escape(label[: max(1, cell // 6)])}</text>'
             )
     for i, row in enumerate(rows):
         total = sum(v for v in row if _finite(v))

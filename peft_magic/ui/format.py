@@ -26,7 +26,7 @@ def format_duration(seconds: float | None) -> str:
     """
     if not _is_number(seconds) or seconds < 0:
         return "--:--"
-    total = int(round(seconds))
+    total = round(seconds)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -93,8 +93,7 @@ def format_lr(lr: float | None) -> str:
     if lr == 0:
         return "0"
     mantissa, exponent = f"{lr:.1e}".split("e")
-    if mantissa.endswith(".0"):
-        mantissa = mantissa[:-2]
+    mantissa = mantissa.removesuffix(".0")
     return f"{mantissa}e{int(exponent)}"
 
 
@@ -175,7 +174,7 @@ def format_memory(memory: Mapping[str, float] | None) -> str:
 
 def metric_name(key: str) -> str:
     """Display name of a log key: ``eval_accuracy`` -> ``accuracy``, ``eval_f1`` -> ``F1``."""
-    name = key[5:] if key.startswith("eval_") else key
+    name = key.removeprefix("eval_")
     return {"f1": "F1", "mse": "MSE", "mae": "MAE", "rmse": "RMSE"}.get(name, name.replace("_", " "))
 
 
