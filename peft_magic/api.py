@@ -1,0 +1,251 @@
+"""The plain Python API that the magics, the CLI, the form and the tests all call.
+
+    run = peft_magic.train({"model": "org/name", "data": {"train": df}, "train": {"max_steps": 100}})
+    run.export("my-adapter")
+
+`train` = setup (check, load tokenizer, data, model, method) + `engine.fit`. Setup always runs in the caller's
+thread so a mistake surfaces in the cell as a `ConfigError`; only the loop itself moves to a thread with
+``background=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .config import Config, parse_config
+from .errors import ConfigError
+from .events import EventBus
+from .run import Run
+
+_ACTIVE: set = set()  # background runs in progress (one at a time: two would fight over the device)
+
+
+def default_output_dir(name: str) -> str:
+    """Kaggle keeps /kaggle/working; elsewhere ./peft_runs/NAME beside the notebook."""
+    root = "/kaggle/working" if os.path.isdir("/kaggle/working") else "."
+    return os.path.join(root, "peft_runs", name)
+
+
+def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Config:
+    cfg = parse_config(config, overrides=overrides or (), defaults=defaults)
+    if not cfg.train.output_dir:
+        cfg.train.output_dir = default_output_dir(name)
+    return cfg
+
+
+def train(config=None, *, namespace=None, callbacks=(), background=False, name="run", display="auto",
+          resume=False, defaults=None, cell=None, overrides=None, **kw) -> Run:  # fmt: skip
+    """Fine-tune a model and return the `Run`.
+
+    Args:
+        config: A dict, YAML text, a YAML file path or a `Config`.
+        namespace: Where ``$name`` data references are looked up (the notebook's variables).
+        callbacks: Extra event subscribers (see `peft_magic.events`).
+        background: Train in a thread and return at once (`run.wait()`, `run.stop()`).
+        name: The run's name (default output folder ``peft_runs/NAME``).
+        display: ``"auto"`` (live panel in notebooks, printed lines elsewhere), ``"none"``, or a subscriber.
+        resume: Continue from the latest checkpoint in the output folder (True) or from a checkpoint path.
+        defaults: Config values used where `config` is silent (e.g. the `%peft_model` base model).
+        cell: The %%peft_train cell text, kept for the model card.
+        overrides: ``["train.max_steps=10", ...]`` or ``{"train.max_steps": 10}``.
+        **kw: Also overrides, with ``__`` for dots: ``train__max_steps=10``.
+    """
+    overrides = _merge_overrides(overrides, kw)
+    cfg = resolve_config(config, overrides, defaults, name)
+    if _ACTIVE:
+        raise ConfigError(f"run '{next(iter(_ACTIVE)).name}' is still training in the background. Fix: "
+                          "`.stop()` or `.wait()` it first; one run trains at a time.", key="--background")  # fmt: skip
+    run = Run(name, cfg)
+    run.cell = cell
+    bus = EventBus(list(callbacks))
+    if display is not None and display != "none":
+        sub = _make_display(display, run)
+        if sub is not None:
+            bus.add(sub)
+    resume_meta = _find_resume(resume, cfg)
+    setup(run, namespace, bus)
+    if resume_meta is not None:
+        resume_meta["method"] = run.method
+    if background:
+        _ACTIVE.add(run)
+        run._thread = threading.Thread(target=_fit_safely, args=(run, bus, resume_meta), daemon=True,
+                                       name=f"peft_magic:{name}")  # fmt: skip
+        run._thread.start()
+        return run
+    _fit(run, bus, resume_meta)
+    return run
+
+
+def _merge_overrides(overrides, kw) -> list | dict:
+    if not kw:
+        return overrides or ()
+    merged = dict(overrides) if isinstance(overrides, dict) else dict(_pairs(overrides or ()))
+    merged.update({k.replace("__", "."): v for k, v in kw.items()})
+    return merged
+
+
+def _pairs(items):
+    from .config import _iter_overrides
+
+    return list(_iter_overrides(items))
+
+
+def _make_display(display, run):
+    if not isinstance(display, str):
+        return display
+    from .ui import make_display
+
+    return make_display(stop=run.stop, mode=display)
+
+
+def _find_resume(resume, cfg):
+    if not resume:
+        return None
+    from . import checkpoint
+
+    path = resume if isinstance(resume, str) else checkpoint.latest_checkpoint(cfg.train.output_dir)
+    if not path or not os.path.isfile(os.path.join(path, checkpoint.STATE_FILE)):
+        raise ConfigError(f"no checkpoint to resume from in '{cfg.train.output_dir}'. Fix: run without --resume, "
+                          "or set train.output_dir to the folder of the run to continue.", key="--resume")  # fmt: skip
+    return checkpoint.load(path)
+
+
+def setup(run: Run, namespace, bus: EventBus) -> Run:
+    """Everything before the first step, cheapest checks first, so mistakes fail fast."""
+    from accelerate.utils import set_seed
+
+    from . import models
+    from .data import prepare
+    from .methods import get_method
+
+    cfg, state = run.config, run.state
+    models.check_model_source(cfg.model)
+    models.check_quantization(cfg.model)
+    _status(run, bus, "loading tokenizer")
+    with models.quiet_loading(run.warnings):
+        tokenizer = models.load_tokenizer(cfg.model)
+    _status(run, bus, "tokenizing")
+    with models.quiet_loading(run.warnings):
+        data = prepare(cfg, tokenizer, namespace)
+    _status(run, bus, "loading model")
+    with models.quiet_loading(run.warnings):
+        model = models.load_model(cfg.model, cfg.task, data.labels, pad_token_id=tokenizer.pad_token_id)
+    method = get_method(cfg.method.name)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.quantization == "none" and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    set_seed(cfg.train.seed)  # adapter initialisation is part of what the seed reproduces
+    with models.quiet_loading(run.warnings):
+        model = method.apply(model, cfg, calibration=_calibration(data, cfg))
+    run.model, run.tokenizer, run.method, run.data, run.labels = model, tokenizer, method, data, data.labels
+    trainable, total = models.count_parameters(model)
+    state.trainable_params, state.total_params = trainable, total
+    state.output_dir = cfg.train.output_dir
+    state.title = title(cfg, trainable, total)
+    return run
+
+
+def _calibration(data, cfg):
+    def batches():
+        from torch.utils.data import DataLoader
+
+        return DataLoader(data.train.with_format("python"), batch_size=cfg.train.per_device_train_batch_size,
+                          shuffle=False, collate_fn=data.collator)  # fmt: skip
+
+    return batches
+
+
+def title(cfg, trainable: int, total: int) -> str:
+    from .methods import describe
+    from .ui.format import build_title
+
+    quant = {"4bit": "4-bit NF4", "8bit": "8-bit"}.get(cfg.model.quantization)
+    return build_title(cfg.model.display_name, quant, describe(cfg.method), trainable, total)
+
+
+def _status(run, bus, status):
+    run.state.status = status
+    bus.emit("on_status", run.state, status)
+
+
+def _fit_safely(run, bus, resume_meta):
+    try:
+        _fit(run, bus, resume_meta)
+    except BaseException as e:  # noqa: BLE001 - the thread must record, not lose, the error
+        run.error = e
+    finally:
+        _ACTIVE.discard(run)
+
+
+def _fit(run: Run, bus: EventBus, resume_meta=None) -> None:
+    from functools import partial
+
+    from .checkpoint import Checkpointer
+    from .engine import fit
+    from .evaluation import evaluate_model
+
+    cfg = run.config
+    ckpt = Checkpointer(cfg.train.output_dir, run.method, cfg, cfg.train.save_steps, cfg.train.save_total_limit)
+    evaluate_fn = partial(_eval_fn, task=cfg.task, labels=run.labels)
+    try:
+        run.model = fit(run.model, cfg, run.data, run.method, run.state, bus, run._stop, run.history,
+                        checkpointer=ckpt, resume=resume_meta, evaluate_fn=evaluate_fn)  # fmt: skip
+    except BaseException as e:
+        run.error = e
+        raise
+    final = getattr(run.state, "_final_metrics", None)
+    if final:
+        run.metrics = final
+
+
+def _eval_fn(model, dl, accelerator, task, labels):
+    from .evaluation import evaluate_model
+
+    return evaluate_model(model, dl, accelerator, task=task, labels=labels)
+
+
+def evaluate(run: Run, data=None, namespace=None) -> dict:
+    """Evaluate `run.model` on its eval split or on another source; the result lands in history and metrics."""
+    from torch.utils.data import DataLoader
+
+    from .data import check_rows, detect_kind, resolve, tokenize
+    from .evaluation import evaluate_model
+
+    if run.model is None:
+        raise ConfigError("this run has no model to evaluate.", key=run.name)
+    cfg = run.config
+    if data is None:
+        if run.data is None or run.data.eval is None:
+            raise ConfigError("this run has no eval data. Fix: run.evaluate(data=...) or set `data.eval`.", key="data.eval")
+        ds = run.data.eval
+    else:
+        raw = resolve(data, namespace, "data")
+        kind = detect_kind(raw, cfg.data, cfg.task, key="data")
+        check_rows(raw, kind, cfg.data, "data")
+        if run.labels is not None:
+            unknown = set(raw[cfg.data.label_column]) - set(run.labels)
+            if unknown:
+                raise ConfigError(f"labels {sorted(map(str, unknown))[:5]} were not seen in training.", key="data")
+        ds = tokenize(raw, run.tokenizer, cfg.data, kind, cfg.task, run.labels)
+    dl = DataLoader(ds.with_format("python"), batch_size=cfg.train.per_device_eval_batch_size,
+                    collate_fn=run.data.collator if run.data else _collator(run))  # fmt: skip
+    metrics = evaluate_model(run.model, dl, None, task=cfg.task, labels=run.labels)
+    row = {"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    run.history.append(row)
+    run.metrics = metrics
+    return metrics
+
+
+def _collator(run):
+    from .data import make_collator
+
+    return make_collator(run.tokenizer, run.config.task)
+
+
+def load(path: str, device=None) -> Run:
+    """Load an exported folder (peft adapter, peft_magic delta, or merged model) onto its base; returns a Run."""
+    from .export import load_export
+
+    return load_export(path, device=device)

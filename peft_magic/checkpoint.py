@@ -1,0 +1,140 @@
+"""Checkpoints: the trained weights, optimizer, scheduler and RNG state of one step, written atomically.
+
+Layout of ``<output_dir>/checkpoint-<step>/``: the method's adapter files (peft format for peft methods), then
+``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` and ``trainer_state.json`` (step, epoch, history). A
+checkpoint is written into a temporary folder and renamed into place, so a crash while saving never leaves a
+half-written "latest"; old ones are pruned to ``save_total_limit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+
+CKPT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CKPT.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+class Checkpointer:
+    """Saves checkpoints every `save_steps` optimizer steps and/or every `save_minutes`, plus at the end.
+
+    Args:
+        output_dir: Folder of the run.
+        method: The run's method (its `save` writes the trained weights).
+        cfg: The run's Config (saved beside the weights).
+        save_steps: Save every N steps (0: not by steps).
+        save_total_limit: Keep at most this many checkpoints.
+        save_minutes: Also save when this many minutes passed since the last save (0: not by time).
+    """
+
+    def __init__(self, output_dir, method, cfg, save_steps=0, save_total_limit=2, save_minutes=0.0):
+        self.output_dir = output_dir
+        self.method = method
+        self.cfg = cfg
+        self.save_steps = save_steps
+        self.save_total_limit = max(int(save_total_limit), 1)
+        self.save_minutes = save_minutes
+        self._last_save = time.time()
+
+    def due(self, step: int, max_steps: int) -> bool:
+        if step >= max_steps:
+            return False  # the final save happens after the final eval
+        if self.save_steps and step % self.save_steps == 0:
+            return True
+        return bool(self.save_minutes) and time.time() - self._last_save >= 60 * self.save_minutes
+
+    def save(self, accelerator, model, optimizer, scheduler, state, history) -> str | None:
+        import torch
+
+        accelerator.wait_for_everyone()
+        final_dir = os.path.join(self.output_dir, f"checkpoint-{state.step}")
+        if accelerator.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
+            tmp = os.path.join(self.output_dir, f".tmp-checkpoint-{state.step}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            self.method.save(accelerator.unwrap_model(model), tmp, self.cfg)
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            torch.save(_rng_state(), os.path.join(tmp, "rng_state.pt"))
+            meta = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+                    "tokens_seen": state.tokens_seen, "max_steps": state.max_steps, "log_history": history}  # fmt: skip
+            with open(os.path.join(tmp, STATE_FILE), "w") as fh:
+                json.dump(meta, fh, indent=1, default=float)
+            if os.path.exists(final_dir):  # same step saved again (e.g. stop right after a periodic save)
+                shutil.rmtree(final_dir)
+            os.replace(tmp, final_dir)
+            self._prune()
+        accelerator.wait_for_everyone()
+        self._last_save = time.time()
+        state.checkpoint_dir = final_dir
+        return final_dir
+
+    def _prune(self):
+        for path in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def load(path: str) -> dict:
+    """Read a checkpoint folder's metadata (weights and states are read by `restore`)."""
+    with open(os.path.join(path, STATE_FILE)) as fh:
+        meta = json.load(fh)
+    meta["path"] = path
+    return meta
+
+
+def restore(resume: dict, accelerator, model, optimizer, scheduler, state, history) -> int:
+    """Load weights, optimizer, scheduler and RNG state into the prepared objects; returns the step."""
+    import random
+
+    import numpy as np
+    import torch
+
+    path = resume["path"]
+    resume["method"].load_weights(accelerator.unwrap_model(model), path)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    rng = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    history[:] = resume.get("log_history", [])
+    state.samples_seen = resume.get("samples_seen", 0)
+    state.tokens_seen = resume.get("tokens_seen", 0)
+    state.epoch = resume.get("epoch", 0.0)
+    state.log_history = history
+    return int(resume["step"])

@@ -1,0 +1,58 @@
+"""Command line: the same `train()` as the notebook, for terminals, scripts and `accelerate launch`.
+
+    peft-magic train CONFIG.yaml [--set train.max_steps=10 ...] [--dry-run] [--export DIR] [--merge]
+    accelerate launch -m peft_magic train CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-magic", description="Parameter-efficient fine-tuning from a YAML config.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="Train from a YAML config (the same keys as a %%peft_train cell).")
+    t.add_argument("config", help="YAML file.")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override one key, e.g. --set train.max_steps=10 (repeatable).")  # fmt: skip
+    t.add_argument("--name", default="run", help="Run name (default output folder peft_runs/NAME).")
+    t.add_argument("--dry-run", action="store_true", help="Print the plan; train nothing.")
+    t.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint.")
+    t.add_argument("--export", default=None, metavar="DIR", help="Export the adapter here after training.")
+    t.add_argument("--merge", action="store_true", help="With --export: write a merged full model.")
+    t.add_argument("--overwrite", action="store_true", help="With --export: replace DIR if it holds files.")
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.dry_run:
+            from .plan import dry_run
+
+            print(dry_run(args.config, overrides=args.overrides, name=args.name).text())
+            return 0
+        from .api import train
+
+        run = train(args.config, overrides=args.overrides, name=args.name, resume=args.resume, display="auto")
+        if args.export and _is_main_process():
+            path = run.export(args.export, merge=args.merge, overwrite=args.overwrite)
+            print(f"exported to {path}")
+        return 0 if run.state.stop_reason in ("completed", "stopped", "interrupted") else 1
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_main_process() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

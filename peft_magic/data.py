@@ -1,0 +1,297 @@
+"""Data: resolve the user's source into a `datasets.Dataset`, check it, split it, tokenize it, collate it.
+
+Sources: a `$name` of the notebook (pandas DataFrame, list of dicts or strings, dict of lists, datasets.Dataset /
+DatasetDict), a local file (.csv .tsv .json .jsonl .parquet .txt), or a hub dataset id. Tokenization and
+collation use transformers' tokenizers and collators; nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, did_you_mean
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train/eval sets plus what the task needs to know about them."""
+
+    train: Any
+    eval: Any
+    collator: Any
+    labels: list | None = None  # class names, index = id (classification)
+    kind: str = "text"  # text | instruction | chat | classification
+    train_rows: int = 0
+    eval_rows: int = 0
+    train_tokens: int = 0
+    source_names: dict = field(default_factory=dict)
+
+
+def describe_source(src) -> str:
+    """How a data source is named in the dry run and the model card (never its contents)."""
+    if isinstance(src, str):
+        return src
+    if isinstance(src, float):
+        return f"{src:.0%} of train"
+    n = _safe_len(src)
+    return f"<{type(src).__name__}{f' {n:,} rows' if n is not None else ''}>"
+
+
+def _safe_len(obj):
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def resolve(src, namespace=None, key="data.train", split="train"):
+    """Turn a source into a `datasets.Dataset`."""
+    import datasets
+
+    if isinstance(src, str) and src.strip().startswith("$"):
+        name = src.strip()[1:]
+        ns = namespace or {}
+        if name not in ns:
+            visible = [k for k in ns if not k.startswith("_")]
+            raise ConfigError(f"'${name}' is not defined in the notebook.{did_you_mean(name, visible)} "
+                              f"Fix: run the cell that creates `{name}` first.", key=key)  # fmt: skip
+        return resolve(ns[name], namespace, key, split)
+    if isinstance(src, datasets.DatasetDict):
+        if split not in src:
+            raise ConfigError(f"the DatasetDict has no '{split}' split (it has {', '.join(src)}).", key=key)
+        return src[split]
+    if isinstance(src, datasets.Dataset):
+        return src
+    if type(src).__name__ == "DataFrame" and hasattr(src, "to_dict"):
+        return datasets.Dataset.from_pandas(src, preserve_index=False)
+    if isinstance(src, dict) and src and all(isinstance(v, (list, tuple)) for v in src.values()):
+        return datasets.Dataset.from_dict({k: list(v) for k, v in src.items()})
+    if isinstance(src, (list, tuple)):
+        if not src:
+            raise ConfigError("the dataset is empty. Fix: give at least one row.", key=key)
+        if all(isinstance(r, str) for r in src):
+            return datasets.Dataset.from_dict({"text": list(src)})
+        if all(isinstance(r, dict) for r in src):
+            return datasets.Dataset.from_list(list(src))
+        raise ConfigError("a list must hold dicts (rows) or strings (texts).", key=key)
+    if isinstance(src, (str, os.PathLike)):
+        return _load_path_or_hub(os.fspath(src).strip(), key, split)
+    raise ConfigError(f"cannot use a {type(src).__name__} as data. Fix: give a DataFrame, a list of dicts, a "
+                      "datasets.Dataset, a file path or a hub dataset id.", key=key)  # fmt: skip
+
+
+def _load_path_or_hub(src: str, key: str, split: str):
+    import datasets
+
+    path = os.path.expanduser(src)
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        try:
+            return datasets.load_from_disk(path)
+        except Exception:  # noqa: BLE001 - not a saved dataset: let load_dataset read the folder's files
+            return _as_user_error(lambda: datasets.load_dataset(path, split=split), src, key)
+    if os.path.isfile(path):
+        if ext not in FILE_BUILDERS:
+            raise ConfigError(f"cannot read '{ext}' files. Fix: use one of {', '.join(FILE_BUILDERS)}.", key=key)
+        _check_utf8(path, key)
+        kw = {"delimiter": "\t"} if ext == ".tsv" else {}
+        return _as_user_error(
+            lambda: datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, split="train", **kw), src, key
+        )
+    if ext in FILE_BUILDERS or src.startswith((".", "/", "~")):
+        raise ConfigError(f"file '{src}' does not exist. Fix: check the path (relative paths start from the "
+                          f"notebook's folder, {os.getcwd()}).", key=key)  # fmt: skip
+    return _as_user_error(lambda: datasets.load_dataset(src, split=split), src, key, hub=True)
+
+
+def _as_user_error(fn, src, key, hub=False):
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turn loader failures into one actionable line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the hub dataset" if hub else "the data file"
+        raise ConfigError(f"could not load {where} '{src}': {first}", key=key) from None
+
+
+def _check_utf8(path: str, key: str) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a multi-byte character cut at the 1 MiB boundary
+            raise ConfigError(f"'{path}' is not UTF-8 text (bad byte at offset {e.start}). Fix: re-save it as "
+                              "UTF-8, e.g. pandas.read_csv(path, encoding='latin-1').to_csv(new_path).", key=key) from None  # fmt: skip
+
+
+# ---------------------------------------------------------------- checking
+
+
+def detect_kind(ds, dcfg, task: str, key="data.train") -> str:
+    cols = list(ds.column_names)
+    if task in ("seq-cls", "token-cls"):
+        for col in (dcfg.text_column, dcfg.label_column):
+            _require_column(cols, col, key, "text_column" if col == dcfg.text_column else "label_column")
+        return "classification"
+    if task == "seq2seq":
+        if dcfg.prompt_column in cols and dcfg.response_column in cols:
+            return "instruction"
+        _require_column(cols, dcfg.prompt_column, key, "prompt_column")
+    if dcfg.messages_column in cols:
+        return "chat"
+    if dcfg.prompt_column in cols and dcfg.response_column in cols:
+        return "instruction"
+    _require_column(cols, dcfg.text_column, key, "text_column")
+    return "text"
+
+
+def _require_column(cols, col, key, setting):
+    if col not in cols:
+        raise ConfigError(f"no column '{col}' (columns: {', '.join(map(str, cols))}).{did_you_mean(col, cols)} "
+                          f"Fix: rename the column or set `data.{setting}: <name>`.", key=key)  # fmt: skip
+
+
+def check_rows(ds, kind, dcfg, key) -> None:
+    if len(ds) == 0:
+        raise ConfigError("the dataset has no rows. Fix: check the filter or file.", key=key)
+    col = {"text": dcfg.text_column, "classification": dcfg.text_column, "instruction": dcfg.response_column}.get(kind)
+    if col is None:
+        return
+    values = ds[col]
+    if all(not isinstance(v, str) or not v.strip() for v in values):
+        raise ConfigError(f"every value of column '{col}' is empty or not text. Fix: check the column.", key=key)
+
+
+def label_names(train, eval_, dcfg, key="data.eval") -> list:
+    """Sorted label set of train; eval labels must be among them."""
+    col = dcfg.label_column
+    train_labels = set(train[col])
+    if None in train_labels:
+        raise ConfigError(f"column '{col}' has empty labels. Fix: drop or fill those rows.", key="data.train")
+    if eval_ is not None:
+        unseen = set(eval_[col]) - train_labels
+        if unseen:
+            raise ConfigError(f"labels {sorted(map(str, unseen))[:5]} appear in eval but never in train, so the "
+                              "model cannot learn them. Fix: add them to train or drop them from eval.", key=key)  # fmt: skip
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in train_labels):
+        if train_labels == set(range(len(train_labels))):
+            return list(range(len(train_labels)))
+    return sorted(train_labels, key=lambda v: (str(type(v)), v))
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None):
+    """Add input_ids/attention_mask/labels; drop the source columns."""
+    max_len = dcfg.max_length
+    label_ids = {lab: i for i, lab in enumerate(labels)} if labels is not None else None
+
+    def encode(batch):
+        if kind == "classification":
+            enc = tokenizer(batch[dcfg.text_column], truncation=True, max_length=max_len)
+            enc["labels"] = [label_ids[y] for y in batch[dcfg.label_column]]
+            return enc
+        if kind == "text" and task != "seq2seq":
+            enc = tokenizer([t + (tokenizer.eos_token or "") for t in batch[dcfg.text_column]],
+                            truncation=True, max_length=max_len)  # fmt: skip
+            enc["labels"] = [list(ids) for ids in enc["input_ids"]]
+            return enc
+        if task == "seq2seq":
+            enc = tokenizer(batch[dcfg.prompt_column], truncation=True, max_length=max_len)
+            enc["labels"] = tokenizer(text_target=batch[dcfg.response_column], truncation=True, max_length=max_len)["input_ids"]  # fmt: skip
+            return enc
+        rows = [_encode_turns(tokenizer, p, kind, dcfg, max_len) for p in _turns(batch, kind, dcfg)]
+        return {"input_ids": [r[0] for r in rows], "attention_mask": [[1] * len(r[0]) for r in rows],
+                "labels": [r[1] for r in rows]}  # fmt: skip
+
+    out = ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None)
+    return out.filter(lambda r: len(r["input_ids"]) > 0)
+
+
+def _turns(batch, kind, dcfg):
+    if kind == "chat":
+        return list(batch[dcfg.messages_column])
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            for p, r in zip(batch[dcfg.prompt_column], batch[dcfg.response_column])]  # fmt: skip
+
+
+def _encode_turns(tokenizer, messages, kind, dcfg, max_len):
+    """Token ids and labels with everything before the final assistant turn masked out of the loss."""
+    last_is_answer = messages and messages[-1].get("role") == "assistant"
+    context = messages[:-1] if last_is_answer else messages
+    if getattr(tokenizer, "chat_template", None):
+        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+        prompt = _ids(tokenizer.apply_chat_template(context, tokenize=True, add_generation_prompt=True)) if last_is_answer else []
+    else:  # no template: a plain "prompt\nresponse</s>" layout
+        prompt_text = "\n".join(m["content"] for m in context) + "\n"
+        prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"] if last_is_answer else []
+        answer = (messages[-1]["content"] if last_is_answer else "") + (tokenizer.eos_token or "")
+        full = (prompt if last_is_answer else tokenizer(prompt_text)["input_ids"]) + tokenizer(answer, add_special_tokens=False)["input_ids"]  # fmt: skip
+    full = full[:max_len]
+    n_prompt = len(prompt) if full[: len(prompt)] == prompt else 0
+    labels = [-100] * min(n_prompt, len(full)) + full[n_prompt:]
+    return full, labels
+
+
+def _ids(out):
+    """apply_chat_template(tokenize=True) returns a list or a BatchEncoding depending on the version."""
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def make_collator(tokenizer, task: str):
+    """transformers' own collators: label-aware padding for generation tasks, plain padding for classifiers."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if task == "seq-cls":
+        return DataCollatorWithPadding(tokenizer)
+    if task == "token-cls":
+        return DataCollatorForTokenClassification(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+
+
+# ---------------------------------------------------------------- all together
+
+
+def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
+    """Resolve, check, split and tokenize the config's data."""
+    dcfg, task = cfg.data, cfg.task
+    train = resolve(dcfg.train, namespace, "data.train", dcfg.split)
+    kind = detect_kind(train, dcfg, task)
+    check_rows(train, kind, dcfg, "data.train")
+    eval_ = None
+    if isinstance(dcfg.eval, float):
+        if len(train) < 2:
+            raise ConfigError("too few rows to hold out an eval split. Fix: add rows or set `eval: null`.", key="data.eval")
+        split = train.train_test_split(test_size=dcfg.eval, seed=cfg.train.seed)
+        train, eval_ = split["train"], split["test"]
+    elif dcfg.eval is not None:
+        eval_ = resolve(dcfg.eval, namespace, "data.eval", "validation")
+        detect_kind(eval_, dcfg, task, key="data.eval")
+        check_rows(eval_, kind, dcfg, "data.eval")
+    if dcfg.max_samples is not None and dcfg.max_samples < len(train):
+        train = train.shuffle(seed=cfg.train.seed).select(range(dcfg.max_samples))
+    labels = label_names(train, eval_, dcfg) if kind == "classification" else None
+    train_tok = tokenize(train, tokenizer, dcfg, kind, task, labels)
+    if len(train_tok) == 0:
+        raise ConfigError("no example is left after tokenization (all texts empty?).", key="data.train")
+    eval_tok = tokenize(eval_, tokenizer, dcfg, kind, task, labels) if eval_ is not None else None
+    return PreparedData(
+        train=train_tok,
+        eval=eval_tok,
+        collator=make_collator(tokenizer, task),
+        labels=labels,
+        kind=kind,
+        train_rows=len(train_tok),
+        eval_rows=len(eval_tok) if eval_tok is not None else 0,
+        train_tokens=sum(len(x) for x in train_tok["input_ids"]),
+        source_names={"train": describe_source(dcfg.train), "eval": describe_source(dcfg.eval) if dcfg.eval is not None else None},
+    )

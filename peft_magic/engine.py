@@ -1,0 +1,300 @@
+"""The training loop: Accelerate does devices, mixed precision, gradient accumulation and clipping; transformers
+gives the scheduler. This file is the loop itself, readable top to bottom, and it only *emits* events.
+
+Why a loop of our own rather than `transformers.Trainer`: Trainer refuses dequantized GGUF models, cannot be
+stopped gracefully from a notebook button, and syncs the host every step; this loop reads the loss back only
+every `logging_steps`, stops between steps, and keeps the same semantics under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+from .events import EventBus, TrainState
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when a stop was asked for; never escapes `fit`."""
+
+
+def make_accelerator(cfg):
+    """An Accelerator for this run (one per run: a notebook may change mixed precision between runs)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from .devices import device_info, resolve_mixed_precision
+
+    mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info())
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # single process: safe to re-initialise with new settings
+    return Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=cfg.train.report_to or None,
+        project_dir=cfg.train.output_dir,
+    )
+
+
+def plan_steps(cfg, n_train: int, num_processes: int = 1) -> tuple[int, int]:
+    """(max_steps, steps_per_epoch) for `n_train` examples."""
+    t = cfg.train
+    batches = math.ceil(n_train / (t.per_device_train_batch_size * num_processes))
+    per_epoch = max(batches // t.gradient_accumulation_steps, 1)
+    if t.max_steps > 0:
+        return t.max_steps, per_epoch
+    return max(math.ceil(t.num_train_epochs * per_epoch), 1), per_epoch
+
+
+def make_optimizer(model, cfg):
+    """AdamW with no weight decay on biases and norms (as transformers.Trainer does)."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate)
+
+
+def make_loaders(data, cfg, accelerator):
+    import torch
+    from torch.utils.data import DataLoader
+
+    t = cfg.train
+    gen = torch.Generator().manual_seed(t.seed)
+    sampler = None
+    if t.group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(t.per_device_train_batch_size, lengths=[len(x) for x in data.train["input_ids"]], generator=gen)  # fmt: skip
+    train_dl = DataLoader(data.train.with_format("python"), batch_size=t.per_device_train_batch_size,
+                          shuffle=sampler is None, sampler=sampler, generator=gen, collate_fn=data.collator)  # fmt: skip
+    eval_dl = None
+    if data.eval is not None and len(data.eval):
+        eval_dl = DataLoader(data.eval.with_format("python"), batch_size=t.per_device_eval_batch_size,
+                             shuffle=False, collate_fn=data.collator)  # fmt: skip
+    return train_dl, eval_dl
+
+
+def memory_reading() -> dict:
+    """Cheap memory figures for the panel: GPU allocated/peak, else process RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        gb = 1024**3
+        return {
+            "gpu_gb": torch.cuda.memory_allocated() / gb,
+            "gpu_peak_gb": torch.cuda.max_memory_allocated() / gb,
+            "gpu_total_gb": torch.cuda.get_device_properties(0).total_memory / gb,
+        }
+    try:
+        with open("/proc/self/statm") as fh:
+            return {"rss_gb": int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3}
+    except OSError:
+        return {}
+
+
+class SigintAsStop:
+    """While active (main thread only), Ctrl-C / the notebook's interrupt button sets the stop flag instead of
+    raising mid-step, so an interrupt has exactly the graceful result of the Stop button. A second interrupt
+    raises KeyboardInterrupt as usual."""
+
+    def __init__(self, stop_event: threading.Event):
+        self.stop_event = stop_event
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop_event.is_set():
+            raise KeyboardInterrupt
+        self.stop_event.interrupted = True
+        self.stop_event.set()
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: threading.Event, history: list,
+        checkpointer=None, resume=None, evaluate_fn=None):  # fmt: skip
+    """Train `model` in place. Returns the unwrapped model. Never raises for a stop; a failure sets
+    ``state.stop_reason = "failed"`` and re-raises after the hooks ran.
+
+    Args:
+        model: The model with its trainable parameters set (PeftModel or a selectively unfrozen model).
+        cfg: The run's `Config`.
+        data: `PreparedData` (tokenized train/eval + collator).
+        method: The `Method` object (for its optional `regularizer`).
+        state: The run's `TrainState`, updated in place.
+        bus: Where events go.
+        stop_event: Set it (Stop button, `Run.stop()`, SIGINT) to stop after the current step.
+        history: The run's history list; rows are appended.
+        checkpointer: Object with `save(accelerator, model, optimizer, scheduler, state, history)`, or None.
+        resume: A loaded checkpoint dict from `checkpoint.load`, or None.
+        evaluate_fn: `evaluate_fn(model, eval_dl, accelerator) -> metrics dict` (required when there is eval data).
+    """
+    import torch
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t = cfg.train
+    set_seed(t.seed)
+    accelerator = make_accelerator(cfg)
+    train_dl, eval_dl = make_loaders(data, cfg, accelerator)
+    max_steps, per_epoch = plan_steps(cfg, len(data.train), accelerator.num_processes)
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
+    if t.report_to:
+        accelerator.init_trackers("peft_magic", config=cfg.to_dict())
+    regularizer = getattr(method, "regularizer", None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    state.max_steps, state.warmup_steps, state.lr_scheduler_type = max_steps, warmup, t.lr_scheduler_type
+    state.num_epochs = max_steps / per_epoch
+    start_step = 0
+    if resume is not None:
+        from .checkpoint import restore
+
+        start_step = restore(resume, accelerator, model, optimizer, scheduler, state, history)
+    state.step = start_step
+    state.status = "training"
+    state.start_time = time.time()
+    bus.emit("on_train_begin", state)
+
+    def run_eval():
+        if eval_dl is None or evaluate_fn is None:
+            return None
+        state.status = "evaluating"
+        bus.emit("on_status", state, "evaluating")
+        metrics = evaluate_fn(model, eval_dl, accelerator)
+        model.train()
+        row = {"step": state.step, "epoch": round(state.epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()
+                                                                        if isinstance(v, (int, float))}}  # fmt: skip
+        history.append(row)
+        state.log_history = history
+        state.status = "training"
+        bus.emit("on_evaluate", state, {**row, "_full": metrics})
+        return metrics
+
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    micro, samples = 0, 0
+    step, epoch_i, last_log = start_step, start_step // per_epoch, start_step
+    skip_batches = (start_step % per_epoch) * t.gradient_accumulation_steps
+    model.train()
+    try:
+        with SigintAsStop(stop_event):
+            while step < max_steps:
+                if hasattr(train_dl, "set_epoch"):
+                    train_dl.set_epoch(epoch_i)
+                dl = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
+                skip_batches = 0
+                for batch in dl:
+                    if stop_event.is_set():
+                        raise StopRequested
+                    with accelerator.accumulate(model):
+                        out = model(**batch)
+                        loss = out.loss
+                        if regularizer is not None:
+                            extra = regularizer(accelerator.unwrap_model(model))
+                            if extra is not None:
+                                loss = loss + extra
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and t.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    loss_sum += out.loss.detach().float()
+                    micro += 1
+                    if "attention_mask" in batch:
+                        tokens += batch["attention_mask"].sum()
+                    samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    state.step, state.epoch = step, step / per_epoch
+                    state.samples_seen = samples
+                    bus.emit("on_step_end", state)
+                    if step % t.logging_steps == 0 or step == max_steps:
+                        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step)
+                        loss_sum.zero_()
+                        micro = 0
+                        last_log = step
+                    if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
+                        run_eval()
+                    if checkpointer is not None and checkpointer.due(step, max_steps):
+                        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus)
+                    if stop_event.is_set() or step >= max_steps:
+                        break
+                epoch_i += 1
+                if stop_event.is_set():
+                    raise StopRequested
+        state.stop_reason = "completed"
+    except StopRequested:
+        state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"
+    except Exception as e:
+        state.stop_reason, state.status = "failed", "failed"
+        state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        bus.emit("on_train_end", state)
+        raise
+    if micro and step > last_log:
+        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step)
+    final = run_eval()
+    if checkpointer is not None and step > 0:
+        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=True)
+    if t.report_to:
+        accelerator.end_training()
+    state.status = "done" if state.stop_reason == "completed" else state.stop_reason
+    state._final_metrics = final
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    bus.emit("on_train_end", state)
+    return unwrapped
+
+
+def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step):
+    """The one host sync per `logging_steps`: read the averaged loss back and publish a history row."""
+    loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(micro, 1)
+    if not math.isfinite(loss):
+        from .errors import TrainingFailed
+
+        raise TrainingFailed(
+            f"the loss became {loss} at step {step}. Likely causes: learning rate too high, or fp16 overflow "
+            "(try mixed_precision: bf16 or no). The last good checkpoint is kept."
+        )
+    state.tokens_seen = int(accelerator.reduce(tokens, reduction="sum").item())
+    lr = scheduler.get_last_lr()[0]
+    state.learning_rate = lr
+    state.memory = memory_reading()
+    row = {"step": step, "epoch": round(state.epoch, 4), "loss": loss, "learning_rate": lr}
+    history.append(row)
+    state.log_history = history
+    if accelerator.trackers:
+        accelerator.log({"train/loss": loss, "train/learning_rate": lr}, step=step)
+    bus.emit("on_log", state, row)
+
+
+def _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=False):
+    if not accelerator.is_main_process and not final:
+        accelerator.wait_for_everyone()
+        return
+    status = state.status
+    state.status = "saving"
+    bus.emit("on_status", state, "saving checkpoint")
+    checkpointer.save(accelerator, model, optimizer, scheduler, state, history)
+    state.status = status

@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+A `ConfigError` is a user mistake (a bad key, a missing column, a path that does not exist). It subclasses
+IPython's `UsageError`, so in a notebook it shows as one red line with no traceback; in scripts and the CLI it
+is an ordinary exception whose message says what is wrong and how to fix it. Bugs keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+try:  # IPython is a dependency, but keep the error usable without it.
+    from IPython.core.error import UsageError as _Base
+except ImportError:  # pragma: no cover
+    _Base = Exception
+
+
+class ConfigError(_Base):
+    """A mistake in the user's config, cell or data, with the key it concerns and the fix."""
+
+    def __init__(self, message: str, key: str | None = None):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped on a problem in the run itself (NaN loss, out of memory). Work so far is kept."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """A ' Did you mean X?' suffix when `word` is close to one of `choices`, else ''."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean '{match[0]}'?" if match else ""

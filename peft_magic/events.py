@@ -1,0 +1,123 @@
+"""Training events: what the engine tells its subscribers (live panel, terminal printer, trackers).
+
+The engine never imports a UI. It calls the hooks below on every subscriber that defines them; a
+subscriber is any object with some of these methods (subclassing `Callback` is optional).
+
+Hook order for one run::
+
+    on_status("loading model") ... on_status("tokenizing") ...
+    on_train_begin(state)
+        on_step_end(state)            # every optimizer step (keep it cheap)
+        on_log(state, logs)           # every `logging_steps`: logs = {"loss", "learning_rate", ...}
+        on_evaluate(state, metrics)   # every `eval_steps` and at the end: metrics = {"eval_loss", ...}
+        on_status("saving checkpoint")
+    on_train_end(state)               # state.stop_reason says why: "completed", "stopped", "interrupted", "failed"
+
+This module is light on purpose: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """What a subscriber may read about the run in progress.
+
+    Args:
+        max_steps: Total optimizer steps planned.
+        step: Optimizer steps completed so far.
+        epoch: Fractional epoch reached (``step / steps_per_epoch``).
+        start_time: ``time.time()`` when training began.
+        samples_seen / tokens_seen: Training samples and non-padding tokens consumed so far.
+        status: Short word for what the engine is doing (``training``, ``evaluating``, ``done``...).
+        stop_reason: Set at the end: ``completed``, ``stopped``, ``interrupted`` or ``failed``.
+        error: One-sentence message when ``status == "failed"``.
+        title: One-line description of the run (model, quantization, method, trainable params).
+        trainable_params / total_params: Parameter counts of the model being trained.
+        learning_rate: Last learning rate used.
+        lr_scheduler_type / warmup_steps: The schedule, for display.
+        memory: Latest memory reading, e.g. ``{"rss_gb": 1.2}`` or ``{"gpu_gb": 5.1, "gpu_peak_gb": 5.6, "gpu_total_gb": 15}``.
+        log_history: Every ``on_log``/``on_evaluate`` row so far (the same rows as ``Run.history``).
+        checkpoint_dir: Latest saved checkpoint, if any.
+        output_dir: Where the run writes its files.
+    """
+
+    max_steps: int = 0
+    step: int = 0
+    epoch: float = 0.0
+    num_epochs: float = 0.0
+    start_time: float = field(default_factory=time.time)
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    status: str = "starting"
+    stop_reason: str | None = None
+    error: str | None = None
+    title: str = ""
+    trainable_params: int = 0
+    total_params: int = 0
+    learning_rate: float | None = None
+    lr_scheduler_type: str = ""
+    warmup_steps: int = 0
+    memory: dict[str, float] = field(default_factory=dict)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_dir: str | None = None
+    output_dir: str | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, from the mean time per step so far (None before the first step)."""
+        if self.step <= 0 or self.max_steps <= 0:
+            return None
+        return self.elapsed / self.step * max(self.max_steps - self.step, 0)
+
+
+class Callback:
+    """Base class for subscribers. Every hook is optional; override the ones you need."""
+
+    def on_status(self, state: TrainState, status: str) -> None: ...
+
+    def on_train_begin(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_log(self, state: TrainState, logs: dict[str, Any]) -> None: ...
+
+    def on_evaluate(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+class EventBus:
+    """Fans an event out to every subscriber that defines the hook.
+
+    A subscriber that raises is dropped with a warning: a broken display must never kill a training run.
+    """
+
+    def __init__(self, subscribers=()):
+        self.subscribers = [s for s in subscribers if s is not None]
+
+    def add(self, subscriber) -> None:
+        self.subscribers.append(subscriber)
+
+    def emit(self, hook: str, *args) -> None:
+        for sub in list(self.subscribers):
+            fn = getattr(sub, hook, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - a display bug must not stop training
+                import warnings
+
+                warnings.warn(f"peft_magic: subscriber {type(sub).__name__}.{hook} failed ({e!r}); it is detached.")
+                self.subscribers.remove(sub)

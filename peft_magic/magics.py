@@ -1,0 +1,201 @@
+"""IPython magics: a thin layer that parses the cell, calls the plain API and stores the result.
+
+    %load_ext peft_magic
+    %peft_model org/name --quantization 4bit
+    %%peft_train run [--dry-run] [--set train.max_steps=10] [--config FILE] [--background] [--resume]
+    %peft_export run ./my-adapter [--merge] [--overwrite]
+    %peft_eval run [--data $df]        %peft_generate run "prompt"
+
+No training logic lives here. User mistakes surface as `UsageError` (one red line, no traceback).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Unicode
+
+
+
+@magics_class
+class PeftMagics(Magics):
+    """`%config PeftMagics.display = 'none'` turns the live panel off (e.g. for headless runs)."""
+
+    display = Unicode("auto", help="Live display: auto (panel in notebooks, lines elsewhere) or none.").tag(config=True)
+
+    def __init__(self, shell=None, **kw):
+        super().__init__(shell=shell, **kw)
+        self.default_model: dict | None = None
+        self.last_run_name: str | None = None
+
+    # ---------------------------------------------------------------- %peft_model
+    @magic_arguments()
+    @argument("name_or_path", help="Hub id, local model folder or .gguf file.")
+    @argument("--quantization", "-q", default="none", help="none | 4bit | 8bit")
+    @argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    @argument("--trust-remote-code", action="store_true", help="Run code shipped with the model.")
+    @line_magic
+    def peft_model(self, line):
+        """Set the session's base model (cells may then omit `model:`) and print what it is."""
+        args = parse_argstring(self.peft_model, line)
+        from .config import ModelConfig, _build_section
+
+        raw = {"name_or_path": _unquote(args.name_or_path), "quantization": args.quantization, "dtype": args.dtype,
+               "trust_remote_code": args.trust_remote_code}  # fmt: skip
+        mcfg = _build_section(ModelConfig, raw, "model")
+        mcfg.validate()
+        from . import models
+
+        models.check_model_source(mcfg)
+        models.check_quantization(mcfg)
+        info = _describe_architecture(mcfg)
+        self.default_model = {k: v for k, v in vars(mcfg).items() if v not in (None, False)}
+        quant = "" if mcfg.quantization == "none" else f" · {mcfg.quantization}"
+        print(f"base model: {mcfg.name_or_path}{' / ' + mcfg.gguf_file if mcfg.gguf_file else ''}{info}{quant}")
+
+    # ---------------------------------------------------------------- %%peft_train
+    @magic_arguments()
+    @argument("name", nargs="?", default="run", help="Notebook variable that will hold the Run (default: run).")
+    @argument("--dry-run", action="store_true", help="Print the resolved config and plan; train nothing.")
+    @argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+              help="Override one key, e.g. --set train.max_steps=10 (repeatable).")  # fmt: skip
+    @argument("--config", default=None, help="Read the YAML config from this file (the cell body is merged on top).")
+    @argument("--background", action="store_true", help="Train in a thread; the cell returns at once.")
+    @argument("--resume", action="store_true", help="Continue from the latest checkpoint of this run's folder.")
+    @cell_magic
+    def peft_train(self, line, cell):
+        """Fine-tune with the YAML config in the cell body. See `peft_magic.config` for every key."""
+        args = parse_argstring(self.peft_train, line)
+        if not args.name.isidentifier():
+            raise UsageError(f"'{args.name}' is not a valid variable name. Fix: %%peft_train my_run")
+        raw = _merge_sources(args.config, cell)
+        defaults = {"model": dict(self.default_model)} if self.default_model else None
+        ns = self.shell.user_ns if self.shell is not None else {}
+        overrides = list(args.overrides)
+        if args.dry_run:
+            from .plan import dry_run
+
+            plan = dry_run(raw, namespace=ns, defaults=defaults, name=args.name, overrides=overrides)
+            print(plan.text())
+            return None
+        from . import api
+
+        previous = ns.get(args.name)
+        cfg = api.resolve_config(raw, overrides, defaults, args.name)  # fail fast, before touching the old run
+        if _is_run(previous) and previous.running:
+            raise UsageError(f"'{args.name}' is still training. Fix: {args.name}.stop() (or .wait()) first.")
+        if _is_run(previous):
+            previous.release()  # re-running the cell frees the old model before loading a new one
+        run = api.train(cfg, namespace=ns, background=args.background, name=args.name, display=self.display,
+                        resume=args.resume, cell=_cell_text(line, cell))  # fmt: skip
+        ns[args.name] = run
+        self.last_run_name = args.name
+        return None
+
+    # ---------------------------------------------------------------- %peft_export
+    @magic_arguments()
+    @argument("words", nargs="+", help="[NAME] DIR")
+    @argument("--merge", action="store_true", help="Write a full model with the adapter merged in.")
+    @argument("--overwrite", action="store_true", help="Replace DIR if it already holds files.")
+    @line_magic
+    def peft_export(self, line):
+        """Export a run: `%peft_export [NAME] DIR [--merge] [--overwrite]`."""
+        args = parse_argstring(self.peft_export, line)
+        words = [_unquote(w) for w in args.words]
+        if len(words) > 2:
+            raise UsageError("usage: %peft_export [NAME] DIR [--merge] [--overwrite]")
+        name, out = (words if len(words) == 2 else (None, words[0]))
+        run = self._run(name)
+        path = run.export(out, merge=args.merge, overwrite=args.overwrite)
+        print(f"exported {'merged model' if args.merge else 'adapter'} of '{run.name}' to {path}")
+        return None
+
+    # ---------------------------------------------------------------- %peft_eval / %peft_generate
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="The run (default: the last one).")
+    @argument("--data", default=None, help="Data source: $variable, file or hub id (default: the run's eval split).")
+    @line_magic
+    def peft_eval(self, line):
+        """Evaluate a run on its eval split or on --data; prints and returns the metrics."""
+        args = parse_argstring(self.peft_eval, line)
+        run = self._run(args.name)
+        metrics = run.evaluate(_unquote(args.data) if args.data else None, namespace=self.shell.user_ns)
+        from .metrics import scalar_metrics
+
+        print(" · ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(metrics).items()))
+        return metrics
+
+    @line_magic
+    def peft_generate(self, line):
+        """`%peft_generate [NAME] "prompt"`: the tuned model's answer next to the base model's."""
+        words = shlex.split(line)
+        if not words:
+            raise UsageError('usage: %peft_generate [NAME] "prompt"')
+        name, prompt = (words[0], " ".join(words[1:])) if len(words) > 1 and words[0] in self.shell.user_ns else (None, " ".join(words))  # fmt: skip
+        run = self._run(name)
+        tuned = run.generate(prompt)
+        print(f"tuned: {tuned}")
+        disable = getattr(run.model, "disable_adapter", None)
+        if disable is not None:
+            with disable():
+                print(f"base:  {run.generate(prompt)}")
+        return None
+
+    # ---------------------------------------------------------------- helpers
+    def _run(self, name):
+        name = name or self.last_run_name or "run"
+        run = self.shell.user_ns.get(name)
+        if not _is_run(run):
+            raise UsageError(f"'{name}' is not a training run. Fix: train one with %%peft_train {name}, or name it.")
+        return run
+
+
+def _is_run(obj) -> bool:
+    from .run import Run
+
+    return isinstance(obj, Run)
+
+
+def _describe_architecture(mcfg) -> str:
+    """' (LlamaForCausalLM, 135M params)' from the config alone, or '' when it cannot be built."""
+    from . import models
+    from .ui.format import format_count
+
+    for task in ("causal-lm", "seq-cls"):
+        try:
+            empty = models.build_empty(mcfg, task)
+        except (ValueError, KeyError, OSError):
+            continue
+        return f" ({type(empty).__name__}, {format_count(models.count_parameters(empty)[1])} params)"
+    return ""
+
+
+def _unquote(text):
+    if text and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _merge_sources(config_path, cell):
+    from .config import load_mapping
+
+    base = load_mapping(config_path) if config_path else {}
+    body = load_mapping(cell) if cell and cell.strip() else {}
+    for key, value in body.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def _cell_text(line, cell):
+    return f"%%peft_train {line.strip()}\n{cell.strip()}\n".replace("%%peft_train \n", "%%peft_train\n")
+
+
+def load_ipython_extension(ipython):
+    ipython.register_magics(PeftMagics)
+

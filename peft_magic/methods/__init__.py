@@ -1,0 +1,62 @@
+"""The PEFT method catalog: a name -> `Method` registry.
+
+A `Method` knows three things: which parameters it accepts (`check_params`, at parse time), whether it fits the
+rest of the config (`check_compatible`), and how to make a loaded base model trainable (`apply`). Methods backed
+by peft live in `peft_methods.py` and never re-implement a peft layer; selective methods peft lacks live in
+their own modules and register here too.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError, did_you_mean
+
+_REGISTRY: dict = {}
+FAMILIES = {"A": "additive", "S": "selective", "R": "reparameterized"}
+
+
+def register(name: str, method) -> None:
+    _REGISTRY[name] = method
+
+
+def get_method(name: str):
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown method '{name}'.{did_you_mean(name, _REGISTRY)} Available: {', '.join(sorted(_REGISTRY))}.",
+            key="method.name",
+        )
+    return _REGISTRY[name]
+
+
+def available() -> dict:
+    """{name: Method} for every registered method."""
+    _ensure_loaded()
+    return dict(_REGISTRY)
+
+
+def _ensure_loaded() -> None:
+    if _REGISTRY:
+        return
+    from . import peft_methods  # noqa: F401  (registers on import; imports no peft itself)
+
+    try:  # selective methods are optional modules of their own
+        from . import selective  # noqa: F401
+    except ImportError:
+        pass
+
+
+def describe(method_cfg) -> str:
+    """Short label for titles and tables: ``lora r=8 on all-linear``, ``bitfit``, ``sparse density=0.01``."""
+    p = method_cfg.params
+    bits = [method_cfg.name]
+    for key in ("r", "density", "num_virtual_tokens", "last_n", "layers"):
+        if key in p:
+            bits.append(f"{key}={p[key]}")
+    if "r" not in p and method_cfg.name in ("lora", "qlora", "dora", "rslora"):
+        bits.append("r=8")
+    target = p.get("target_modules")
+    if target is None and method_cfg.name in ("lora", "qlora", "dora", "rslora"):
+        target = "all-linear"
+    if target:
+        bits.append(f"on {target if isinstance(target, str) else ','.join(map(str, target))}")
+    return " ".join(bits)

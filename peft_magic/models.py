@@ -1,0 +1,222 @@
+"""Loading the base model and its tokenizer: hub id, local folder or GGUF file; optionally 4/8-bit.
+
+Everything heavy is imported inside functions so `import peft_magic` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import warnings
+
+from .errors import ConfigError
+
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def check_model_source(mcfg) -> None:
+    """Fail early, before anything heavy, on a path that cannot be a model."""
+    src = mcfg.name_or_path
+    looks_local = src.startswith((".", "/", "~")) or os.path.exists(src) or bool(mcfg.gguf_file)
+    if not looks_local and not _HUB_ID.match(src):
+        raise ConfigError(f"'{src}' is neither a local folder nor a hub id (org/name). Fix: check the spelling.",
+                          key="model.name_or_path")  # fmt: skip
+    if not looks_local:
+        return
+    path = os.path.expanduser(src)
+    if not os.path.exists(path):
+        raise ConfigError(f"'{src}' does not exist. Fix: check the path, or give a hub id like org/name.",
+                          key="model.name_or_path")  # fmt: skip
+    if mcfg.gguf_file:
+        gguf = os.path.join(path, mcfg.gguf_file)
+        if not os.path.isfile(gguf):
+            raise ConfigError(f"GGUF file '{gguf}' does not exist.", key="model.name_or_path")
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError("loading a .gguf file needs the `gguf` package. Fix: pip install 'peft-magic[gguf]'.",
+                              key="model.name_or_path")  # fmt: skip
+        return
+    if os.path.isfile(path):
+        raise ConfigError(f"'{src}' is a file, not a model folder. Fix: give the folder holding config.json "
+                          "(or a .gguf file).", key="model.name_or_path")  # fmt: skip
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"'{src}' is a folder but holds no config.json, so it is not a transformers model. "
+                          "Fix: point at the model's own folder.", key="model.name_or_path")  # fmt: skip
+
+
+def check_quantization(mcfg) -> None:
+    if mcfg.quantization == "none":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"'{mcfg.quantization}' needs bitsandbytes. Fix: pip install bitsandbytes, or set `quantization: none`.",
+            key="model.quantization",
+        )
+
+
+def resolve_dtype(mcfg):
+    """auto -> float32 on CPU, bf16 (or fp16 on GPUs without bf16) on CUDA."""
+    import torch
+
+    if mcfg.dtype != "auto":
+        return getattr(torch, mcfg.dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _common_kwargs(mcfg) -> dict:
+    kw = {"trust_remote_code": bool(mcfg.trust_remote_code)}
+    if mcfg.revision:
+        kw["revision"] = mcfg.revision
+    if mcfg.gguf_file:
+        kw["gguf_file"] = mcfg.gguf_file
+    return kw
+
+
+def load_tokenizer(mcfg):
+    from transformers import AutoTokenizer
+
+    with quiet_loading():
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(mcfg.name_or_path), **_common_kwargs(mcfg))
+    if tok.pad_token is None:  # decoder-only tokenizers often have none; padding is masked out anyway
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_config(mcfg):
+    from transformers import AutoConfig
+
+    with quiet_loading():
+        return AutoConfig.from_pretrained(os.path.expanduser(mcfg.name_or_path), **_common_kwargs(mcfg))
+
+
+def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pad_token_id=None):
+    """Load the base model for `task`.
+
+    Args:
+        mcfg: `ModelConfig`.
+        task: One of `config.TASKS`.
+        labels: Ordered label names for classification heads (index = class id).
+        quantization: Override of ``mcfg.quantization`` (export reloads a 4-bit base in full precision to merge).
+        pad_token_id: Set on the model config when it has none (needed by seq-cls heads on decoder models).
+    """
+    import transformers
+
+    check_model_source(mcfg)
+    quantization = mcfg.quantization if quantization is None else quantization
+    dtype = resolve_dtype(mcfg)
+    kw = _common_kwargs(mcfg)
+    if quantization != "none":
+        check_quantization(mcfg)
+        kw["quantization_config"] = _bnb_config(quantization, dtype)
+    if labels is not None:
+        kw.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
+                  label2id={str(lab): i for i, lab in enumerate(labels)})  # fmt: skip
+    cls = getattr(transformers, AUTO_CLASSES[task])
+    with quiet_loading():
+        try:
+            model = cls.from_pretrained(os.path.expanduser(mcfg.name_or_path), dtype=dtype, **kw)
+        except ValueError as e:
+            if "Unrecognized configuration class" in str(e):
+                raise ConfigError(f"this model cannot be loaded for task '{task}' ({str(e).splitlines()[0]}). "
+                                  "Fix: pick a task the architecture supports.", key="task") from None  # fmt: skip
+            raise
+    if mcfg.gguf_file:
+        _make_gguf_trainable(model)
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _bnb_config(quantization: str, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _make_gguf_trainable(model) -> None:
+    """transformers dequantizes GGUF weights on load but still flags the model as quantized, and `Trainer`/peft
+    then refuse to train it. The weights are plain tensors now, so drop the stale quantizer marks."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "_is_quantized_training_enabled"):
+        if attr in vars(model):
+            delattr(model, attr)
+    with contextlib.suppress(AttributeError):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.quantization_config = None
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config
+
+
+def build_empty(mcfg, task: str, labels=None):
+    """The architecture on the meta device (no weights read): for dry runs and parameter counts."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = load_config(mcfg)
+    if labels is not None:
+        config.num_labels = len(labels)
+    cls = getattr(transformers, AUTO_CLASSES[task])
+    with init_empty_weights(), quiet_loading():
+        return cls.from_config(config, trust_remote_code=bool(mcfg.trust_remote_code))
+
+
+@contextlib.contextmanager
+def quiet_loading(record: list | None = None):
+    """Silence weight-loading bars and library chatter; keep the warnings in `record` for a summary."""
+    from transformers.utils import logging as tlog
+
+    import datasets
+
+    verbosity = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    ds_bars = datasets.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    datasets.disable_progress_bars()
+    prev = logging.getLogger("bitsandbytes").level
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+        if record is not None:
+            record.extend(str(w.message) for w in caught)
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
+        if ds_bars:
+            datasets.enable_progress_bars()
+        logging.getLogger("bitsandbytes").setLevel(prev)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights by their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or type(p).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,106 @@
+"""The dry run: what a run would do (model, method, data, plan, memory), without loading weights or training.
+
+The architecture is built on the meta device, so counting a 7B model's parameters costs no memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Plan:
+    """What `--dry-run` prints. `rows` is an ordered {label: text}."""
+
+    config: object
+    trainable: int = 0
+    total: int = 0
+    max_steps: int = 0
+    rows: dict = field(default_factory=dict)
+    memory: object = None  # preflight.MemoryEstimate, when available
+    fit: object = None  # preflight.FitReport
+
+    def text(self) -> str:
+        width = max(len(k) for k in self.rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows.items())
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(self.text())
+
+
+def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides=None) -> Plan:
+    """Resolve the config, read and tokenize the data, build the model on the meta device, count parameters and
+    plan the steps. Trains nothing and loads no weights."""
+    from . import models
+    from .api import resolve_config
+    from .data import prepare
+    from .engine import plan_steps
+    from .methods import describe, get_method
+    from .ui.format import format_count, format_params
+
+    cfg = resolve_config(config, overrides, defaults, name)
+    models.check_model_source(cfg.model)
+    models.check_quantization(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = prepare(cfg, tokenizer, namespace)
+    model = models.build_empty(cfg.model, cfg.task, data.labels)
+    arch = type(model).__name__
+    _, total = models.count_parameters(model)
+    method = get_method(cfg.method.name)
+    trainable = None
+    try:
+        quant = cfg.model.quantization
+        cfg.model.quantization = "none"  # kbit preparation needs real weights; counts are the same
+        adapted = method.apply(model, cfg, calibration=None)
+        trainable, total = models.count_parameters(adapted)
+    except Exception:  # noqa: BLE001 - some methods need real weights to choose what trains
+        pass
+    finally:
+        cfg.model.quantization = quant
+    t = cfg.train
+    max_steps, per_epoch = plan_steps(cfg, data.train_rows)
+    plan = Plan(config=cfg, trainable=trainable or 0, total=total, max_steps=max_steps)
+    quant_text = {"4bit": " · 4-bit NF4, double quant", "8bit": " · 8-bit LLM.int8()"}.get(cfg.model.quantization, "")
+    eval_text = f"eval {data.eval_rows:,} ({data.source_names['eval']})" if data.eval_rows else "no eval"
+    plan.rows = {
+        "model": f"{cfg.model.name_or_path}{' / ' + cfg.model.gguf_file if cfg.model.gguf_file else ''} "
+        f"({arch}, {format_count(total)} params){quant_text}",
+        "method": f"{describe(cfg.method)} · "
+        + (format_params(trainable, total) if trainable else "trainable count known after loading"),
+        "data": f"train {data.train_rows:,} rows ({data.source_names['train']}, {data.kind}) · {eval_text} · "
+        f"max_length {cfg.data.max_length} · ~{format_count(data.train_tokens)} tokens/epoch",
+        "plan": f"{max_steps:,} steps ({max_steps / per_epoch:.2g} epochs) · batch {t.per_device_train_batch_size} x "
+        f"accum {t.gradient_accumulation_steps} · lr {t.learning_rate:g} {t.lr_scheduler_type} · "
+        f"eval every {t.eval_steps or '-'} · output {t.output_dir}",
+    }
+    _add_memory(plan, cfg, model, trainable, data)
+    return plan
+
+
+def _add_memory(plan, cfg, model, trainable, data) -> None:
+    try:
+        from .devices import device_info
+        from .preflight import check_fit, estimate_memory
+    except ImportError:
+        return
+    avg_len = data.train_tokens / max(data.train_rows, 1)
+    seq = min(cfg.data.max_length, max(int(avg_len * 1.5), 8))
+    est = estimate_memory(
+        model.config,
+        task=cfg.task,
+        quantization=cfg.model.quantization,
+        dtype=str(model.dtype).replace("torch.", ""),
+        trainable_params=trainable,
+        method=cfg.method.name,
+        batch_size=cfg.train.per_device_train_batch_size,
+        seq_len=seq,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
+    plan.memory = est
+    plan.fit = check_fit(est, device_info())
+    plan.rows["memory"] = est.summary() + ("" if plan.fit.fits else f" · {plan.fit.message}")
+    for s in plan.fit.suggestions[:3]:
+        plan.rows.setdefault("try", s)

@@ -1,0 +1,107 @@
+"""Tiny random models and a tiny tokenizer, built once per session: every test trains for real in milliseconds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a movie film plot acting music was is very really quite not good great nice lovely fun bad awful "
+         "poor boring dull question answer what why how cat dog sat on mat hello world say yes no ok").split()  # fmt: skip
+POS, NEG = ["good", "great", "nice", "lovely", "fun"], ["bad", "awful", "poor", "boring", "dull"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %} </s>{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>",
+                                   additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def _save(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama-style causal LM (hidden 64, so bitsandbytes 4-bit blocks fit)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False)  # fmt: skip
+    return _save(LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT-like encoder (hidden 64) for classification."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)  # fmt: skip
+    return _save(BertModel(cfg), tok, tmp_path_factory.mktemp("tiny-bert"))
+
+
+def sentiment_rows(n=64, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        word = rng.choice(POS if label == "pos" else NEG)
+        rows.append({"text": f"the {rng.choice(['movie', 'film', 'plot'])} was {rng.choice(['very', 'really', 'quite'])} {word}", "label": label})  # fmt: skip
+    return rows
+
+
+def lm_rows(n=48, seed=0):
+    rng = random.Random(seed)
+    return [{"text": " ".join(["the", "cat", "sat", "on", "the", "mat"] * rng.randint(1, 3))} for _ in range(n)]
+
+
+def instruction_rows(n=32):
+    pairs = [("say yes", "yes"), ("say no", "no"), ("say hello", "hello world"), ("say ok", "ok")]
+    return [{"prompt": pairs[i % 4][0], "response": pairs[i % 4][1]} for i in range(n)]
+
+
+@pytest.fixture
+def sentiment():
+    import pandas as pd
+
+    return pd.DataFrame(sentiment_rows())
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
