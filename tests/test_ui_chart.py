@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from peft_magic.ui.chart import (
+    CurveBuffer,
     confusion_matrix_svg,
     downsample,
     ema,
@@ -15,8 +16,6 @@ from peft_magic.ui.chart import (
     nice_ticks,
     series_from_history,
 )
-
-NS = {"svg": "http://www.w3.org/2000/svg"}
 
 
 def parse(svg):
@@ -167,3 +166,22 @@ def test_confusion_matrix_many_labels_and_zero_rows():
 def test_confusion_matrix_shape_mismatch():
     with pytest.raises(ValueError, match="2x2"):
         confusion_matrix_svg([[1, 2, 3]], ["a", "b"])
+
+
+def test_curve_buffer_matches_ema_then_stays_bounded():
+    buf = CurveBuffer(max_points=50, smoothing=0.6)
+    losses = [3.0 / (1 + i / 10) for i in range(99)]
+    for i, loss in enumerate(losses):
+        buf.add(i, loss)
+    buf.add(99, float("nan"))  # ignored
+    assert len(buf) == 99  # not compacted yet: exactly what the history holds
+    assert [y for _, y in buf.smooth] == pytest.approx(ema(losses, 0.6))
+    for i in range(100, 10_000):
+        buf.add(i, 1.0)
+    assert 50 <= len(buf) <= 100 and len(buf.smooth) == len(buf)
+    xs = [x for x, _ in buf.raw]
+    assert xs == sorted(xs) and xs[0] < 200 and xs[-1] > 9_800  # still spans the whole run
+    gaps = {round(b - a, 6) for a, b in itertools.pairwise(xs[1:-1])}  # first: NaN skipped; last: partial
+    assert gaps == {float(buf.stride)}  # evenly spread: every full bucket holds `stride` steps
+    root = parse(loss_chart_svg(buf.raw, smooth=buf.smooth))
+    assert len(polyline_points(marks(root, "train-smooth")[0])) == len(buf)

@@ -116,6 +116,20 @@ def test_redraws_are_throttled_but_forced_after_eval_and_at_end():
     assert panel.progress.value == 1000 and panel.progress.bar_style == "success"
 
 
+def test_a_long_run_keeps_the_live_chart_small():
+    clock, state = FakeClock(), new_state(max_steps=5000)
+    panel = LivePanel(auto_show=False, clock=clock)
+    bus = EventBus([panel])
+    bus.emit("on_train_begin", state)
+    drive(bus, state, clock, 5000, log_every=1, eval_every=0, step_time=0.01)
+    panel.on_train_end(state)
+    root = ET.fromstring(panel.chart.value)
+    (raw,) = [el for el in root.iter() if el.get("class") == "train-raw"]
+    assert 100 <= len(raw.get("points").split()) <= 300
+    # The chart is redrawn at most once a simulated second (plus begin and end), the progress up to 4 times.
+    assert panel.redraws > 150
+
+
 def test_stop_button_calls_stop_and_says_so():
     calls = []
     clock, state = FakeClock(), new_state()

@@ -24,6 +24,18 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _clean(points: Iterable[Point]) -> list[Point]:
+    """The finite ``(x, y)`` points, as floats (NaN, inf and non-numbers dropped)."""
+    out = []
+    for x, y in points:
+        try:
+            if math.isfinite(x) and math.isfinite(y):
+                out.append((float(x), float(y)))
+        except TypeError:
+            continue
+    return out
+
+
 def series_from_history(history: Iterable[Mapping[str, Any]]) -> tuple[list[Point], list[Point]]:
     """Split history rows into ``(train, eval)`` lists of ``(step, loss)`` points.
 
@@ -121,6 +133,7 @@ def loss_chart_svg(
     width: int = 360,
     height: int = 180,
     smoothing: float = 0.6,
+    smooth: Sequence[Point] | None = None,
     max_points: int = 400,
     title: str = "loss",
 ) -> str:
@@ -135,11 +148,11 @@ def loss_chart_svg(
         width: Width in pixels.
         height: Height in pixels.
         smoothing: EMA weight for the smoothed line (see `ema`).
+        smooth: The smoothed line, when already computed (see `CurveBuffer`); else computed from ``train``.
         max_points: Cap on drawn points per polyline.
         title: Label drawn in the top-left corner.
     """
-    train = [(float(x), float(y)) for x, y in train if _finite(x) and _finite(y)]
-    evals = [(float(x), float(y)) for x, y in evals if _finite(x) and _finite(y)]
+    train, evals = _clean(train), _clean(evals)
     left, right, top, bottom = 46, 10, 16, 30
     plot_w, plot_h = max(width - left - right, 10), max(height - top - bottom, 10)
     parts = [
@@ -170,11 +183,17 @@ def loss_chart_svg(
     pad = (y_hi - y_lo) * 0.05 if y_hi > y_lo else max(abs(y_hi) * 0.1, 0.5)
     y_lo, y_hi = y_lo - pad, y_hi + pad
 
+    kx, ky = plot_w / (x_hi - x_lo), plot_h / (y_hi - y_lo)
+
     def sx(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * plot_w
+        return left + (x - x_lo) * kx
 
     def sy(y: float) -> float:
-        return top + (y_hi - y) / (y_hi - y_lo) * plot_h
+        return top + (y_hi - y) * ky
+
+    def polyline(points: Sequence[Point]) -> str:
+        # Inlined arithmetic: this runs on every live redraw, for every point.
+        return " ".join([f"{left + (x - x_lo) * kx:.1f},{top + (y_hi - y) * ky:.1f}" for x, y in points])
 
     for t in nice_ticks(y_lo, y_hi):
         y = sy(t)
@@ -196,14 +215,14 @@ def loss_chart_svg(
         parts.append(f'<circle class="train-raw" cx="{_fmt(sx(x))}" cy="{_fmt(sy(y))}" r="2.5" fill="{TRAIN_COLOR}"/>')
     elif train:
         raw = downsample(train, max_points)
-        pts = " ".join(f"{_fmt(sx(x))},{_fmt(sy(y))}" for x, y in raw)
+        pts = polyline(raw)
         parts.append(
             f'<polyline class="train-raw" points="{pts}" fill="none" stroke="{TRAIN_COLOR}" '
             'stroke-opacity="0.3" stroke-width="1"/>'
         )
-        smooth = ema([y for _, y in train], smoothing)
-        smooth_pts = downsample([(x, y) for (x, _), y in zip(train, smooth)], max_points)
-        pts = " ".join(f"{_fmt(sx(x))},{_fmt(sy(y))}" for x, y in smooth_pts)
+        if smooth is None:
+            smooth = list(zip((x for x, _ in train), ema([y for _, y in train], smoothing)))
+        pts = polyline(downsample(_clean(smooth), max_points))
         parts.append(
             f'<polyline class="train-smooth" points="{pts}" fill="none" stroke="{TRAIN_COLOR}" stroke-width="2"/>'
         )
@@ -221,6 +240,68 @@ def loss_chart_svg(
         lx -= 8 + 6 * len(name)
     parts.append("</svg>")
     return "".join(parts)
+
+
+class CurveBuffer:
+    """Train-loss points kept for live redraws at a bounded cost, however long the run.
+
+    The smoothed value is updated as each point arrives. Points are kept in buckets of ``stride`` consecutive
+    points (means of x, loss and smoothed loss); when ``2 * max_points`` buckets are full, adjacent pairs are
+    merged and the stride doubles, so every bucket always covers the same number of points and a redraw never
+    walks more than ``2 * max_points + 1`` of them (a 100k-step run logging every step would otherwise make
+    each redraw slower than the step it reports).
+
+    Args:
+        max_points: Buckets kept after a merge.
+        smoothing: EMA weight (see `ema`).
+    """
+
+    def __init__(self, max_points: int = 400, smoothing: float = 0.6):
+        self.max_points = max(max_points, 2)
+        self.smoothing = smoothing
+        self.stride = 1
+        self._buckets: list[tuple[float, float, float]] = []  # (mean step, mean loss, mean smoothed)
+        self._pending = [0.0, 0.0, 0.0, 0]  # sums of the bucket being filled, and its count
+        self._ema, self._weight = 0.0, 1.0
+
+    def add(self, step: float, loss: float) -> None:
+        """Append one finite point (others are ignored, as in `loss_chart_svg`)."""
+        if not (_finite(step) and _finite(loss)):
+            return
+        self._ema = self._ema * self.smoothing + (1 - self.smoothing) * loss
+        self._weight *= self.smoothing
+        smooth = self._ema / (1 - self._weight) if self._weight < 1 else float(loss)
+        p = self._pending
+        p[0] += step
+        p[1] += loss
+        p[2] += smooth
+        p[3] += 1
+        if p[3] == self.stride:
+            self._buckets.append((p[0] / p[3], p[1] / p[3], p[2] / p[3]))
+            self._pending = [0.0, 0.0, 0.0, 0]
+            if len(self._buckets) >= 2 * self.max_points:
+                b = self._buckets
+                self._buckets = [
+                    tuple((u + v) / 2 for u, v in zip(b[i], b[i + 1], strict=True)) for i in range(0, len(b), 2)
+                ]
+                self.stride *= 2
+
+    def _points(self) -> list[tuple[float, float, float]]:
+        p = self._pending
+        return self._buckets + ([(p[0] / p[3], p[1] / p[3], p[2] / p[3])] if p[3] else [])
+
+    @property
+    def raw(self) -> list[Point]:
+        """``(step, loss)`` bucket means."""
+        return [(x, y) for x, y, _ in self._points()]
+
+    @property
+    def smooth(self) -> list[Point]:
+        """``(step, smoothed loss)`` bucket means."""
+        return [(x, s) for x, _, s in self._points()]
+
+    def __len__(self) -> int:
+        return len(self._buckets) + (1 if self._pending[3] else 0)
 
 
 def loss_chart_from_history(history: Iterable[Mapping[str, Any]], **kwargs: Any) -> str:

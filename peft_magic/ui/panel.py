@@ -17,7 +17,7 @@ import ipywidgets as widgets
 from IPython import display as ipy_display
 
 from ..events import Callback, TrainState
-from .chart import loss_chart_svg, series_from_history
+from .chart import CurveBuffer, loss_chart_svg, series_from_history
 from .format import format_memory
 from .lines import end_text, eval_text, header_text, lr_text, metric_items, progress_text, throughput_text
 from .summary import metrics_table_html, summary_html
@@ -27,6 +27,7 @@ __all__ = ["LivePanel", "summary_html"]
 
 STATUS_COLORS = {"failed": "#c62828", "stopped": "#b26a00", "interrupted": "#b26a00", "done": "#2e7d32"}
 STOPPING = "stopping after this step…"
+LIVE_CHART_POINTS = 300  # per line; the live chart is ~360 px wide
 NO_STOP_HINT = "Interrupt the kernel (■ / Ctrl-C) to stop: training stops after the current step and keeps its work."
 
 
@@ -54,6 +55,8 @@ class LivePanel(Callback):
     ):
         self.stop = stop
         self.throttle = Throttle(max_redraws_per_second, clock=clock)
+        # The curve is the costly part of a redraw and changes slowly: redrawn at most once a second.
+        self.chart_throttle = Throttle(min(max_redraws_per_second, 1.0), clock=clock)
         self.auto_show = auto_show
         self.summary_extra = dict(summary_extra or {})
         self.summary: str | None = None  # the end-of-run HTML, once there
@@ -62,7 +65,7 @@ class LivePanel(Callback):
         self._summary_handle = None
         self._stopping = False
         self._ended = False
-        self._train: list[tuple[float, float]] = []
+        self._curve = CurveBuffer(max_points=LIVE_CHART_POINTS // 2)
         self._evals: list[tuple[float, float]] = []
         self._eval_rows: list[dict[str, Any]] = []
         self._rows: list[dict[str, Any]] = []  # every row seen, for a summary when the engine keeps no history
@@ -129,7 +132,7 @@ class LivePanel(Callback):
             for row in state.log_history:
                 self._record(row)
         self.throttle.ready(force=True)
-        self._redraw(state)
+        self._redraw(state, force=True)
 
     def on_step_end(self, state: TrainState) -> None:
         # Every optimizer step: one clock read unless a redraw is due.
@@ -144,13 +147,13 @@ class LivePanel(Callback):
     def on_evaluate(self, state: TrainState, metrics: dict[str, Any]) -> None:
         self._record({"step": state.step, **metrics})
         self.throttle.ready(force=True)
-        self._redraw(state)
+        self._redraw(state, force=True)
 
     def on_train_end(self, state: TrainState) -> None:
         self._maybe_show()
         self._ended = True
         self.throttle.ready(force=True)
-        self._redraw(state)
+        self._redraw(state, force=True)
         self.stop_button.disabled = True
         self.stop_button.description = "Stopped" if state.stop_reason in ("stopped", "interrupted") else "Stop"
         history = state.log_history or self._rows
@@ -175,7 +178,8 @@ class LivePanel(Callback):
         self._rows.append(row)
         train, evals = series_from_history([row])
         if train or evals:
-            self._train += train
+            for step, loss in train:
+                self._curve.add(step, loss)
             self._evals += evals
             self._chart_dirty = True
         if metric_items(row):
@@ -209,15 +213,17 @@ class LivePanel(Callback):
         )
         return f'<table style="font-size:12px;border-collapse:collapse">{cells}</table>'
 
-    def _redraw(self, state: TrainState) -> None:
+    def _redraw(self, state: TrainState, force: bool = False) -> None:
         """Push the current state to the widgets (ipywidgets sends only the values that changed)."""
         self.redraws += 1
         self.header.value = f"<b>{escape(header_text(state))}</b>"
         self.progress.max = max(state.max_steps, 1)
         self.progress.value = min(state.step, self.progress.max)
         self.progress_label.value = escape(progress_text(state))
-        if self._chart_dirty:
-            self.chart.value = loss_chart_svg(self._train, self._evals)
+        if self._chart_dirty and self.chart_throttle.ready(force=force):
+            self.chart.value = loss_chart_svg(
+                self._curve.raw, self._evals, smooth=self._curve.smooth, max_points=LIVE_CHART_POINTS
+            )
             self._chart_dirty = False
         self.stats.value = self._stats_html(state)
         if self._metrics_dirty:
