@@ -14,7 +14,7 @@ import os
 import threading
 
 from .config import Config, parse_config
-from .errors import ConfigError
+from .errors import ConfigError, TrainingFailed
 from .events import EventBus
 from .run import Run
 
@@ -30,12 +30,15 @@ def default_output_dir(name: str) -> str:
 def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Config:
     cfg = parse_config(config, overrides=overrides or (), defaults=defaults)
     if not cfg.train.output_dir:
+        from .faults import check_run_name
+
+        check_run_name(name)  # the default folder is peft_runs/NAME: no '..' or separators
         cfg.train.output_dir = default_output_dir(name)
     return cfg
 
 
 def train(config=None, *, namespace=None, callbacks=(), background=False, name="run", display="auto",
-          resume=False, defaults=None, cell=None, overrides=None, **kw) -> Run:  # fmt: skip
+          resume=False, defaults=None, cell=None, overrides=None, replaces=None, **kw) -> Run:  # fmt: skip
     """Fine-tune a model and return the `Run`.
 
     Args:
@@ -49,6 +52,8 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
         defaults: Config values used where `config` is silent (e.g. the `%peft_model` base model).
         cell: The %%peft_train cell text, kept for the model card.
         overrides: ``["train.max_steps=10", ...]`` or ``{"train.max_steps": 10}``.
+        replaces: A previous `Run` whose model is released once this run's data checks passed, just before the
+            new model loads (a mistake in the cell therefore leaves the previous run untouched).
         **kw: Also overrides, with ``__`` for dots: ``train__max_steps=10``.
     """
     overrides = _merge_overrides(overrides, kw)
@@ -64,7 +69,7 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
         if sub is not None:
             bus.add(sub)
     resume_meta = _find_resume(resume, cfg)
-    setup(run, namespace, bus)
+    _setup_guarded(run, namespace, bus, replaces)
     if resume_meta is not None:
         resume_meta["method"] = run.method
     if background:
@@ -111,7 +116,19 @@ def _find_resume(resume, cfg):
     return checkpoint.load(path)
 
 
-def setup(run: Run, namespace, bus: EventBus) -> Run:
+def _setup_guarded(run, namespace, bus, replaces):
+    from .faults import is_out_of_memory, out_of_memory_failure
+
+    try:
+        setup(run, namespace, bus, replaces=replaces)
+        return
+    except BaseException as e:
+        if not is_out_of_memory(e):
+            raise
+    raise out_of_memory_failure(run, "loading the model")  # outside `except`: no traceback keeps tensors alive
+
+
+def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     """Everything before the first step, cheapest checks first, so mistakes fail fast."""
     from accelerate.utils import set_seed
 
@@ -128,6 +145,8 @@ def setup(run: Run, namespace, bus: EventBus) -> Run:
     _status(run, bus, "tokenizing")
     with models.quiet_loading(run.warnings):
         data = prepare(cfg, tokenizer, namespace)
+    if replaces is not None:  # the cell passed its checks: now free the previous run's model for the new one
+        replaces.release()
     _status(run, bus, "loading model")
     with models.quiet_loading(run.warnings):
         model = models.load_model(cfg.model, cfg.task, data.labels, pad_token_id=tokenizer.pad_token_id)
@@ -170,6 +189,41 @@ def _status(run, bus, status):
     bus.emit("on_status", run.state, status)
 
 
+def resume(run: Run, *, callbacks=(), background=False, display="auto", checkpoint=None) -> Run:
+    """Continue `run` in place from its latest checkpoint (or `checkpoint`), with the model and data it holds.
+
+    The weights, optimizer, scheduler, RNG state, data position and history all come from the checkpoint, so a
+    stopped-then-resumed run ends where an uninterrupted one would. In a new kernel (no `Run` in memory), use
+    ``%%peft_train NAME --resume`` or ``train(config, resume=True)`` instead.
+    """
+    if run.running:
+        raise ConfigError(f"'{run.name}' is still training. Fix: wait for it, or `.stop()` it first.", key=run.name)
+    if run.model is None or run.data is None or run.method is None:
+        raise ConfigError("this run holds no model to continue (it was released or failed to load). Fix: "
+                          f"%%peft_train {run.name} --resume (or train(config, resume=True)) reloads it from the "
+                          "checkpoint.", key=run.name)  # fmt: skip
+    if _ACTIVE:
+        raise ConfigError(f"run '{next(iter(_ACTIVE)).name}' is still training in the background. Fix: "
+                          "`.stop()` or `.wait()` it first; one run trains at a time.", key="--background")  # fmt: skip
+    meta = _find_resume(checkpoint or True, run.config)
+    meta["method"] = run.method
+    run._stop, run.error = threading.Event(), None
+    run.state.stop_reason = run.state.error = None
+    bus = EventBus(list(callbacks))
+    if display is not None and display != "none":
+        sub = _make_display(display, run)
+        if sub is not None:
+            bus.add(sub)
+    if background:
+        _ACTIVE.add(run)
+        run._thread = threading.Thread(target=_fit_safely, args=(run, bus, meta), daemon=True,
+                                       name=f"peft_magic:{run.name}")  # fmt: skip
+        run._thread.start()
+        return run
+    _fit(run, bus, meta)
+    return run
+
+
 def _fit_safely(run, bus, resume_meta):
     try:
         _fit(run, bus, resume_meta)
@@ -185,16 +239,25 @@ def _fit(run: Run, bus: EventBus, resume_meta=None) -> None:
     from .checkpoint import Checkpointer
     from .engine import fit
     from .evaluation import evaluate_model
+    from .faults import is_out_of_memory, out_of_memory_failure
 
     cfg = run.config
-    ckpt = Checkpointer(cfg.train.output_dir, run.method, cfg, cfg.train.save_steps, cfg.train.save_total_limit)
+    ckpt = Checkpointer(cfg.train.output_dir, run.method, cfg, cfg.train.save_steps, cfg.train.save_total_limit,
+                        save_minutes=cfg.train.save_minutes)  # fmt: skip
     evaluate_fn = partial(_eval_fn, task=cfg.task, labels=run.labels)
+    out_of_memory = False
     try:
         run.model = fit(run.model, cfg, run.data, run.method, run.state, bus, run._stop, run.history,
                         checkpointer=ckpt, resume=resume_meta, evaluate_fn=evaluate_fn)  # fmt: skip
     except BaseException as e:
-        run.error = e
-        raise
+        out_of_memory = is_out_of_memory(e)
+        if not out_of_memory:
+            run.error = e
+            if isinstance(e, TrainingFailed):
+                e.run = run  # the cell keeps this run: it holds the weights of the last good step
+            raise
+    if out_of_memory:  # raised outside `except`, so no traceback keeps the activations alive
+        raise out_of_memory_failure(run, "training")
     final = getattr(run.state, "_final_metrics", None)
     if final:
         run.metrics = final

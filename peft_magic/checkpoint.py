@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 
 CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -25,7 +26,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
     found = []
     for name in os.listdir(output_dir):
         m = CKPT.match(name)
-        if m and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+        path = os.path.join(output_dir, name)
+        if m and not os.path.islink(path) and os.path.isfile(os.path.join(path, STATE_FILE)):  # links may point out
             found.append((int(m.group(1)), os.path.join(output_dir, name)))
     return [p for _, p in sorted(found)]
 
@@ -58,41 +60,65 @@ class Checkpointer:
 
     def due(self, step: int, max_steps: int) -> bool:
         if step >= max_steps:
-            return False  # the final save happens after the final eval
+            return False  # the final save happens once the loop ends
         if self.save_steps and step % self.save_steps == 0:
             return True
         return bool(self.save_minutes) and time.time() - self._last_save >= 60 * self.save_minutes
 
-    def save(self, accelerator, model, optimizer, scheduler, state, history) -> str | None:
-        import torch
-
+    def save(self, accelerator, model, optimizer, scheduler, state, history, extra=None) -> str | None:
+        """Write ``checkpoint-<step>``; `extra` (JSON-safe) goes into trainer_state.json."""
         accelerator.wait_for_everyone()
         final_dir = os.path.join(self.output_dir, f"checkpoint-{state.step}")
         if accelerator.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
-            tmp = os.path.join(self.output_dir, f".tmp-checkpoint-{state.step}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            self.method.save(accelerator.unwrap_model(model), tmp, self.cfg)
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch.save(_rng_state(), os.path.join(tmp, "rng_state.pt"))
-            meta = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
-                    "tokens_seen": state.tokens_seen, "max_steps": state.max_steps, "log_history": history}  # fmt: skip
-            with open(os.path.join(tmp, STATE_FILE), "w") as fh:
-                json.dump(meta, fh, indent=1, default=float)
-            if os.path.exists(final_dir):  # same step saved again (e.g. stop right after a periodic save)
-                shutil.rmtree(final_dir)
-            os.replace(tmp, final_dir)
-            self._prune()
+            tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=self.output_dir)
+            try:
+                self._write(tmp, accelerator, model, optimizer, scheduler, state, history, extra)
+            except BaseException as e:  # a half-written folder is never renamed into place: drop it
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not isinstance(e, OSError):
+                    raise
+                failed = e
+            else:
+                failed = None
+                if os.path.islink(final_dir):
+                    os.unlink(final_dir)
+                elif os.path.exists(final_dir):  # same step saved again (e.g. stop right after a periodic save)
+                    shutil.rmtree(final_dir)
+                os.replace(tmp, final_dir)
+                self._prune()
+            if failed is not None:
+                raise _save_failed(failed, final_dir, state)
         accelerator.wait_for_everyone()
         self._last_save = time.time()
         state.checkpoint_dir = final_dir
         return final_dir
 
+    def _write(self, tmp, accelerator, model, optimizer, scheduler, state, history, extra):
+        import torch
+
+        self.method.save(accelerator.unwrap_model(model), tmp, self.cfg)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        torch.save(_rng_state(), os.path.join(tmp, "rng_state.pt"))
+        meta = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+                "tokens_seen": state.tokens_seen, "max_steps": state.max_steps, "log_history": history,
+                **(extra or {})}  # fmt: skip
+        with open(os.path.join(tmp, STATE_FILE), "w") as fh:  # written last: its presence marks a complete one
+            json.dump(meta, fh, indent=1, default=float)
+
     def _prune(self):
         for path in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _save_failed(err: OSError, final_dir: str, state):
+    from .errors import TrainingFailed
+
+    kept = f" The last good checkpoint, {state.checkpoint_dir}, is intact." if state.checkpoint_dir else ""
+    return TrainingFailed(f"could not write {final_dir} ({err.strerror or err}); nothing half-written was kept."
+                          f"{kept} Fix: free disk space, lower train.save_total_limit, or set train.output_dir "
+                          "to a folder with room. run.model still holds the trained weights.")  # fmt: skip
 
 
 def _rng_state() -> dict:

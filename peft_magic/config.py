@@ -169,6 +169,9 @@ class TrainConfig:
     eval_steps: int = field(default=50, metadata=_help("Evaluate every N steps (0: only at the end)."))
     save_steps: int = field(default=0, metadata=_help("Checkpoint every N steps (0: only at the end or on stop)."))
     save_total_limit: int = field(default=2, metadata=_help("Keep at most this many checkpoints."))
+    save_minutes: float = field(
+        default=0.0, metadata=_help("Also checkpoint every N minutes (0: off), e.g. 10 on Colab/Kaggle sessions.")
+    )
     group_by_length: bool = field(default=False, metadata=_help("Batch examples of similar length (less padding)."))
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
     report_to: list = field(default_factory=list, metadata=_help("Extra trackers (accelerate names), e.g. [tensorboard]."))
@@ -186,7 +189,8 @@ class TrainConfig:
             _check_positive(getattr(self, k), f"train.{k}")
         for k in ("logging_steps",):
             _check_positive(getattr(self, k), f"train.{k}")
-        for k in ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit"):
+        for k in ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit",
+                  "save_minutes"):  # fmt: skip
             if getattr(self, k) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, k)}.", key=f"train.{k}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -15,6 +15,7 @@ import threading
 import time
 
 from .events import EventBus, TrainState
+from .faults import LossGuard
 
 
 class StopRequested(Exception):
@@ -43,7 +44,8 @@ def plan_steps(cfg, n_train: int, num_processes: int = 1) -> tuple[int, int]:
     """(max_steps, steps_per_epoch) for `n_train` examples."""
     t = cfg.train
     batches = math.ceil(n_train / (t.per_device_train_batch_size * num_processes))
-    per_epoch = max(batches // t.gradient_accumulation_steps, 1)
+    # ceil: accelerate also steps on an epoch's last, shorter accumulation (so resume finds the right epoch)
+    per_epoch = max(math.ceil(batches / t.gradient_accumulation_steps), 1)
     if t.max_steps > 0:
         return t.max_steps, per_epoch
     return max(math.ceil(t.num_train_epochs * per_epoch), 1), per_epoch
@@ -151,6 +153,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     set_seed(t.seed)
     accelerator = make_accelerator(cfg)
     train_dl, eval_dl = make_loaders(data, cfg, accelerator)
+    order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)
     max_steps, per_epoch = plan_steps(cfg, len(data.train), accelerator.num_processes)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
     optimizer = make_optimizer(model, cfg)
@@ -190,9 +193,12 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         bus.emit("on_evaluate", state, {**row, "_full": metrics})
         return metrics
 
-    loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    micro, samples = 0, 0
+    # a checkpoint carries the not-yet-logged loss sum, so a resumed run logs exactly what an uninterrupted one does
+    pending = (resume or {}).get("pending") or {}
+    loss_sum = torch.full((), float(pending.get("loss_sum", 0.0)), device=accelerator.device)
+    tokens = torch.full((), int(pending.get("tokens", state.tokens_seen)), device=accelerator.device, dtype=torch.long)
+    micro, samples = int(pending.get("micro", 0)), int(pending.get("samples", state.samples_seen))
+    guard = LossGuard(accelerator)
     step, epoch_i, last_log = start_step, start_step // per_epoch, start_step
     skip_batches = (start_step % per_epoch) * t.gradient_accumulation_steps
     model.train()
@@ -201,6 +207,8 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
             while step < max_steps:
                 if hasattr(train_dl, "set_epoch"):
                     train_dl.set_epoch(epoch_i)
+                if order is not None:  # each epoch's order depends on (seed, epoch) only: resume sees the same order
+                    order.manual_seed(t.seed + epoch_i)
                 dl = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
                 skip_batches = 0
                 for batch in dl:
@@ -213,6 +221,9 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                             extra = regularizer(accelerator.unwrap_model(model))
                             if extra is not None:
                                 loss = loss + extra
+                        guard.add(loss)
+                        if accelerator.sync_gradients:  # before the update: a NaN never reaches the weights
+                            guard.check(step + 1, state, optimizer)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and t.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -238,7 +249,8 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                     if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
                         run_eval()
                     if checkpointer is not None and checkpointer.due(step, max_steps):
-                        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus)
+                        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
+                                    pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
                     if stop_event.is_set() or step >= max_steps:
                         break
                 epoch_i += 1
@@ -252,11 +264,12 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         bus.emit("on_train_end", state)
         raise
+    if checkpointer is not None and step > 0:  # first: its RNG state and loss sums are those of the step's end
+        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=True,
+                    pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
     if micro and step > last_log:
         _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step)
     final = run_eval()
-    if checkpointer is not None and step > 0:
-        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=True)
     if t.report_to:
         accelerator.end_training()
     state.status = "done" if state.stop_reason == "completed" else state.stop_reason
@@ -289,12 +302,18 @@ def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, s
     bus.emit("on_log", state, row)
 
 
-def _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=False):
+def _pending(loss_sum, micro, tokens, samples) -> dict:
+    """What a checkpoint needs to continue the logging sums (a host read, at save time only)."""
+    return {"loss_sum": loss_sum.item(), "micro": micro, "tokens": int(tokens.item()), "samples": samples}
+
+
+def _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=False,
+                pending=None):  # fmt: skip
     if not accelerator.is_main_process and not final:
         accelerator.wait_for_everyone()
         return
     status = state.status
     state.status = "saving"
     bus.emit("on_status", state, "saving checkpoint")
-    checkpointer.save(accelerator, model, optimizer, scheduler, state, history)
+    checkpointer.save(accelerator, model, optimizer, scheduler, state, history, extra={"pending": pending})
     state.status = status

@@ -18,6 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Unicode
 
+from .faults import usage_errors
 
 
 @magics_class
@@ -38,6 +39,7 @@ class PeftMagics(Magics):
     @argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     @argument("--trust-remote-code", action="store_true", help="Run code shipped with the model.")
     @line_magic
+    @usage_errors
     def peft_model(self, line):
         """Set the session's base model (cells may then omit `model:`) and print what it is."""
         args = parse_argstring(self.peft_model, line)
@@ -66,6 +68,7 @@ class PeftMagics(Magics):
     @argument("--background", action="store_true", help="Train in a thread; the cell returns at once.")
     @argument("--resume", action="store_true", help="Continue from the latest checkpoint of this run's folder.")
     @cell_magic
+    @usage_errors
     def peft_train(self, line, cell):
         """Fine-tune with the YAML config in the cell body. See `peft_magic.config` for every key."""
         args = parse_argstring(self.peft_train, line)
@@ -101,6 +104,7 @@ class PeftMagics(Magics):
     @argument("--merge", action="store_true", help="Write a full model with the adapter merged in.")
     @argument("--overwrite", action="store_true", help="Replace DIR if it already holds files.")
     @line_magic
+    @usage_errors
     def peft_export(self, line):
         """Export a run: `%peft_export [NAME] DIR [--merge] [--overwrite]`."""
         args = parse_argstring(self.peft_export, line)
@@ -118,6 +122,7 @@ class PeftMagics(Magics):
     @argument("name", nargs="?", default=None, help="The run (default: the last one).")
     @argument("--data", default=None, help="Data source: $variable, file or hub id (default: the run's eval split).")
     @line_magic
+    @usage_errors
     def peft_eval(self, line):
         """Evaluate a run on its eval split or on --data; prints and returns the metrics."""
         args = parse_argstring(self.peft_eval, line)
@@ -129,6 +134,7 @@ class PeftMagics(Magics):
         return metrics
 
     @line_magic
+    @usage_errors
     def peft_generate(self, line):
         """`%peft_generate [NAME] "prompt"`: the tuned model's answer next to the base model's."""
         words = shlex.split(line)

@@ -1,0 +1,172 @@
+"""What a run does when something goes wrong: a non-finite loss, running out of memory, a user mistake in a cell,
+an unsafe run name. Each helper turns a fault into one actionable sentence and leaves the notebook usable.
+
+Policies (see docs/reliability.md):
+
+- Non-finite loss: `LossGuard` adds every micro-batch loss on the device and reads *one* scalar back per optimizer
+  step, before the update. A NaN/inf therefore never reaches the weights or the optimizer state: training stops in
+  the step it happens, `run.model` holds the weights of the last completed step, and the last checkpoint on disk
+  is kept (no checkpoint is written after a failure, so a bad one can never prune a good one). On CPU the read is
+  free; on a GPU it is one tiny device->host copy per optimizer step (the fp16 GradScaler already syncs as often).
+- Out of memory: the exception (and with it every frame holding activations) is dropped, `gc.collect()` and the
+  accelerator's cache are emptied, and a `TrainingFailed` says which settings to try next.
+- In a cell, `ConfigError` and `TrainingFailed` become a plain `UsageError`: one red line, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+from .errors import ConfigError, TrainingFailed
+
+# ---------------------------------------------------------------- non-finite loss
+
+
+class LossGuard:
+    """Detects a non-finite loss in the optimizer step it happens, before the update.
+
+    Args:
+        accelerator: The run's Accelerator (its device; with several processes the flag is all-reduced so every
+            process stops together).
+    """
+
+    def __init__(self, accelerator):
+        import torch
+
+        self.accelerator = accelerator
+        self.total = torch.zeros((), device=accelerator.device)
+
+    def add(self, loss) -> None:
+        """Add one micro-batch loss (no host sync)."""
+        self.total += loss.detach().float()
+
+    def check(self, step: int, state=None, optimizer=None) -> None:
+        """Call at the last micro-batch of a step, before backward/update. Raises `TrainingFailed` on NaN/inf."""
+        total = self.total
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        value = total.item()  # the one read-back per optimizer step
+        self.total.zero_()
+        if math.isfinite(value):
+            return
+        if optimizer is not None:  # drop the partial gradients so the kept model and optimizer stay clean
+            optimizer.zero_grad(set_to_none=True)
+        raise TrainingFailed(nonfinite_message(value, step, getattr(state, "checkpoint_dir", None)))
+
+
+def nonfinite_message(value, step: int, checkpoint_dir: str | None = None) -> str:
+    kept = f" The last good checkpoint is {checkpoint_dir}." if checkpoint_dir else ""
+    return (
+        f"the loss became {value} at step {step}, so training stopped before that step changed the weights "
+        "(run.model holds those of the step before). Likely causes: the learning rate is too high (try 10x lower), "
+        f"fp16 overflow (try train.mixed_precision: bf16 or no), or bad rows in the data.{kept}"
+    )
+
+
+# ---------------------------------------------------------------- out of memory
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out of memory, or a host MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):  # pragma: no cover - torch without OutOfMemoryError
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand cached accelerator memory back (what a fresh kernel would have)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():  # pragma: no cover - Apple only
+        mps.empty_cache()
+
+
+def out_of_memory_advice(cfg) -> str:
+    """The next settings to try, keeping the effective batch (batch x accumulation) the same."""
+    t, m = cfg.train, cfg.model
+    tips = []
+    if t.per_device_train_batch_size > 1:
+        b = max(t.per_device_train_batch_size // 2, 1)
+        acc = t.gradient_accumulation_steps * (t.per_device_train_batch_size // b)
+        tips.append(f"--set train.per_device_train_batch_size={b} --set train.gradient_accumulation_steps={acc} "
+                    "(same effective batch)")  # fmt: skip
+    if not t.gradient_checkpointing:
+        tips.append("--set train.gradient_checkpointing=true")
+    if m.quantization == "none" and not m.gguf_file:
+        tips.append("--set model.quantization=4bit (QLoRA, needs a CUDA GPU and bitsandbytes)")
+    if cfg.data.max_length > 128:
+        tips.append(f"--set data.max_length={cfg.data.max_length // 2}")
+    if not tips:
+        tips.append("a smaller model")
+    return "Fix: try " + "; ".join(tips) + "."
+
+
+def out_of_memory_failure(run, where: str) -> TrainingFailed:
+    """Free the failed run's model and memory; return the error to raise (outside any `except` block)."""
+    run.model = None
+    release_memory()
+    step = f" at step {run.state.step + 1}" if where == "training" else f" while {where}"
+    t = run.config.train
+    shape = f"batch {t.per_device_train_batch_size} x accum {t.gradient_accumulation_steps}, max_length {run.config.data.max_length}"  # fmt: skip
+    err = TrainingFailed(f"out of memory{step} ({shape}); memory was freed and the notebook is usable. "
+                         f"{out_of_memory_advice(run.config)}")  # fmt: skip
+    run.error = err
+    run.state.status = run.state.stop_reason = "failed"
+    run.state.error = str(err)
+    err.run = run
+    return err
+
+
+# ---------------------------------------------------------------- cells
+
+
+def usage_errors(magic):
+    """Show a user mistake or a failed run as IPython does a `UsageError`: one line, no traceback.
+
+    IPython prints a traceback for every exception whose type is not exactly `UsageError` (subclasses included),
+    so `ConfigError` and `TrainingFailed` are re-raised as a plain one. The new error is raised outside the
+    `except` block so it carries no chained traceback that would keep a failed run's tensors alive.
+    """
+    from IPython.core.error import UsageError
+
+    @functools.wraps(magic)
+    def wrapper(*args, **kw):
+        try:
+            return magic(*args, **kw)
+        except ConfigError as e:
+            message = str(e)
+        except TrainingFailed as e:
+            message = f"training failed: {e}"
+        raise UsageError(message)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- paths
+
+
+def check_run_name(name: str) -> str:
+    """A run name becomes a folder (peft_runs/NAME): refuse separators, '..' and empty names."""
+    text = str(name)
+    if not text.strip() or text in (".", "..") or any(sep in text for sep in ("/", "\\", os.sep, "\0")):
+        raise ConfigError(f"'{text}' cannot be a run name: it would write outside peft_runs/. Fix: use a plain "
+                          "name such as my_run.", key="name")  # fmt: skip
+    return text

@@ -1,0 +1,46 @@
+"""Fixtures for the fault tests: a real IPython shell with the magics loaded, and a counter of optimizer steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Two CPU cores are shared by everyone here: intra-op threads fight over them and make tiny models ~10x slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def shell(workdir):
+    """A real `InteractiveShell` with `%load_ext peft_magic` done and the live display off."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from peft_magic.magics import PeftMagics
+
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=False)
+    magics = PeftMagics(sh)
+    magics.display = "none"
+    sh.register_magics(magics)
+    sh.peft = magics
+    yield sh
+    sh.reset(new_session=False)
+
+
+class StopAt:
+    """Calls `action(state)` once, at the end of optimizer step `step`."""
+
+    def __init__(self, step, action):
+        self.step, self.action, self.fired = step, action, False
+
+    def on_step_end(self, state):
+        if state.step == self.step and not self.fired:
+            self.fired = True
+            self.action(state)
+
+
+def lora_weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def losses(run) -> list:
+    return [(r["step"], r["loss"]) for r in run.history if "loss" in r]
