@@ -1,0 +1,229 @@
+"""The memory pre-flight: counts from the meta device, the activation model, fitting, devices."""
+
+import subprocess
+import sys
+
+import pytest
+
+from peft_magic.devices import DeviceInfo, device_info, known_device, resolve_dtype, resolve_mixed_precision
+from peft_magic.errors import ConfigError
+from peft_magic.preflight import FitReport, MemoryEstimate, check_fit, estimate_memory
+
+GB = 2**30
+
+
+def llama_config(vocab=256, hidden=64, layers=2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False)  # fmt: skip
+
+
+def bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+
+
+def lora_model(config, task, dropout=0.05):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
+    model = cls.from_config(config)
+    task_type = "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type=task_type)
+    return model, get_peft_model(cls.from_config(config), lora)
+
+
+@pytest.mark.parametrize("make, task", [(llama_config, "causal-lm"), (bert_config, "seq-cls")])
+def test_counts_from_meta_equal_a_real_model(make, task):
+    config = make()
+    real, adapted = lora_model(config, task)
+    est = estimate_memory(config, task=task, method="lora", method_params={"r": 8, "lora_dropout": 0.05})
+    assert est.params == sum(p.numel() for p in real.parameters())
+    assert est.trainable_params == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert est.weights == 4 * est.params  # float32
+    assert est.optimizer == 8 * est.trainable_params  # AdamW: two fp32 moments
+
+
+def test_estimate_reads_a_model_folder_without_weights(tmp_path):
+    config = llama_config()
+    config.save_pretrained(tmp_path)  # config.json only: there are no weights to load
+    assert estimate_memory(str(tmp_path)).params == estimate_memory(config).params > 0
+
+
+def test_given_trainable_count_is_used():
+    est = estimate_memory(llama_config(), trainable_params=1000)
+    assert (est.trainable_params, est.trainable, est.gradients, est.optimizer) == (1000, 4000, 4000, 8000)
+
+
+def test_quantization_shrinks_weights():
+    config = llama_config(hidden=128)
+    none, q8, q4 = (estimate_memory(config, quantization=q).weights for q in ("none", "8bit", "4bit"))
+    assert q4 < q8 < none
+    # Only the block's linear layers are quantized: the embeddings and lm_head stay, so 4-bit is not 1/8 of fp32.
+    assert none / 8 < q4
+
+
+def test_gradient_checkpointing_lowers_activations():
+    config = llama_config(layers=4)
+    plain = estimate_memory(config, batch_size=8, seq_len=128)
+    checkpointed = estimate_memory(config, batch_size=8, seq_len=128, gradient_checkpointing=True)
+    assert checkpointed.activations < plain.activations
+    assert checkpointed.weights == plain.weights
+
+
+def test_activations_scale_with_batch_and_length():
+    config = llama_config()
+    a4 = estimate_memory(config, batch_size=4, seq_len=64).activations
+    a8 = estimate_memory(config, batch_size=8, seq_len=64).activations
+    assert a8 == pytest.approx(2 * a4, rel=1e-6)
+    assert estimate_memory(config, batch_size=4, seq_len=128).activations > a4
+
+
+def _saved_bytes(model, inputs) -> int:
+    """Bytes autograd actually keeps for backward (distinct storages, parameters excluded)."""
+    import torch
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_activation_model_matches_what_autograd_keeps(dropout):
+    """The per-layer arithmetic against the tensors a real forward saves (no allocator noise in this figure)."""
+    import torch
+
+    config = llama_config(vocab=512, hidden=64, layers=2)
+    _, model = lora_model(config, "causal-lm", dropout)
+    model.train()
+    batch, seq = 4, 64
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    est = estimate_memory(config, method_params={"r": 8, "lora_dropout": dropout}, batch_size=batch, seq_len=seq)
+    # autograd keeps the log-softmax; the estimate adds the logits and the two gradients alive at the loss.
+    expected = saved + 3 * batch * seq * config.vocab_size * 4
+    assert est.activations == pytest.approx(expected, rel=0.12)
+
+
+def test_estimate_validates_its_arguments():
+    with pytest.raises(ConfigError, match="model.quantization"):
+        estimate_memory(llama_config(), quantization="3bit")
+    with pytest.raises(ConfigError, match="train.per_device_train_batch_size"):
+        estimate_memory(llama_config(), batch_size=0)
+
+
+def test_summary_is_the_preflight_memory_row():
+    est = estimate_memory(llama_config(), batch_size=4, seq_len=64)
+    line = est.summary()
+    assert line.startswith("~") and " GB peak (weights " in line
+    assert "adapter+optimizer" in line and "activations" in line
+    assert est.total == est.weights + est.trainable + est.gradients + est.optimizer + est.activations + est.overhead
+    roomy = DeviceInfo("cpu", "test CPU", 64 * GB, 64 * GB)
+    assert est.summary(roomy).endswith("fits CPU RAM (64 GB free)")
+
+
+def test_check_fit_fits_on_a_roomy_device():
+    est = estimate_memory(llama_config(), batch_size=4, seq_len=64)
+    report = check_fit(est, known_device("A100", 80))
+    assert isinstance(report, FitReport) and report.fits and report.suggestions == []
+    assert report.message == "fits A100 (80 GB free)"
+
+
+def _apply(est: MemoryEstimate, change: dict) -> MemoryEstimate:
+    keys = {"model.quantization": "quantization", "train.per_device_train_batch_size": "batch_size",
+            "train.gradient_checkpointing": "gradient_checkpointing", "data.max_length": "seq_len"}  # fmt: skip
+    return est.replace(**{keys[k]: v for k, v in change.items() if k in keys})
+
+
+def test_check_fit_suggests_settings_that_fit():
+    config = llama_config(vocab=4096, hidden=256, layers=4)
+    tiny_gpu = known_device("T4")
+    est = estimate_memory(config, batch_size=32, seq_len=512, device=tiny_gpu)
+    small = est.replace(batch_size=4)
+    tiny_gpu.free_memory = (est.total + small.total) // 2
+    report = check_fit(est, tiny_gpu, gradient_accumulation_steps=2)
+    assert not report.fits
+    assert report.message.startswith("needs ~") and "T4" in report.message and "try" in report.message
+    assert report.suggestions and len(report.suggestions) == len(report.changes)
+    for change in report.changes:
+        assert check_fit(_apply(est, change), tiny_gpu).fits, change
+    batch = next(c for c in report.changes if "train.per_device_train_batch_size" in c)
+    # a smaller batch keeps the effective batch (32 x 2) through accumulation
+    assert batch["train.per_device_train_batch_size"] * batch["train.gradient_accumulation_steps"] >= 64
+    assert any("data.max_length" in c for c in report.changes)
+
+
+def test_check_fit_combines_changes_when_none_is_enough_alone():
+    config = llama_config(vocab=512, hidden=256, layers=8)
+    gpu = known_device("T4")
+    est = estimate_memory(config, batch_size=64, seq_len=1024, device=gpu)
+    singles = [est.replace(gradient_checkpointing=True), est.replace(batch_size=1), est.replace(quantization="4bit"),
+               est.replace(seq_len=32)]  # fmt: skip
+    combined = est.replace(quantization="4bit", gradient_checkpointing=True, batch_size=1)
+    assert combined.total < min(e.total for e in singles)
+    gpu.free_memory = (combined.total + min(e.total for e in singles)) // 2
+    report = check_fit(est, gpu)
+    assert not report.fits and len(report.changes) == 1 and len(report.changes[0]) >= 2
+    assert check_fit(_apply(est, report.changes[0]), gpu).fits, report.changes[0]
+
+
+def test_check_fit_with_nothing_that_fits():
+    est = estimate_memory(llama_config(), device="cuda")
+    report = check_fit(est, DeviceInfo("cuda", "toy", 2**20, 2**20))
+    assert not report.fits and report.suggestions == [] and "needs ~" in report.message
+
+
+@pytest.mark.parametrize("gpu, expected", [("T4", "fp16"), ("V100", "fp16"), ("A100", "bf16"), ("H100", "bf16")])
+def test_mixed_precision_auto_follows_the_gpu(gpu, expected):
+    assert resolve_mixed_precision("auto", known_device(gpu)) == expected
+
+
+def test_mixed_precision_on_cpu_and_explicit_choices():
+    cpu = DeviceInfo("cpu", "test CPU", 8 * GB, 4 * GB)
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert resolve_mixed_precision("fp16", known_device("T4")) == "fp16"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        resolve_mixed_precision("bf16", known_device("T4"))
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        resolve_mixed_precision("fp16", cpu)
+    assert resolve_dtype("auto", known_device("T4")) == "float16"
+    assert resolve_dtype("auto", known_device("L4")) == "bfloat16"
+    assert resolve_dtype("auto", cpu) == "float32"
+
+
+def test_known_gpus():
+    t4 = known_device("t4")
+    assert (t4.kind, t4.bf16, t4.capability, t4.label) == ("cuda", False, (7, 5), "T4")
+    assert known_device("A100", 40).total_memory < known_device("A100", 80).total_memory
+    assert DeviceInfo("cuda", "Tesla T4", 1, 1).label == "T4"
+    assert DeviceInfo("cuda", "NVIDIA A10G", 1, 1).label == "A10G"
+    assert DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 1, 1).label == "A100"
+    with pytest.raises(ConfigError, match="device"):
+        known_device("TPU")
+
+
+def test_device_info_here():
+    info = device_info()
+    assert info.kind in ("cpu", "cuda", "mps")
+    assert 0 < info.free_memory <= info.total_memory
+
+
+def test_importing_preflight_imports_no_torch():
+    code = "import sys, peft_magic.preflight, peft_magic.devices; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
