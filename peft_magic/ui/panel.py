@@ -17,10 +17,10 @@ import ipywidgets as widgets
 from IPython import display as ipy_display
 
 from ..events import Callback, TrainState
-from .chart import CurveBuffer, loss_chart_svg, series_from_history
+from .chart import CurveBuffer, confusion_matrix_svg, loss_chart_svg, series_from_history
 from .format import format_memory
 from .lines import end_text, eval_text, header_text, lr_text, metric_items, progress_text, throughput_text
-from .summary import metrics_table_html, summary_html
+from .summary import confusion_of, metrics_table_html, summary_html, svg_data_uri
 from .throttle import Throttle
 
 __all__ = ["LivePanel", "summary_html"]
@@ -68,6 +68,7 @@ class LivePanel(Callback):
         self._curve = CurveBuffer(max_points=LIVE_CHART_POINTS // 2)
         self._evals: list[tuple[float, float]] = []
         self._eval_rows: list[dict[str, Any]] = []
+        self._confusion: tuple[list, list[str]] | None = None  # of the last evaluation, for classifiers
         self._rows: list[dict[str, Any]] = []  # every row seen, for a summary when the engine keeps no history
         self._chart_dirty = True
         self._metrics_dirty = False
@@ -145,7 +146,10 @@ class LivePanel(Callback):
             self._redraw(state)
 
     def on_evaluate(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        self._record({"step": state.step, **metrics})
+        # The engine adds the evaluation's full output under "_full" (per-class F1, confusion matrix).
+        full = metrics.get("_full")
+        self._confusion = confusion_of(full) if isinstance(full, Mapping) else self._confusion
+        self._record({"step": state.step, **{k: v for k, v in metrics.items() if k != "_full"}})
         self.throttle.ready(force=True)
         self._redraw(state, force=True)
 
@@ -157,7 +161,14 @@ class LivePanel(Callback):
         self.stop_button.disabled = True
         self.stop_button.description = "Stopped" if state.stop_reason in ("stopped", "interrupted") else "Stop"
         history = state.log_history or self._rows
-        self.summary = summary_html(state, history, self.summary_extra)
+        extra = dict(self.summary_extra)
+        if self._confusion is not None:
+            # As an image, like the curve: it survives notebook sanitizers that strip inline SVG.
+            svg = confusion_matrix_svg(*self._confusion)
+            extra.setdefault(
+                "confusion matrix", ipy_display.HTML(f'<img alt="confusion matrix" src="{svg_data_uri(svg)}"/>')
+            )
+        self.summary = summary_html(state, history, extra)
         summary = ipy_display.HTML(self.summary)
         if self._summary_handle is not None:
             self._summary_handle.update(summary)
@@ -227,7 +238,11 @@ class LivePanel(Callback):
             self._chart_dirty = False
         self.stats.value = self._stats_html(state)
         if self._metrics_dirty:
-            self.metrics.value = metrics_table_html(self._eval_rows)
+            table = metrics_table_html(self._eval_rows)
+            if self._confusion is not None:
+                matrix = confusion_matrix_svg(*self._confusion, cell=min(28, max(8, 240 // len(self._confusion[1]))))
+                table = f'<div style="display:flex;gap:16px;align-items:flex-start">{table}{matrix}</div>'
+            self.metrics.value = table
             self._metrics_dirty = False
         self.status.value = self._status_html(state.status, state)
         if state.stop_reason is not None:

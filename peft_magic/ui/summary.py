@@ -53,6 +53,20 @@ def metrics_table_html(rows: Sequence[Mapping[str, Any]], max_rows: int = 12) ->
     return f'<table class="peft-metrics" style="{TABLE_STYLE}"><tr>{head}</tr>{"".join(body)}</table>{note}'
 
 
+def confusion_of(metrics: Mapping[str, Any] | None) -> tuple[list, list[str]] | None:
+    """``(matrix, labels)`` from full evaluation metrics (``confusion_matrix`` + ``f1_per_class``), else None.
+
+    Args:
+        metrics: What the evaluation returned (the engine passes it as ``metrics["_full"]`` to ``on_evaluate``).
+    """
+    matrix = (metrics or {}).get("confusion_matrix")
+    if not matrix:
+        return None
+    names = list((metrics.get("f1_per_class") or {}).keys())
+    labels = names if len(names) == len(matrix) else [str(i) for i in range(len(matrix))]
+    return matrix, labels
+
+
 def _facts(state, history: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(label, HTML) rows of the summary's fact table."""
     facts = [("steps", f"{state.step}/{state.max_steps or '?'}"), ("time", format_duration(state.elapsed))]
