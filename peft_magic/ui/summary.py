@@ -87,11 +87,8 @@ def _facts(state, history: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return facts
 
 
-def _extra_value(value: Any) -> str:
-    html = getattr(value, "_repr_html_", None)
-    if callable(html):  # e.g. IPython.display.HTML(confusion_matrix_svg(...))
-        return html() or ""
-    return f"<code>{escape(str(value))}</code>"
+def _is_rich(value: Any) -> bool:
+    return callable(getattr(value, "_repr_html_", None))
 
 
 def summary_html(state, history: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> str:
@@ -112,13 +109,26 @@ def summary_html(state, history: Iterable[Mapping[str, Any]], extra: Mapping[str
         f'<tr><td style="padding:1px 8px;color:#666">{escape(k)}</td><td style="padding:1px 8px">{v}</td></tr>'
         for k, v in facts
     )
+    extra = dict(extra or {})
+    # Text extras (the export command) join the facts; rich ones (a confusion matrix) sit by the eval table.
     extra_rows = "".join(
-        f'<tr><td style="padding:1px 8px;color:#666;vertical-align:top">{escape(str(k))}</td>'
-        f'<td style="padding:1px 8px">{_extra_value(v)}</td></tr>'
-        for k, v in (extra or {}).items()
+        f'<tr><td style="padding:1px 8px;color:#666">{escape(str(k))}</td>'
+        f'<td style="padding:1px 8px"><code>{escape(str(v))}</code></td></tr>'
+        for k, v in extra.items()
+        if not _is_rich(v)
     )
+    blocks = []
     metrics = metrics_table_html(eval_rows(history))
-    metrics_block = f'<div style="margin-top:6px"><b>evaluation</b>{metrics}</div>' if metrics else ""
+    if metrics:
+        blocks.append(f"<div><b>evaluation</b>{metrics}</div>")
+    blocks += [
+        f"<div><b>{escape(str(k))}</b><div>{v._repr_html_() or ''}</div></div>" for k, v in extra.items() if _is_rich(v)
+    ]
+    metrics_block = (
+        f'<div style="display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start;margin-top:6px">{"".join(blocks)}</div>'
+        if blocks
+        else ""
+    )
     return (
         '<div class="peft-magic-summary" style="font-family:sans-serif;font-size:13px;border:1px solid #ddd;'
         'border-radius:4px;padding:8px 10px;max-width:900px">'
