@@ -148,6 +148,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     if replaces is not None:  # the cell passed its checks: now free the previous run's model for the new one
         replaces.release()
     _status(run, bus, "loading model")
+    set_seed(cfg.train.seed)  # a new task head (seq-cls, token-cls) is randomly initialised on load
     with models.quiet_loading(run.warnings):
         model = models.load_model(cfg.model, cfg.task, data.labels, pad_token_id=tokenizer.pad_token_id)
     method = get_method(cfg.method.name)

@@ -95,7 +95,7 @@ class PeftMethod:
                 cfg.model.quantization = "4bit"
 
     # -- run time
-    def build_peft_config(self, cfg, model=None):
+    def build_peft_config(self, cfg, model=None, calibration=None):
         params = {k: v for k, v in cfg.method.params.items() if k not in OURS and k != "peft_type"}
         merged = {**self.defaults, **params}
         accepted = self.accepted_params(cfg.method.params)
@@ -105,6 +105,9 @@ class PeftMethod:
             merged["task_type"] = TASK_TYPES[cfg.task]
         if self.name in PROMPT_LEARNING:
             merged.setdefault("num_virtual_tokens", 8)
+        from .peft_defaults import adapt_params  # run- and model-dependent defaults (adalora, boft, ...)
+
+        merged = adapt_params(self.name, merged, cfg.method.params, cfg, model, calibration)
         try:
             return self.peft_config_class(cfg.method.params)(**merged)
         except (TypeError, ValueError) as e:
@@ -121,7 +124,7 @@ class PeftMethod:
         src = cfg.method.params.get("from")
         if src:
             return PeftModel.from_pretrained(model, str(src), is_trainable=True)
-        peft_config = self.build_peft_config(cfg, model)
+        peft_config = self.build_peft_config(cfg, model, calibration)
         if self.name == "prefix-tuning" and not _supports_past_key_values(model):
             raise ConfigError(
                 f"prefix tuning needs a decoder model that accepts past key values; "
@@ -129,9 +132,14 @@ class PeftMethod:
                 key="method.name",
             )
         try:
-            return get_peft_model(model, peft_config)
+            peft_model = get_peft_model(model, peft_config)
         except ValueError as e:
             raise ConfigError(f"peft could not apply '{self.name}' to {type(model).__name__}: {e}", key="method") from None
+        if self.name == "adalora":
+            from .peft_defaults import follow_adalora_schedule
+
+            follow_adalora_schedule(peft_model)
+        return peft_model
 
 
     regularizer = None  # peft methods add nothing to the loss
@@ -150,7 +158,9 @@ class PeftMethod:
     def load(self, base_model, in_dir, is_trainable=False):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, in_dir, is_trainable=is_trainable)
+        from .peft_defaults import fix_loaded
+
+        return fix_loaded(PeftModel.from_pretrained(base_model, in_dir, is_trainable=is_trainable))
 
     def merge(self, model):
         """A plain transformers model with the adapter folded in (prompt methods cannot be merged)."""
@@ -183,7 +193,7 @@ _CATALOG = [
     ("prompt-tuning", "PromptTuningConfig", "A", {}, "Trained soft prompt tokens prepended to the input."),
     ("prefix-tuning", "PrefixTuningConfig", "A", {}, "Trained key/value prefixes at every layer (decoders only)."),
     ("p-tuning", "PromptEncoderConfig", "A", {}, "Soft prompt produced by a small trained encoder."),
-    ("llama-adapter", "AdaptionPromptConfig", "A", {"adapter_len": 4, "adapter_layers": 1}, "Gated adaption prompts in the top layers (Llama-style models)."),
+    ("llama-adapter", "AdaptionPromptConfig", "A", {"adapter_len": 10}, "Gated adaption prompts in the top layers (Llama-style models)."),
     ("ln-tuning", "LNTuningConfig", "S", {}, "Only the LayerNorm parameters train."),
     ("peft", None, "?", {}, "Any other peft method: give peft_type and its parameters."),
 ]  # fmt: skip
