@@ -417,3 +417,131 @@ def test_apply_time_mistakes_name_the_key(base_dirs, method, kind, params, key):
     with pytest.raises(ConfigError) as err:
         get_method(method).apply(model, make_cfg(method, "llama", **params))
     assert err.value.key == key
+
+
+# ---------------------------------------------------------------------------- what the engine and export rely on
+
+
+def test_merge_of_a_deep_copy_leaves_the_trained_model_masked(base_dirs):
+    """Export with --merge merges a deep copy; the run's own model must keep training under its masks."""
+    import copy
+
+    m, model, _, batches = prepared(base_dirs, "sparse", "llama", calibration=False, density=0.1, criterion="random")
+    merged = m.merge(copy.deepcopy(model))
+    assert not hasattr(merged, STATE_ATTR) and get_state(model) is not None
+    before = snapshot(model)
+    train(model, m, batches, steps=2)
+    state = get_state(model)
+    for name, p in model.named_parameters():
+        keep = torch.ones(p.numel(), dtype=torch.bool)
+        keep[state.sparse.get(name, torch.tensor([], dtype=torch.long))] = False
+        assert torch.equal(p.detach().reshape(-1)[keep], before[name].reshape(-1)[keep]), name
+
+
+def test_resume_adopts_the_checkpoint_entries(base_dirs, tmp_path):
+    """load_weights (resume) restores a sparse checkpoint into a model whose own selection differs."""
+    m, model, cfg, batches = prepared(base_dirs, "sparse", "llama", density=0.05, criterion="random", l2sp=0.1)
+    train(model, m, batches, steps=2)
+    m.save(model, tmp_path, cfg)
+    other = get_method("sparse").apply(load_base(base_dirs, "llama"), _reseeded(cfg))  # another random draw
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(get_state(other).sparse[name], get_state(model).sparse[name])
+    m.load_weights(other, tmp_path)
+    assert torch.equal(get_state(other).sparse[name], get_state(model).sparse[name])
+    assert torch.equal(logits(other, batches), logits(model, batches))
+    assert torch.allclose(m.regularizer(other).detach(), m.regularizer(model).detach())
+
+
+def _reseeded(cfg):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed = 123
+    return cfg
+
+
+@pytest.mark.parametrize("method,params", [("bitfit", {}), ("layers", {"last_n": 1}), ("head-only", {}),
+                                           ("sparse", {"density": 0.01})])  # fmt: skip
+def test_apply_works_on_the_meta_device_for_the_dry_run(method, params):
+    """The dry run builds the model without weights; apply must still give exact trainable counts."""
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig(**BERT, num_labels=3))
+    m = get_method(method)
+    m.apply(model, make_cfg(method, "bert", **params))
+    trained, total = m.count_trainable(model)
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
+    if method == "sparse":
+        expected = head + sum(
+            round(0.01 * p.numel()) for n, p in model.named_parameters() if not n.startswith("classifier.")
+        )
+        assert trained == expected
+    else:
+        assert trained == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert head <= trained < total
+
+
+# ---------------------------------------------------------------------------- end to end through peft_magic.train
+
+
+@pytest.fixture(scope="module")
+def biased_llama(tmp_path_factory):
+    """conftest's tiny Llama with attention and MLP biases, so that bitfit has something to train (and
+    initializer_range 0.1, see `base_dirs`)."""
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False, attention_bias=True, mlp_bias=True, initializer_range=0.1)  # fmt: skip
+    path = tmp_path_factory.mktemp("biased-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+E2E = [
+    ("bitfit", {}, 3e-2, lambda n: n.endswith(".bias")),
+    ("layers", {"last_n": 1}, 3e-3, lambda n: n.startswith("model.layers.1.")),
+    ("head-only", {}, 1e-2, lambda n: n == "lm_head.weight"),
+    ("sparse", {"density": 0.02, "l2sp": 0.01}, 1e-2, None),
+]
+
+
+@pytest.mark.parametrize("method,params,lr,claims", E2E, ids=[c[0] for c in E2E])
+def test_trains_exports_and_reloads_through_the_engine(biased_llama, tmp_path, method, params, lr, claims):
+    from conftest import lm_rows
+
+    import peft_magic
+
+    cfg = {
+        "model": biased_llama,
+        "method": {"name": method, **params},
+        "data": {"train": lm_rows(), "eval": 0.2},
+        "train": {"max_steps": 30, "learning_rate": lr, "logging_steps": 10, "eval_steps": 0,
+                  "output_dir": str(tmp_path / "out")},
+    }  # fmt: skip
+    run = peft_magic.train(cfg, display="none")
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert losses[-1] < 0.9 * losses[0], losses
+
+    base = dict(LlamaForCausalLM.from_pretrained(biased_llama).named_parameters())
+    state = get_state(run.model)
+    for name, p in run.model.named_parameters():
+        moved = (p.detach() != base[name]).reshape(-1)
+        if claims is not None:
+            assert claims(name) or not moved.any(), name
+        else:
+            allowed = torch.zeros_like(moved)
+            allowed[state.sparse.get(name, torch.tensor([], dtype=torch.long))] = True
+            assert not (moved & ~allowed).any(), name
+
+    enc = run.tokenizer(["the cat sat on the mat"], return_tensors="pt")
+    with torch.no_grad():
+        expected = run.model.eval()(**enc).logits
+        loaded = peft_magic.load(run.export(tmp_path / "delta"))
+        assert (loaded.model(**enc).logits - expected).abs().max() <= 1e-6
+        merged = LlamaForCausalLM.from_pretrained(run.export(tmp_path / "merged", merge=True))
+        assert (merged(**enc).logits - expected).abs().max() <= 1e-6
+    assert get_state(run.model) is not None  # the merged export left the run's model as it was

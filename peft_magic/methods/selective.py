@@ -22,6 +22,7 @@ The per-model bookkeeping (which entries train, theta_0 for L2-SP, the gradient-
 from __future__ import annotations
 
 import json
+import os
 from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
@@ -177,6 +178,28 @@ class SelectiveMethod:
         base = _base_name(model, cfg) if cfg is not None else state.base
         save_delta(out_dir, method=self.name, params=state.params, base_model_name_or_path=base,
                    task=state.task, dense=dense, sparse=sparse, extra=state.extra)  # fmt: skip
+
+    def load_weights(self, model, in_dir) -> None:
+        """Resume: copy a checkpoint's delta into a model prepared by `apply`, keeping its masks and theta_0.
+
+        A sparse checkpoint's entries replace the ones `apply` chose (a re-selection may differ, e.g. on other
+        calibration batches); theta_0 for L2-SP is re-read from the base weights at those entries first.
+        """
+        from safetensors.torch import load_file
+
+        from .delta import WEIGHTS_NAME, load_delta
+
+        model = _unwrap(model)
+        state = _require_state(model, self.name)
+        tensors = load_file(os.path.join(str(in_dir), WEIGHTS_NAME))
+        params = dict(model.named_parameters())
+        for name, idx in list(state.sparse.items()):
+            saved = tensors.get(f"{name}.indices")
+            if saved is not None and not saved.equal(idx.cpu()):
+                state.sparse[name] = saved.to(idx.device)
+                if name in state.theta0:
+                    state.theta0[name] = snapshot(params[name], saved.to(params[name].device))
+        load_delta(model, in_dir)
 
     def load(self, base_model, in_dir):
         """Apply a delta folder saved by this method onto a freshly loaded base model (in place)."""

@@ -71,12 +71,15 @@ class SparseMethod(SelectiveMethod):
         params = cfg.method.params
         density = float(params.get("density", 0.01))
         criterion = params.get("criterion", "grad")
+        fresh = set(fresh_head_names(model, cfg.task))
+        candidates = {n: p for n, p in model.named_parameters() if n not in fresh and p.is_floating_point()}
+        if any(p.is_meta for p in candidates.values()):
+            # the dry run builds the model on the meta device: no weights to rank, but the counts are exact
+            return [], {n: _first(p, density) for n, p in candidates.items() if _k(p, density)}, {}
         if criterion in NEEDS_DATA and calibration is None:
             warnings.warn(f"sparse: criterion '{criterion}' needs calibration batches and none were given; "
                           "choosing entries by magnitude instead.", stacklevel=2)  # fmt: skip
             criterion = "magnitude"
-        fresh = set(fresh_head_names(model, cfg.task))
-        candidates = {n: p for n, p in model.named_parameters() if n not in fresh and p.is_floating_point()}
         if criterion in NEEDS_DATA:
             scores = gradient_scores(model, candidates, calibration, params.get("calibration_batches", 4),
                                      square=criterion == "fisher")  # fmt: skip
@@ -84,7 +87,7 @@ class SparseMethod(SelectiveMethod):
             scores = None
         chosen = {}
         for i, (name, param) in enumerate(candidates.items()):
-            k = round(density * param.numel())
+            k = _k(param, density)
             if k == 0:
                 continue
             chosen[name] = top_entries(param, k, criterion, scores.pop(name) if scores else None, cfg.train.seed + i)
@@ -92,6 +95,17 @@ class SparseMethod(SelectiveMethod):
             raise ConfigError(f"density {density} selects no entry of any tensor of {type(model).__name__}. "
                               "Fix: raise `density`.", key="method.density")  # fmt: skip
         return [], chosen, {"criterion_used": criterion}
+
+
+def _k(param, density: float) -> int:
+    """Entries of `param` that train: ``round(density * numel)``."""
+    return round(density * param.numel())
+
+
+def _first(param, density):
+    import torch
+
+    return torch.arange(_k(param, density), dtype=torch.int64)
 
 
 def top_entries(param, k: int, criterion: str, score=None, seed: int = 0):
