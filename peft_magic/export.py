@@ -27,7 +27,11 @@ def check_target(out_dir: str, overwrite: bool) -> str:
         raise ConfigError(f"'{out_dir}' already holds files. Fix: choose a new folder, or add --overwrite "
                           "(overwrite=True) to replace it.", key="export")  # fmt: skip
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:  # e.g. a file sits where a parent folder should be
+        raise ConfigError(f"cannot create the folder '{parent}' ({e.strerror or e}). Fix: pick another path.",
+                          key="export") from None  # fmt: skip
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write in '{parent}' (permission denied). Fix: pick a folder you can write to.",
                           key="export")  # fmt: skip
@@ -58,10 +62,17 @@ def export_run(run, out_dir: str, merge: bool = False, overwrite: bool = False) 
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
             fh.write(model_card(run, merged=merge, folder=path))
         _swap_into_place(tmp, path)
+    except OSError as e:  # disk full, permission denied: nothing half-written is left, and the user can act
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous export there is intact" if os.path.isdir(path) else "nothing was written"
+        failed = ConfigError(f"could not write '{out_dir}' ({e.strerror or e}); {kept}. Fix: free disk space or "
+                             "export to another folder.", key="export")  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+    else:
+        return path
+    raise failed
 
 
 def _swap_into_place(tmp: str, path: str) -> None:
@@ -69,7 +80,12 @@ def _swap_into_place(tmp: str, path: str) -> None:
     if os.path.exists(path):
         old = tmp + ".old"
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old:  # put the previous export back
+            os.replace(old, path)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -39,7 +41,14 @@ class StopAt:
 
 
 def lora_weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    """The adapter's tensors, keyed as peft saves them (without the adapter name)."""
+    return {k.replace(".default", ""): v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def saved_adapter(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
 def losses(run) -> list:

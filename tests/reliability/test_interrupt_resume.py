@@ -18,7 +18,7 @@ import peft_magic
 from peft_magic import api
 from peft_magic.run import Run
 
-from .conftest import StopAt, lora_weights, losses
+from .conftest import StopAt, lora_weights, losses, saved_adapter
 
 MAX_STEPS = 8
 
@@ -80,15 +80,8 @@ def test_stop_saves_the_last_step_and_resume_matches_an_uninterrupted_run(tiny_l
     assert meta["step"] == 5 and meta["pending"]["micro"] == 2  # step 5's loss is not logged yet (logging_steps 2)
     sched = torch.load(ckpt / "scheduler.pt", weights_only=False)
     assert sched["last_epoch"] == 5  # the scheduler position of the last completed step
-    # the in-memory model is the one saved (nothing trained after the last completed step)
-    from safetensors.torch import load_file
-
-    saved = load_file(ckpt / "adapter_model.safetensors")
-    live = lora_weights(run.model)
-    assert len(saved) == len(live)
-    for k, v in saved.items():
-        match = [lk for lk in live if lk.replace(".default", "").endswith(k.split("base_model.model.")[-1])]
-        torch.testing.assert_close(live[match[0]], v)
+    saved, live = saved_adapter(ckpt), lora_weights(run.model)  # nothing trained after the last completed step
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
     resumed = peft_magic.train(cfg, display="none", resume=True)
     assert_same_as(reference, resumed)
 
