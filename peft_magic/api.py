@@ -57,14 +57,21 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
         **kw: Also overrides, with ``__`` for dots: ``train__max_steps=10``.
     """
     overrides = _merge_overrides(overrides, kw)
+    from . import launch
+
+    if launch.requested_processes(config, overrides, defaults) > 1:  # fork workers; this process relays (launch.py)
+        return launch.train_processes(config, overrides=overrides, defaults=defaults, namespace=namespace,
+                                      callbacks=callbacks, name=name, display=display, resume=resume, cell=cell,
+                                      background=background, replaces=replaces)  # fmt: skip
     cfg = resolve_config(config, overrides, defaults, name)
     if _ACTIVE:
         raise ConfigError(f"run '{next(iter(_ACTIVE)).name}' is still training in the background. Fix: "
                           "`.stop()` or `.wait()` it first; one run trains at a time.", key="--background")  # fmt: skip
     run = Run(name, cfg)
     run.cell = cell
-    bus = EventBus(list(callbacks))
-    if display is not None and display != "none":
+    main = launch.is_main_process()  # under a launcher, only rank 0 reports (prints, panels, user callbacks)
+    bus = EventBus(list(callbacks) if main else [])
+    if main and display is not None and display != "none":
         sub = _make_display(display, run)
         if sub is not None:
             bus.add(sub)
@@ -134,6 +141,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
 
     from . import models
     from .data import prepare
+    from .launch import main_process_first
     from .methods import get_method
 
     cfg, state = run.config, run.state
@@ -143,7 +151,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     with models.quiet_loading(run.warnings):
         tokenizer = models.load_tokenizer(cfg.model)
     _status(run, bus, "tokenizing")
-    with models.quiet_loading(run.warnings):
+    with models.quiet_loading(run.warnings), main_process_first():  # rank 0 fills the caches, the others read
         data = prepare(cfg, tokenizer, namespace)
     if replaces is not None:  # the cell passed its checks: now free the previous run's model for the new one
         replaces.release()

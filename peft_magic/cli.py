@@ -44,14 +44,15 @@ def main(argv=None) -> int:
             print(f"exported to {path}")
         return 0 if run.state.stop_reason in ("completed", "stopped", "interrupted") else 1
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _is_main_process():  # under a launcher every rank hits the same mistake: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def _is_main_process() -> bool:
-    from accelerate.state import PartialState
+    from .launch import is_main_process  # from the launcher's environment: works before and after training
 
-    return PartialState().is_main_process
+    return is_main_process()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ evaluated) in the notebook's namespace when the data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -197,6 +198,8 @@ class TrainConfig:
             raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}.", key="train.warmup_ratio")
         _check_choice(self.lr_scheduler_type, SCHEDULERS, "train.lr_scheduler_type")
         _check_choice(self.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
+        if not 0 <= self.seed < 2**32:  # numpy's limit (set_seed seeds numpy too)
+            raise ConfigError(f"must be between 0 and 4294967295, got {self.seed}.", key="train.seed")
 
 
 @dataclass
@@ -300,6 +303,7 @@ def load_mapping(source) -> dict:
     if source is None:
         return {}
     if isinstance(source, dict):
+        _check_acyclic(source, "config")
         return _deepcopy_plain(source)
     if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and source.strip().endswith((".yaml", ".yml", ".json"))):
         path = os.fspath(source)
@@ -332,6 +336,7 @@ def load_mapping(source) -> dict:
 
 def build_config(raw: dict) -> Config:
     """dict -> validated Config; unknown keys and wrong types raise ConfigError with a 'did you mean'."""
+    _check_acyclic(raw, "yaml")
     raw = dict(raw)
     top = {f.name for f in fields(Config)}
     for key in raw:
@@ -429,14 +434,17 @@ def _coerce(value, typ, key):
     if typ is float:
         if isinstance(value, bool):
             raise ConfigError(f"expected a number, got {value!r}.", key=key)
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"expected a number, got {value!r}.", key=key)
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"expected a finite number, got {value!r}.", key=key)
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -449,6 +457,43 @@ def _coerce(value, typ, key):
         raise ConfigError(f"expected a list, got {value!r}.", key=key)
     if typ is dict and not isinstance(value, dict):
         raise ConfigError(f"expected a mapping, got {value!r}.", key=key)
+    return value
+
+
+def _check_acyclic(node, key, _parents=()) -> None:
+    """Refuse values that contain themselves (a YAML anchor used inside itself: `a: &x [*x]`) or that nest
+    absurdly deep: both would otherwise crash later with a RecursionError instead of a message."""
+    if not isinstance(node, (dict, list, tuple)):
+        return
+    if id(node) in _parents:
+        raise ConfigError("a value contains itself (a YAML alias *name used inside its own &name). Fix: write the "
+                          "value out instead of the alias.", key=key)  # fmt: skip
+    if len(_parents) > 50:
+        raise ConfigError("values are nested more than 50 levels deep. Fix: check the brackets and indentation.",
+                          key=key)  # fmt: skip
+    for child in node.values() if isinstance(node, dict) else node:
+        _check_acyclic(child, key, (*_parents, id(node)))
+
+
+def coerce_typed(value, annotation, key):
+    """Check a value against a dataclass annotation of another library (peft's config fields): the plain types
+    and ``Optional`` of them are checked and gently converted like our own fields; lists of str/int are checked;
+    anything richer is left for that library to check."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    optional = text.startswith("Optional[")
+    inner = text[9:-1] if optional else text
+    if value is None:
+        return value
+    if inner in ("int", "float", "bool", "str", "dict"):
+        return _coerce(value, inner, key)
+    if inner in ("list[str]", "Union[list[str], str]", "list[int]", "Union[list[int], int]"):
+        item = str if "str" in inner else int
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and "Union" in inner:
+            return _coerce(value, item.__name__, key)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item.__name__, key) for v in value]
+        raise ConfigError(f"expected a list of {'names' if item is str else 'whole numbers'}, got {value!r}.",
+                          key=key)  # fmt: skip
     return value
 
 

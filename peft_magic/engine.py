@@ -15,6 +15,7 @@ import threading
 import time
 
 from .events import EventBus, TrainState
+from .launch import StopSignal, agree
 from .faults import LossGuard
 
 
@@ -28,11 +29,13 @@ def make_accelerator(cfg):
     from accelerate.state import AcceleratorState, PartialState
 
     from .devices import device_info, resolve_mixed_precision
+    from .launch import needs_cpu
 
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info())
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()  # single process: safe to re-initialise with new settings
     return Accelerator(
+        cpu=needs_cpu(),  # several processes without a GPU: gloo ranks on CPU (see launch.needs_cpu)
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=cfg.train.report_to or None,
@@ -152,12 +155,16 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     t = cfg.train
     set_seed(t.seed)
     accelerator = make_accelerator(cfg)
+    stop = StopSignal(stop_event, accelerator)  # with several processes, all ranks stop after the same step
     train_dl, eval_dl = make_loaders(data, cfg, accelerator)
     order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)
     max_steps, per_epoch = plan_steps(cfg, len(data.train), accelerator.num_processes)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
     optimizer = make_optimizer(model, cfg)
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    # a prepared scheduler is stepped once per process per optimizer step (accelerate assumes a schedule planned for
+    # one process's batches), so plan it in those units; the learning rate at each optimizer step is then the same
+    n = accelerator.num_processes
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup * n, num_training_steps=max_steps * n)  # fmt: skip
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
@@ -212,7 +219,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                 dl = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
                 skip_batches = 0
                 for batch in dl:
-                    if stop_event.is_set():
+                    if stop.requested:
                         raise StopRequested
                     with accelerator.accumulate(model):
                         out = model(**batch)
@@ -248,13 +255,13 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         last_log = step
                     if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
                         run_eval()
-                    if checkpointer is not None and checkpointer.due(step, max_steps):
+                    if checkpointer is not None and agree(accelerator, checkpointer.due(step, max_steps)):
                         _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
                                     pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
-                    if stop_event.is_set() or step >= max_steps:
+                    if stop.check() or step >= max_steps:
                         break
                 epoch_i += 1
-                if stop_event.is_set():
+                if stop.check():
                     raise StopRequested
         state.stop_reason = "completed"
     except StopRequested:
@@ -309,9 +316,7 @@ def _pending(loss_sum, micro, tokens, samples) -> dict:
 
 def _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=False,
                 pending=None):  # fmt: skip
-    if not accelerator.is_main_process and not final:
-        accelerator.wait_for_everyone()
-        return
+    # every rank calls save: it writes on rank 0 only, between barriers that all ranks must reach
     status = state.status
     state.status = "saving"
     bus.emit("on_status", state, "saving checkpoint")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ..config import coerce_typed
 from ..errors import ConfigError, did_you_mean
 from . import register
 
@@ -74,6 +75,7 @@ class PeftMethod:
                     f"See peft's {self.peft_config_class(params).__name__} for the accepted names.",
                     key=f"method.{key}",
                 )
+            params[key] = coerce_typed(params[key], accepted[key].type, f"method.{key}")  # peft checks few types
         for key in ("r", "num_virtual_tokens"):
             if key in params and (not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] <= 0):
                 raise ConfigError(f"must be a positive whole number, got {params[key]!r}.", key=f"method.{key}")
