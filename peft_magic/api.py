@@ -103,12 +103,17 @@ def _pairs(items):
     return list(_iter_overrides(items))
 
 
-def _make_display(display, run):
+def _make_display(display, run, background):
     if not isinstance(display, str):
         return display
     from .ui import make_display
 
-    return make_display(stop=run.stop, mode=display)
+    # A blocking cell keeps the kernel busy, so a widget click would only arrive after the run: there the
+    # kernel's interrupt button is the Stop (engine.SigintAsStop) and the panel's button says so.
+    sub = make_display(stop=run.stop if background else None, mode=display)
+    if sub is not None and hasattr(sub, "summary_extra"):
+        sub.summary_extra = {"export": f"%peft_export {run.name} ./{run.name}-adapter"}
+    return sub
 
 
 def _find_resume(resume, cfg):
@@ -220,7 +225,7 @@ def resume(run: Run, *, callbacks=(), background=False, display="auto", checkpoi
     run.state.stop_reason = run.state.error = None
     bus = EventBus(list(callbacks))
     if display is not None and display != "none":
-        sub = _make_display(display, run)
+        sub = _make_display(display, run, background)
         if sub is not None:
             bus.add(sub)
     if background:
@@ -297,13 +302,17 @@ def evaluate(run: Run, data=None, namespace=None) -> dict:
         kind = detect_kind(raw, cfg.data, cfg.task, key="data")
         check_rows(raw, kind, cfg.data, "data")
         if run.labels is not None:
-            unknown = set(raw[cfg.data.label_column]) - set(run.labels)
+            from .data import unseen_labels
+
+            unknown = unseen_labels(raw, kind, cfg.data, run.labels)
             if unknown:
-                raise ConfigError(f"labels {sorted(map(str, unknown))[:5]} were not seen in training.", key="data")
+                raise ConfigError(f"labels {unknown[:5]} were not seen in training.", key="data")
         ds = tokenize(raw, run.tokenizer, cfg.data, kind, cfg.task, run.labels)
     dl = DataLoader(ds.with_format("python"), batch_size=cfg.train.per_device_eval_batch_size,
                     collate_fn=run.data.collator if run.data else _collator(run))  # fmt: skip
-    metrics = evaluate_model(run.model, dl, None, task=cfg.task, labels=run.labels)
+    from .report import EvalMetrics
+
+    metrics = EvalMetrics(evaluate_model(run.model, dl, None, task=cfg.task, labels=run.labels))  # shows itself
     row = {"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
     run.history.append(row)
     run.metrics = metrics

@@ -128,6 +128,15 @@ class DataConfig:
     max_length: int = field(default=256, metadata=_help("Tokens per example; longer ones are truncated."))
     split: str = field(default="train", metadata=_help("Split of a hub dataset to read for train."))
     max_samples: Optional[int] = field(default=None, metadata=_help("Use at most this many training rows."))
+    tokens_column: str = field(default="tokens", metadata=_help("token-cls: the column holding each row's words (a list)."))
+    tags_column: str = field(default="tags", metadata=_help("token-cls: one tag per word (a list of names or ids)."))
+    packing: bool = field(
+        default=False,
+        metadata=_help("causal-lm: pack each batch into one row without padding (same loss, less compute)."),
+    )
+    cache_tokenized: bool = field(
+        default=True, metadata=_help("Reuse the tokenized data of an earlier run with the same data and tokenizer.")
+    )
 
     def validate(self) -> None:
         if self.train is None or (isinstance(self.train, str) and not self.train.strip()):
@@ -176,6 +185,11 @@ class TrainConfig:
     group_by_length: bool = field(default=False, metadata=_help("Batch examples of similar length (less padding)."))
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
     report_to: list = field(default_factory=list, metadata=_help("Extra trackers (accelerate names), e.g. [tensorboard]."))
+    num_processes: int = field(
+        default=1,
+        metadata=_help("Processes (one per GPU) to train on. > 1 in a notebook or script: started with accelerate's "
+                       "notebook_launcher. Under `accelerate launch` the launcher decides and this is ignored."),
+    )  # fmt: skip
 
     def validate(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -188,7 +202,7 @@ class TrainConfig:
         _check_positive(self.learning_rate, "train.learning_rate")
         for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check_positive(getattr(self, k), f"train.{k}")
-        for k in ("logging_steps",):
+        for k in ("logging_steps", "num_processes"):
             _check_positive(getattr(self, k), f"train.{k}")
         for k in ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit",
                   "save_minutes"):  # fmt: skip
@@ -221,6 +235,9 @@ class Config:
         from .methods import get_method
 
         get_method(self.method.name).check_compatible(self)
+        if self.data.packing and self.task != "causal-lm":
+            raise ConfigError(f"packing joins examples for causal-lm only, not {self.task}. Fix: remove "
+                              "`data.packing` (try `train.group_by_length: true` to cut padding).", key="data.packing")  # fmt: skip
         return self
 
     def to_dict(self, minimal: bool = False) -> dict:
@@ -284,6 +301,12 @@ def parse_config(source=None, overrides=(), defaults: dict | None = None) -> Con
     Raises:
         ConfigError: naming the key and the fix, for any mistake.
     """
+    return build_config(raw_config(source, overrides, defaults))
+
+
+def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
+    """`parse_config` before validation: the merged mapping (validating a method imports peft; a notebook that
+    forks worker processes must not, see `launch.py`)."""
     if isinstance(source, Config):
         raw = source.to_dict()
         raw["data"].update({"train": source.data.train, "eval": source.data.eval})
@@ -293,7 +316,7 @@ def parse_config(source=None, overrides=(), defaults: dict | None = None) -> Con
         raw.setdefault(key, value)
     for key, value in _iter_overrides(overrides):
         _set_dotted(raw, key, value)
-    return build_config(raw)
+    return raw
 
 
 def load_mapping(source) -> dict:
@@ -316,8 +339,10 @@ def load_mapping(source) -> dict:
     try:
         data = yaml.safe_load(source)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        if ctx is not None and (mark is None or ctx.line != mark.line):
+            where += f" (in the value that starts at line {ctx.line + 1})"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(
             f"the YAML cannot be read{where}: {problem}. Fix: check indentation and that `key: value` pairs use "
