@@ -24,7 +24,7 @@ class PreparedData:
     eval: Any
     collator: Any
     labels: list | None = None  # class names, index = id (classification)
-    kind: str = "text"  # text | instruction | chat | classification
+    kind: str = "text"  # text | instruction | chat | classification | tokens (token-cls)
     train_rows: int = 0
     eval_rows: int = 0
     train_tokens: int = 0
@@ -135,7 +135,11 @@ def _check_utf8(path: str, key: str) -> None:
 
 def detect_kind(ds, dcfg, task: str, key="data.train") -> str:
     cols = list(ds.column_names)
-    if task in ("seq-cls", "token-cls"):
+    if task == "token-cls":
+        _require_column(cols, dcfg.tokens_column, key, "tokens_column")
+        _require_column(cols, dcfg.tags_column, key, "tags_column")
+        return "tokens"
+    if task == "seq-cls":
         for col in (dcfg.text_column, dcfg.label_column):
             _require_column(cols, col, key, "text_column" if col == dcfg.text_column else "label_column")
         return "classification"
@@ -160,6 +164,8 @@ def _require_column(cols, col, key, setting):
 def check_rows(ds, kind, dcfg, key) -> None:
     if len(ds) == 0:
         raise ConfigError("the dataset has no rows. Fix: check the filter or file.", key=key)
+    if kind == "tokens":
+        return _check_tagged_rows(ds, dcfg, key)
     col = {"text": dcfg.text_column, "classification": dcfg.text_column, "instruction": dcfg.response_column}.get(kind)
     if col is None:
         return
@@ -185,6 +191,43 @@ def label_names(train, eval_, dcfg, key="data.eval") -> list:
     return sorted(train_labels, key=lambda v: (str(type(v)), v))
 
 
+def _check_tagged_rows(ds, dcfg, key) -> None:
+    """token-cls rows: a list of words and a list of as many tags."""
+    for i, (words, tags) in enumerate(zip(ds[dcfg.tokens_column], ds[dcfg.tags_column])):
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+            raise ConfigError(f"row {i}: column '{dcfg.tokens_column}' must hold a list of words (strings), got "
+                              f"{type(words).__name__}. Fix: split the text into words, e.g. text.split().", key=key)  # fmt: skip
+        if not isinstance(tags, (list, tuple)) or len(tags) != len(words):
+            n = len(tags) if isinstance(tags, (list, tuple)) else type(tags).__name__
+            raise ConfigError(f"row {i}: {len(words)} words in '{dcfg.tokens_column}' but {n} tags in "
+                              f"'{dcfg.tags_column}'. Fix: give exactly one tag per word.", key=key)  # fmt: skip
+
+
+def tag_names(train, eval_, dcfg, key="data.eval") -> list:
+    """token-cls: the sorted set of tags over every word of train (ids 0..n-1 stay as they are)."""
+    col = dcfg.tags_column
+    tags = {t for row in train[col] for t in row}
+    if None in tags:
+        raise ConfigError(f"column '{col}' has empty tags. Fix: tag every word (e.g. 'O' for none).", key="data.train")
+    if eval_ is not None:
+        unseen = {t for row in eval_[col] for t in row} - tags
+        if unseen:
+            raise ConfigError(f"tags {sorted(map(str, unseen))[:5]} appear in eval but never in train, so the model "
+                              "cannot learn them. Fix: add them to train or drop them from eval.", key=key)  # fmt: skip
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in tags) and tags == set(range(len(tags))):
+        return list(range(len(tags)))
+    return sorted(tags, key=lambda v: (str(type(v)), v))
+
+
+def unseen_labels(ds, kind, dcfg, labels) -> list:
+    """Labels (seq-cls) or tags (token-cls) of `ds` that are not in `labels`."""
+    if kind == "tokens":
+        found = {t for row in ds[dcfg.tags_column] for t in row}
+    else:
+        found = set(ds[dcfg.label_column])
+    return sorted(map(str, found - set(labels)))
+
+
 # ---------------------------------------------------------------- tokenizing
 
 
@@ -193,7 +236,15 @@ def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None):
     max_len = dcfg.max_length
     label_ids = {lab: i for i, lab in enumerate(labels)} if labels is not None else None
 
+    if kind == "tokens" and not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("token-cls needs a fast tokenizer (to map sub-tokens back to words). Fix: use a model "
+                          "that ships a tokenizer.json.", key="task")  # fmt: skip
+
     def encode(batch):
+        if kind == "tokens":
+            enc = tokenizer(batch[dcfg.tokens_column], is_split_into_words=True, truncation=True, max_length=max_len)
+            enc["labels"] = [_word_labels(enc.word_ids(i), tags, label_ids) for i, tags in enumerate(batch[dcfg.tags_column])]  # fmt: skip
+            return enc
         if kind == "classification":
             enc = tokenizer(batch[dcfg.text_column], truncation=True, max_length=max_len)
             enc["labels"] = [label_ids[y] for y in batch[dcfg.label_column]]
@@ -213,6 +264,15 @@ def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None):
 
     out = ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None)
     return out.filter(lambda r: len(r["input_ids"]) > 0)
+
+
+def _word_labels(word_ids, tags, label_ids) -> list:
+    """Each word's tag id on its first sub-token; -100 (ignored by the loss) on the others and on specials."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(-100 if w is None or w == previous else label_ids[tags[w]])
+        previous = w
+    return out
 
 
 def _turns(batch, kind, dcfg):
@@ -280,6 +340,8 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
     if dcfg.max_samples is not None and dcfg.max_samples < len(train):
         train = train.shuffle(seed=cfg.train.seed).select(range(dcfg.max_samples))
     labels = label_names(train, eval_, dcfg) if kind == "classification" else None
+    if kind == "tokens":
+        labels = tag_names(train, eval_, dcfg)
     train_tok = tokenize(train, tokenizer, dcfg, kind, task, labels)
     if len(train_tok) == 0:
         raise ConfigError("no example is left after tokenization (all texts empty?).", key="data.train")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shlex
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Unicode
 
@@ -123,18 +123,20 @@ class PeftMagics(Magics):
     @argument("--data", default=None, help="Data source: $variable, file or hub id (default: the run's eval split).")
     @line_magic
     @usage_errors
+    @no_var_expand  # `--data $df` names a notebook variable; IPython must not paste the DataFrame's text in
     def peft_eval(self, line):
         """Evaluate a run on its eval split or on --data; prints and returns the metrics."""
         args = parse_argstring(self.peft_eval, line)
         run = self._run(args.name)
         metrics = run.evaluate(_unquote(args.data) if args.data else None, namespace=self.shell.user_ns)
-        from .metrics import scalar_metrics
+        from IPython.display import display
 
-        print(" · ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(metrics).items()))
-        return metrics
+        display(metrics)  # a table + confusion matrix picture in a notebook, one line in a terminal
+        return None  # the values are in run.metrics (and the last row of run.history)
 
     @line_magic
     @usage_errors
+    @no_var_expand  # a prompt is text: "$5" or "{x}" stay as written
     def peft_generate(self, line):
         """`%peft_generate [NAME] "prompt"`: the tuned model's answer next to the base model's."""
         words = shlex.split(line)
@@ -142,12 +144,11 @@ class PeftMagics(Magics):
             raise UsageError('usage: %peft_generate [NAME] "prompt"')
         name, prompt = (words[0], " ".join(words[1:])) if len(words) > 1 and words[0] in self.shell.user_ns else (None, " ".join(words))  # fmt: skip
         run = self._run(name)
-        tuned = run.generate(prompt)
-        print(f"tuned: {tuned}")
-        disable = getattr(run.model, "disable_adapter", None)
-        if disable is not None:
-            with disable():
-                print(f"base:  {run.generate(prompt)}")
+        from IPython.display import display
+
+        from .report import generate_both
+
+        display(generate_both(run, prompt))  # a two-column table in a notebook, plain lines in a terminal
         return None
 
     # ---------------------------------------------------------------- helpers

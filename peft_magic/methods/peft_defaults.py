@@ -35,6 +35,10 @@ def adapt_params(name: str, merged: dict, user: dict, cfg, model=None, calibrati
         merged["total_step"] = total_steps(cfg, calibration)
     if model is None:
         return merged
+    if cfg.task == "token-cls" and merged.get("target_modules") == "all-linear":
+        # peft's all-linear leaves out the head of seq-cls models only; a token-cls head would be both adapted
+        # and fully trained (modules_to_save), which peft refuses. Name the body's linear layers instead.
+        merged["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in targeted_linears(model, "all-linear")})
     if name == "boft" and "boft_block_size" not in user and "boft_block_num" not in user:
         merged["boft_block_size"] = boft_block_size(model, merged.get("target_modules"), merged.get("boft_block_size", 4))
     if name == "ln-tuning" and "target_modules" not in user:
