@@ -545,3 +545,79 @@ def test_trains_exports_and_reloads_through_the_engine(biased_llama, tmp_path, m
         merged = LlamaForCausalLM.from_pretrained(run.export(tmp_path / "merged", merge=True))
         assert (merged(**enc).logits - expected).abs().max() <= 1e-6
     assert get_state(run.model) is not None  # the merged export left the run's model as it was
+
+
+# ---------------------------------------------------------------------------- continued fine-tuning (from: DIR)
+
+
+@pytest.mark.parametrize("method,params", [("bitfit", {}), ("sparse", {"density": 0.05, "criterion": "random"})])
+def test_from_continues_where_the_export_left_off(base_dirs, tmp_path, method, params):
+    m, first, cfg, batches = prepared(base_dirs, method, "llama", **params)
+    train(first, m, batches, steps=2)
+    m.save(first, tmp_path / "one", cfg)
+
+    cfg2 = _reseeded(make_cfg(method, **params, **{"from": str(tmp_path / "one")}))  # sparse: another random draw
+    second = m.apply(load_base(base_dirs, "llama"), cfg2, calibration=lambda: iter(batches))
+    assert torch.equal(logits(second, batches), logits(first, batches))  # starts from the exported state
+    if method == "sparse":
+        assert all(torch.equal(get_state(second).sparse[n], i) for n, i in get_state(first).sparse.items())
+    before = snapshot(second)
+    train(second, m, batches, steps=2)
+    assert changed(before, second)
+    m.save(second, tmp_path / "two", cfg2)
+    again = m.load(load_base(base_dirs, "llama"), tmp_path / "two")
+    assert torch.equal(logits(again, batches), logits(second, batches))
+
+
+def test_from_refuses_a_delta_this_run_would_not_export(base_dirs, tmp_path):
+    m, model, cfg, _ = prepared(base_dirs, "layers", "llama", last_n=1)
+    m.save(model, tmp_path, cfg)
+    with pytest.raises(ConfigError) as err:
+        m.apply(load_base(base_dirs, "llama"), make_cfg("layers", layers=[0], **{"from": str(tmp_path)}))
+    assert err.value.key == "method.from" and "model.layers.1." in str(err.value)
+    with pytest.raises(ConfigError, match="exported by layers") as err:
+        make_cfg("bitfit", **{"from": str(tmp_path)})
+    assert err.value.key == "method.from"
+    with pytest.raises(ConfigError) as err:
+        make_cfg("sparse", **{"from": str(tmp_path / "nowhere")})
+    assert err.value.key == "method.from"
+
+
+def test_fresh_heads_are_found_generically():
+    from transformers import BertForTokenClassification, DistilBertConfig, DistilBertForSequenceClassification
+
+    from peft_magic.methods.selective import fresh_head_names, head_names
+
+    with torch.device("meta"):
+        tok_cls = BertForTokenClassification(BertConfig(**BERT, num_labels=5))
+        distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2,
+                                                                      hidden_dim=64))  # fmt: skip
+        llama = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    assert fresh_head_names(tok_cls, "token-cls") == ["classifier.weight", "classifier.bias"]
+    assert set(fresh_head_names(distil, "seq-cls")) == {"pre_classifier.weight", "pre_classifier.bias",
+                                                         "classifier.weight", "classifier.bias"}  # fmt: skip
+    assert fresh_head_names(llama, "causal-lm") == [] and head_names(llama, "causal-lm") == ["lm_head.weight"]
+
+
+def test_seq_cls_head_trains_and_reloads_through_the_engine(tiny_bert, tmp_path):
+    from conftest import sentiment_rows
+
+    import peft_magic
+
+    cfg = {
+        "model": tiny_bert,
+        "task": "seq-cls",
+        "method": {"name": "layers", "last_n": 2},
+        "data": {"train": sentiment_rows(64), "eval": sentiment_rows(16, seed=1)},
+        "train": {"max_steps": 30, "learning_rate": 3e-3, "logging_steps": 10, "eval_steps": 0,
+                  "output_dir": str(tmp_path / "out")},
+    }  # fmt: skip
+    run = peft_magic.train(cfg, display="none")
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    assert "classifier.weight" in get_state(run.model).dense
+    loaded = peft_magic.load(run.export(tmp_path / "delta"))
+    assert loaded.labels == ["neg", "pos"]
+    enc = run.tokenizer(["the movie was good", "the plot was dull"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert (loaded.model(**enc).logits - run.model.eval()(**enc).logits).abs().max() <= 1e-6

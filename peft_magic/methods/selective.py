@@ -12,7 +12,8 @@ For seq-cls and token-cls the task head (every parameter outside ``model.base_mo
 ``pre_classifier``...) is freshly initialised by transformers, so it always trains too; for causal-lm and seq2seq
 the pretrained ``lm_head`` does not train unless the method selects it.
 
-Every method accepts ``l2sp`` (see `regularize.py`). The methods edit the base model's weights in place: the
+Every method accepts ``l2sp`` (see `regularize.py`) and ``from: DIR`` (continue from a delta exported by the same
+method with the same parameters; L2-SP still pulls toward the pretrained base, not toward that delta). The methods edit the base model's weights in place: the
 trained model *is* the merged model, and what is exported is only the changed part (see `delta.py`).
 
 The per-model bookkeeping (which entries train, theta_0 for L2-SP, the gradient-mask hooks) lives on the model as
@@ -33,6 +34,7 @@ STATE_ATTR = "peft_magic_selective"
 CLS_TASKS = ("seq-cls", "token-cls")
 HEAD_NAMES = ("classifier", "score")  # transformers' names for seq/token-cls heads, used when base_model is absent
 L2SP_HELP = "Pull trained weights toward their pretrained values: alpha * ||theta - theta_0||^2, e.g. 0.01."
+FROM_HELP = "Continue training from a folder exported by the same method with the same parameters."
 
 
 class SelectiveState:
@@ -73,7 +75,7 @@ class SelectiveMethod:
     family = "S"
     is_peft = False
     trains_fresh_head = True  # seq-cls/token-cls heads are random at load: they must train
-    params_help: ClassVar[dict] = {"l2sp": L2SP_HELP}
+    params_help: ClassVar[dict] = {"l2sp": L2SP_HELP, "from": FROM_HELP}
 
     def __init__(self, name: str, summary: str):
         self.name = name
@@ -89,7 +91,20 @@ class SelectiveMethod:
                     key=f"method.{key}",
                 )
         parse_l2sp(params.get("l2sp"))
+        if params.get("from") is not None:
+            self._check_from(str(params["from"]))
         self._check(params)
+
+    def _check_from(self, src: str) -> None:
+        from .delta import is_delta_dir, read_delta_config
+
+        if not is_delta_dir(src):
+            raise ConfigError(f"'{src}' holds no peft_magic_adapter.json. Fix: point `from:` at a folder exported "
+                              f"from a {self.name} run (%peft_export without --merge).", key="method.from")  # fmt: skip
+        saved = read_delta_config(src)["method"]
+        if saved != self.name:
+            raise ConfigError(f"'{src}' was exported by {saved}, not {self.name}. Fix: use `method: {{name: {saved}, "
+                              f"from: {src}}}`.", key="method.from")  # fmt: skip
 
     def _check(self, params: dict) -> None:
         """Method-specific parameter checks (override)."""
@@ -141,13 +156,30 @@ class SelectiveMethod:
                     state.theta0[name] = snapshot(params[name])
             for name, idx in sparse.items():
                 state.theta0[name] = snapshot(params[name], idx)
-        if getattr(cfg.train, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input to frozen blocks
         old = getattr(model, STATE_ATTR, None)
         if old is not None:
             old.remove_hooks()
         setattr(model, STATE_ATTR, state)
+        if cfg.method.params.get("from") is not None:
+            self._continue_from(model, state, str(cfg.method.params["from"]))
         return model
+
+    def _continue_from(self, model, state, src: str) -> None:
+        """Load a previous delta as the starting point. Only a delta whose entries this run trains too is
+        accepted: anything else would be missing from the delta this run exports."""
+        from safetensors.torch import safe_open
+
+        from .delta import WEIGHTS_NAME
+
+        with safe_open(os.path.join(src, WEIGHTS_NAME), framework="pt") as fh:
+            keys = list(fh.keys())
+        names = {k.rsplit(".", 1)[0] if k.endswith((".indices", ".values")) else k for k in keys}
+        outside = sorted(n for n in names if n not in state.dense and n not in state.sparse)
+        if outside:
+            raise ConfigError(f"'{src}' changed {outside[0]}{f' and {len(outside) - 1} more' if len(outside) > 1 else ''}, "
+                              "which this run does not train, so the export would lose it. Fix: use the same method "
+                              "parameters as the run that wrote it.", key="method.from")  # fmt: skip
+        self.load_weights(model, src)
 
     def regularizer(self, model):
         """The L2-SP term for this micro-batch, or None when ``l2sp`` is off."""
@@ -245,6 +277,7 @@ class Layers(SelectiveMethod):
         "layers": "Train these blocks by index, e.g. [0, 5] (negative counts from the end).",
         "modules": "Only parameters whose name inside a block contains one of these, e.g. [attn, mlp].",
         "l2sp": L2SP_HELP,
+        "from": FROM_HELP,
     }
 
     def _check(self, params):

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
 from . import register
-from .selective import L2SP_HELP, SelectiveMethod, fresh_head_names
+from .selective import FROM_HELP, L2SP_HELP, SelectiveMethod, fresh_head_names
 
 CRITERIA = ("grad", "fisher", "magnitude", "random")
 NEEDS_DATA = ("grad", "fisher")
@@ -43,6 +43,7 @@ class SparseMethod(SelectiveMethod):
         "criterion": "How entries are chosen: grad (|gradient|), fisher (gradient^2), magnitude (|w|) or random.",
         "calibration_batches": "Batches of training data used by grad / fisher; default 4.",
         "l2sp": L2SP_HELP,
+        "from": FROM_HELP,
     }
 
     def _check(self, params):
