@@ -365,6 +365,9 @@ def build_config(raw: dict) -> Config:
     raw = dict(raw)
     top = {f.name for f in fields(Config)}
     for key in raw:
+        if key in ("compare", "sweep"):
+            raise ConfigError("trains several variants: use a `%%peft_compare NAME` cell, or peft_magic.compare(config), "
+                              "instead of %%peft_train / train().", key=key)  # fmt: skip
         if not isinstance(key, str) or key not in top:
             raise ConfigError(
                 f"unknown key.{did_you_mean(key, top)} Valid top-level keys: {', '.join(sorted(top))}.", key=str(key)

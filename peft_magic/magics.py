@@ -117,6 +117,39 @@ class PeftMagics(Magics):
         print(f"exported {'merged model' if args.merge else 'adapter'} of '{run.name}' to {path}")
         return None
 
+    # ---------------------------------------------------------------- %%peft_compare
+    @magic_arguments()
+    @argument("name", nargs="?", default="comparison", help="Notebook variable that will hold the Comparison.")
+    @argument("--dry-run", action="store_true", help="List the variants and check their configs; train nothing.")
+    @argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+              help="Override one key of the base config, e.g. --set train.max_steps=50 (repeatable).")  # fmt: skip
+    @argument("--config", default=None, help="Read the base YAML config from this file (the cell body is merged on top).")
+    @cell_magic
+    @usage_errors
+    def peft_compare(self, line, cell):
+        """Train the cell's config once per variant: `compare:` (a list of method specs) x `sweep:` (dotted keys
+        -> lists of values), one after another; keeps a Comparison (.table, .runs, .plot_svg()) in NAME."""
+        args = parse_argstring(self.peft_compare, line)
+        if not args.name.isidentifier():
+            raise UsageError(f"'{args.name}' is not a valid variable name. Fix: %%peft_compare my_comparison")
+        from .compare import check, compare, plan, plan_text
+
+        raw = _merge_sources(args.config, cell)
+        defaults = {"model": dict(self.default_model)} if self.default_model else None
+        ns = self.shell.user_ns if self.shell is not None else {}
+        if args.dry_run:
+            variants = plan(raw, overrides=list(args.overrides), defaults=defaults, name=args.name)
+            check(variants, args.name)
+            print(plan_text(variants, args.name))
+            return None
+        result = compare(raw, namespace=ns, name=args.name, display=self.display, overrides=list(args.overrides),
+                         defaults=defaults)  # fmt: skip
+        ns[args.name] = result
+        from IPython.display import display
+
+        display(result)  # the table and the overlaid curves in a notebook, the table as text in a terminal
+        return None
+
     # ---------------------------------------------------------------- %peft_eval / %peft_generate
     @magic_arguments()
     @argument("name", nargs="?", default=None, help="The run (default: the last one).")
