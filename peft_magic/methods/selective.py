@@ -160,7 +160,7 @@ class SelectiveMethod:
         if old is not None:
             old.remove_hooks()
         setattr(model, STATE_ATTR, state)
-        if cfg.method.params.get("from") is not None:
+        if cfg.method.params.get("from") is not None and not any(p.is_meta for p in params.values()):  # not in dry runs
             self._continue_from(model, state, str(cfg.method.params["from"]))
         return model
 
