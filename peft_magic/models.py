@@ -209,6 +209,12 @@ def quiet_loading(record: list | None = None):
         logging.getLogger("bitsandbytes").setLevel(prev)
 
 
+def count_trainable(model, method=None) -> tuple[int, int]:
+    """(trainable, total) as the method sees it: a sparse method trains entries, not whole tensors."""
+    counter = getattr(method, "count_trainable", None)
+    return counter(model) if counter is not None else count_parameters(model)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counting 4-bit packed weights by their logical size."""
     trainable = total = 0

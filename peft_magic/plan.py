@@ -55,7 +55,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         quant = cfg.model.quantization
         cfg.model.quantization = "none"  # kbit preparation needs real weights; counts are the same
         adapted = method.apply(model, cfg, calibration=None)
-        trainable, total = models.count_parameters(adapted)
+        trainable, total = models.count_trainable(adapted, method)
     except Exception:  # noqa: BLE001 - some methods need real weights to choose what trains
         pass
     finally:

@@ -1,0 +1,151 @@
+"""`Run`: what a training run leaves in the notebook (model, tokenizer, config, history, metrics) and what can be
+done with it next (evaluate, generate/predict, export, stop, wait)."""
+
+from __future__ import annotations
+
+import threading
+
+from .errors import ConfigError
+from .events import TrainState
+
+
+class Run:
+    """One training run.
+
+    Attributes:
+        name: The notebook variable it is stored in.
+        config: The resolved `Config`.
+        model: The trained model (a PeftModel for peft methods).
+        tokenizer: Its tokenizer.
+        history: One dict per logged step (step, epoch, loss, learning_rate) and per evaluation (eval_*).
+        metrics: The last evaluation's metrics (empty when there is no eval data).
+        state: The live `TrainState` (step, status, stop_reason...).
+        output_dir: Where checkpoints are written.
+    """
+
+    def __init__(self, name, config):
+        self.name = name
+        self.config = config
+        self.model = None
+        self.tokenizer = None
+        self.method = None
+        self.data = None
+        self.labels = None
+        self.history: list[dict] = []
+        self.metrics: dict = {}
+        self.state = TrainState()
+        self.output_dir = config.train.output_dir
+        self.warnings: list[str] = []
+        self.cell: str | None = None  # the %%peft_train cell that made it (for the model card)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ control
+    @property
+    def status(self) -> str:
+        return self.state.status
+
+    def stop(self) -> None:
+        """Stop after the current step; the weights so far, a checkpoint and the history are kept."""
+        self._stop.set()
+
+    def resume(self, *, background=False, display="auto", callbacks=(), checkpoint=None) -> "Run":
+        """Continue training from the latest checkpoint (after `stop()`, an interrupt or a failure).
+
+        Args:
+            background: Train in a thread and return at once.
+            display: As in `peft_magic.train`.
+            callbacks: Extra event subscribers.
+            checkpoint: A checkpoint folder to continue from instead of the latest one.
+        """
+        from .api import resume
+
+        return resume(self, background=background, display=display, callbacks=callbacks, checkpoint=checkpoint)
+
+    def wait(self, timeout=None) -> "Run":
+        """Block until a background run ends; re-raises its error, if any."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.error is not None and not isinstance(self.error, ConfigError):
+            raise self.error
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ use
+    @property
+    def trainable_params(self) -> tuple[int, int]:
+        from .models import count_trainable
+
+        return count_trainable(self.model, self.method)
+
+    def evaluate(self, data=None, namespace=None) -> dict:
+        """Evaluate on the run's eval data, or on `data` (any data source: $name, DataFrame, file...)."""
+        from .api import evaluate
+
+        return evaluate(self, data, namespace=namespace)
+
+    def generate(self, prompt, max_new_tokens: int = 64, **kw) -> str:
+        """Complete `prompt` (chat template applied when the tokenizer has one). Greedy unless kw say otherwise."""
+        from .inference import generate
+
+        self._require("causal-lm", "seq2seq", what="generate")
+        return generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kw)
+
+    def predict(self, texts):
+        """Class names for `texts` (a string or a list of strings)."""
+        from .inference import predict
+
+        self._require("seq-cls", what="predict")
+        return predict(self.model, self.tokenizer, texts, self.labels, self.config.data.max_length)
+
+    def export(self, out_dir, merge: bool = False, overwrite: bool = False) -> str:
+        """Write the adapter (peft format) or, with merge, a full merged model; returns the folder."""
+        from .export import export_run
+
+        if self.running:
+            raise ConfigError("the run is still training. Fix: `run.stop()` or `run.wait()` first.", key="export")
+        return export_run(self, out_dir, merge=merge, overwrite=overwrite)
+
+    def release(self) -> None:
+        """Drop the model and free its memory (a re-run of the cell calls this on the previous run)."""
+        import gc
+
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
+        self.model = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    def _require(self, *tasks, what):
+        if self.config.task not in tasks:
+            raise ConfigError(f"{what}() is for {' / '.join(tasks)} runs; this run's task is {self.config.task}.",
+                              key="task")  # fmt: skip
+        if self.model is None:
+            raise ConfigError("this run has no model (it was released or failed to load).", key=self.name)
+
+    # ------------------------------------------------------------ display
+    def summary(self) -> str:
+        s = self.state
+        bits = [f"Run '{self.name}': {s.title}", f"status {s.status}"]
+        if s.max_steps:
+            bits.append(f"step {s.step}/{s.max_steps}")
+        last = next((r for r in reversed(self.history) if "loss" in r), None)
+        if last:
+            bits.append(f"loss {last['loss']:.4f}")
+        if self.metrics:
+            bits.append(", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float)))
+        return " · ".join(bits)
+
+    def __repr__(self) -> str:
+        return f"<{self.summary()}>"
