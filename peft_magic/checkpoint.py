@@ -68,12 +68,13 @@ class Checkpointer:
     def save(self, accelerator, model, optimizer, scheduler, state, history, extra=None) -> str | None:
         """Write ``checkpoint-<step>``; `extra` (JSON-safe) goes into trainer_state.json."""
         accelerator.wait_for_everyone()
+        ranks = _per_process(accelerator, extra)  # a collective: every rank's RNG state and running sums
         final_dir = os.path.join(self.output_dir, f"checkpoint-{state.step}")
         if accelerator.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=self.output_dir)
             try:
-                self._write(tmp, accelerator, model, optimizer, scheduler, state, history, extra)
+                self._write(tmp, accelerator, model, optimizer, scheduler, state, history, extra, ranks)
             except BaseException as e:  # a half-written folder is never renamed into place: drop it
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not isinstance(e, OSError):
@@ -94,16 +95,20 @@ class Checkpointer:
         state.checkpoint_dir = final_dir
         return final_dir
 
-    def _write(self, tmp, accelerator, model, optimizer, scheduler, state, history, extra):
+    def _write(self, tmp, accelerator, model, optimizer, scheduler, state, history, extra, ranks=()):
         import torch
 
         self.method.save(accelerator.unwrap_model(model), tmp, self.cfg)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(_rng_state(), os.path.join(tmp, "rng_state.pt"))
+        for i, (rng, _) in enumerate(ranks[1:], start=1):  # each process resumes its own dropout stream
+            torch.save(rng, os.path.join(tmp, f"rng_state_{i}.pt"))
         meta = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
                 "tokens_seen": state.tokens_seen, "max_steps": state.max_steps, "log_history": history,
                 **(extra or {})}  # fmt: skip
+        if ranks:
+            meta["per_process"] = [e for _, e in ranks]
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:  # written last: its presence marks a complete one
             json.dump(meta, fh, indent=1, default=float)
 
@@ -119,6 +124,15 @@ def _save_failed(err: OSError, final_dir: str, state):
     return TrainingFailed(f"could not write {final_dir} ({err.strerror or err}); nothing half-written was kept."
                           f"{kept} Fix: free disk space, lower train.save_total_limit, or set train.output_dir "
                           "to a folder with room. run.model still holds the trained weights.")  # fmt: skip
+
+
+def _per_process(accelerator, extra) -> list:
+    """[(rng_state, extra)] of every process, gathered for rank 0 to write; [] with one process."""
+    if accelerator.num_processes == 1:
+        return []
+    from accelerate.utils import gather_object
+
+    return gather_object([(_rng_state(), extra or {})])
 
 
 def _rng_state() -> dict:
@@ -152,7 +166,13 @@ def restore(resume: dict, accelerator, model, optimizer, scheduler, state, histo
     resume["method"].load_weights(accelerator.unwrap_model(model), path)
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-    rng = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)
+    rng_file = os.path.join(path, "rng_state.pt")
+    per = resume.get("per_process")
+    if per and len(per) == accelerator.num_processes:  # same process count: each rank continues its own state
+        resume.update(per[accelerator.process_index])
+        if accelerator.process_index:
+            rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
+    rng = torch.load(rng_file, weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -268,7 +268,7 @@ def train_processes(config=None, n=None, *, overrides=(), defaults=None, namespa
     run.cell = cell
     bus = EventBus(list(callbacks))
     if display is not None and display != "none":
-        sub = _make_display(display, run)
+        sub = _make_display(display, run, background)
         if sub is not None:
             bus.add(sub)
     launch = _Launch(run, bus, job, n)
@@ -570,9 +570,11 @@ def _portable_source(src, namespace, folder, split):
         local = os.path.expanduser(src)
         return os.path.abspath(local) if os.path.exists(local) else src  # a hub dataset id stays as it is
     from .data import resolve
+    from .models import quiet_loading
 
     ds = resolve(src, namespace, f"data.{split}", "train" if split == "train" else "validation")
-    ds.to_json(os.path.join(folder, f"{split}.jsonl"), lines=True, force_ascii=False)
+    with quiet_loading():
+        ds.to_json(os.path.join(folder, f"{split}.jsonl"), lines=True, force_ascii=False)
     return f"{split}.jsonl"
 
 
