@@ -67,6 +67,8 @@ class PeftMagics(Magics):
     @argument("--config", default=None, help="Read the YAML config from this file (the cell body is merged on top).")
     @argument("--background", action="store_true", help="Train in a thread; the cell returns at once.")
     @argument("--resume", action="store_true", help="Continue from the latest checkpoint of this run's folder.")
+    @argument("--processes", type=int, default=None, metavar="N",
+              help="Train on N processes (one per GPU), started with accelerate's notebook_launcher.")  # fmt: skip
     @cell_magic
     @usage_errors
     def peft_train(self, line, cell):
@@ -78,6 +80,8 @@ class PeftMagics(Magics):
         defaults = {"model": dict(self.default_model)} if self.default_model else None
         ns = self.shell.user_ns if self.shell is not None else {}
         overrides = list(args.overrides)
+        if args.processes is not None:
+            overrides.append(f"train.num_processes={args.processes}")
         if args.dry_run:
             from .plan import dry_run
 
@@ -87,29 +91,50 @@ class PeftMagics(Magics):
         from . import api
 
         previous = ns.get(args.name)
-        cfg = api.resolve_config(raw, overrides, defaults, args.name)  # fail fast, before touching the old run
+        from .launch import requested_processes
+
+        # several processes: the workers check the config (checking it here imports peft, and a kernel that did
+        # cannot fork them: see launch.py); one process: fail fast, before touching the old run
+        multi = requested_processes(raw, overrides, defaults) > 1
+        cfg = raw if multi else api.resolve_config(raw, overrides, defaults, args.name)
         if _is_run(previous) and previous.running:
             raise UsageError(f"'{args.name}' is still training. Fix: {args.name}.stop() (or .wait()) first.")
         if _is_run(previous):
             previous.release()  # re-running the cell frees the old model before loading a new one
         run = api.train(cfg, namespace=ns, background=args.background, name=args.name, display=self.display,
-                        resume=args.resume, cell=_cell_text(line, cell))  # fmt: skip
+                        resume=args.resume, cell=_cell_text(line, cell),
+                        overrides=overrides if multi else None, defaults=defaults if multi else None)  # fmt: skip
         ns[args.name] = run
         self.last_run_name = args.name
         return None
 
     # ---------------------------------------------------------------- %peft_export
     @magic_arguments()
-    @argument("words", nargs="+", help="[NAME] DIR")
+    @argument("words", nargs="*", help="[NAME] DIR")
     @argument("--merge", action="store_true", help="Write a full model with the adapter merged in.")
     @argument("--overwrite", action="store_true", help="Replace DIR if it already holds files.")
+    @argument("--script", default=None, metavar="DIR",
+              help="Instead: write DIR/config.yaml (+ its data as JSONL) and DIR/launch.sh to train on a cluster.")
+    @argument("--processes", type=int, default=None, metavar="N",
+              help="With --script: processes for launch.sh (default: the run's, else every GPU of the machine).")
     @line_magic
     @usage_errors
     def peft_export(self, line):
-        """Export a run: `%peft_export [NAME] DIR [--merge] [--overwrite]`."""
+        """Export a run: `%peft_export [NAME] DIR [--merge] [--overwrite]`, or the cluster job that trains it again:
+        `%peft_export [NAME] --script DIR [--processes N]`."""
         args = parse_argstring(self.peft_export, line)
         words = [_unquote(w) for w in args.words]
-        if len(words) > 2:
+        if args.script:
+            if len(words) > 1:
+                raise UsageError("usage: %peft_export [NAME] --script DIR [--processes N] [--overwrite]")
+            from .launch import export_script
+
+            run = self._run(words[0] if words else None)
+            path = export_script(run, _unquote(args.script), namespace=self.shell.user_ns,
+                                 num_processes=args.processes, overwrite=args.overwrite)  # fmt: skip
+            print(f"wrote the cluster job of '{run.name}' to {path}: run `bash {path}/launch.sh` there")
+            return None
+        if not words or len(words) > 2:
             raise UsageError("usage: %peft_export [NAME] DIR [--merge] [--overwrite]")
         name, out = (words if len(words) == 2 else (None, words[0]))
         run = self._run(name)
