@@ -29,6 +29,7 @@ class PreparedData:
     eval_rows: int = 0
     train_tokens: int = 0
     source_names: dict = field(default_factory=dict)
+    train_collator: Any = None  # when training batches collate differently (packing); else `collator`
 
 
 def describe_source(src) -> str:
@@ -307,6 +308,12 @@ def _ids(out):
     return list(out)
 
 
+def _packing_collator():
+    from .packing import PackingCollator
+
+    return PackingCollator()
+
+
 def make_collator(tokenizer, task: str):
     """transformers' own collators: label-aware padding for generation tasks, plain padding for classifiers."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorForTokenClassification, DataCollatorWithPadding
@@ -342,18 +349,22 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
     labels = label_names(train, eval_, dcfg) if kind == "classification" else None
     if kind == "tokens":
         labels = tag_names(train, eval_, dcfg)
-    train_tok = tokenize(train, tokenizer, dcfg, kind, task, labels)
+    from .packing import example_lengths
+    from .tokcache import cached_tokenize
+
+    train_tok = cached_tokenize(train, tokenizer, dcfg, kind, task, labels, enabled=dcfg.cache_tokenized)
     if len(train_tok) == 0:
         raise ConfigError("no example is left after tokenization (all texts empty?).", key="data.train")
-    eval_tok = tokenize(eval_, tokenizer, dcfg, kind, task, labels) if eval_ is not None else None
+    eval_tok = cached_tokenize(eval_, tokenizer, dcfg, kind, task, labels, enabled=dcfg.cache_tokenized) if eval_ is not None else None  # fmt: skip
     return PreparedData(
         train=train_tok,
         eval=eval_tok,
         collator=make_collator(tokenizer, task),
+        train_collator=_packing_collator() if dcfg.packing else None,
         labels=labels,
         kind=kind,
         train_rows=len(train_tok),
         eval_rows=len(eval_tok) if eval_tok is not None else 0,
-        train_tokens=sum(len(x) for x in train_tok["input_ids"]),
+        train_tokens=sum(example_lengths(train_tok)),
         source_names={"train": describe_source(dcfg.train), "eval": describe_source(dcfg.eval) if dcfg.eval is not None else None},
     )
