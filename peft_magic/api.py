@@ -72,7 +72,7 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
     main = launch.is_main_process()  # under a launcher, only rank 0 reports (prints, panels, user callbacks)
     bus = EventBus(list(callbacks) if main else [])
     if main and display is not None and display != "none":
-        sub = _make_display(display, run)
+        sub = _make_display(display, run, background)
         if sub is not None:
             bus.add(sub)
     resume_meta = _find_resume(resume, cfg)
@@ -144,7 +144,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     """Everything before the first step, cheapest checks first, so mistakes fail fast."""
     from accelerate.utils import set_seed
 
-    from . import models
+    from . import forgetting, models
     from .data import prepare
     from .launch import main_process_first
     from .methods import get_method
@@ -158,13 +158,19 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     _status(run, bus, "tokenizing")
     with models.quiet_loading(run.warnings), main_process_first():  # rank 0 fills the caches, the others read
         data = prepare(cfg, tokenizer, namespace)
-    if replaces is not None:  # the cell passed its checks: now free the previous run's model for the new one
+        probe = forgetting.attach(run, tokenizer, namespace, bus)  # None unless data.forgetting; bad text fails here
+    if replaces is not None and replaces.model is not None:  # free the previous run's model for the new one,
+        from .faults import check_on_meta  # once every mistake that can be found without weights was looked for
+
+        check_on_meta(cfg, data.labels)
         replaces.release()
     _status(run, bus, "loading model")
     set_seed(cfg.train.seed)  # a new task head (seq-cls, token-cls) is randomly initialised on load
     with models.quiet_loading(run.warnings):
         model = models.load_model(cfg.model, cfg.task, data.labels, pad_token_id=tokenizer.pad_token_id)
     method = get_method(cfg.method.name)
+    if probe is not None:  # before apply: selective and full methods change the base weights in place
+        probe.measure_base(model, method)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.quantization == "none" and hasattr(model, "enable_input_require_grads"):
@@ -173,7 +179,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     with models.quiet_loading(run.warnings):
         model = method.apply(model, cfg, calibration=_calibration(data, cfg))
     run.model, run.tokenizer, run.method, run.data, run.labels = model, tokenizer, method, data, data.labels
-    trainable, total = models.count_parameters(model)
+    trainable, total = models.count_trainable(model, method)
     state.trainable_params, state.total_params = trainable, total
     state.output_dir = cfg.train.output_dir
     state.title = title(cfg, trainable, total)
@@ -228,6 +234,9 @@ def resume(run: Run, *, callbacks=(), background=False, display="auto", checkpoi
         sub = _make_display(display, run, background)
         if sub is not None:
             bus.add(sub)
+    from .forgetting import reattach
+
+    reattach(run, bus)  # the resumed run's end is measured too
     if background:
         _ACTIVE.add(run)
         run._thread = threading.Thread(target=_fit_safely, args=(run, bus, meta), daemon=True,

@@ -5,6 +5,7 @@
     %%peft_train run [--dry-run] [--set train.max_steps=10] [--config FILE] [--background] [--resume]
     %peft_export run ./my-adapter [--merge] [--overwrite]
     %peft_eval run [--data $df]        %peft_generate run "prompt"
+    %peft_ui [run]                     a form over every key: Start / Stop / Export / Copy as cell
 
 No training logic lives here. User mistakes surface as `UsageError` (one red line, no traceback).
 """
@@ -216,6 +217,29 @@ class PeftMagics(Magics):
         if not _is_run(run):
             raise UsageError(f"'{name}' is not a training run. Fix: train one with %%peft_train {name}, or name it.")
         return run
+    # ---------------------------------------------------------------- %peft_ui
+    @magic_arguments()
+    @argument("name", nargs="?", default=None,
+              help="The run the form starts (default: run); if NAME already holds a run, its config fills the form.")
+    @argument("--config", default=None, help="Fill the form from this YAML file.")
+    @line_magic
+    @usage_errors
+    def peft_ui(self, line):
+        """A form over every config key: Start / Stop / Export, and `Copy as cell` for the %%peft_train cell."""
+        args = parse_argstring(self.peft_ui, line)
+        name = args.name or "run"
+        if not name.isidentifier():
+            raise UsageError(f"'{name}' is not a valid variable name. Fix: %peft_ui my_run")
+        previous = self.shell.user_ns.get(name)
+        source = _unquote(args.config) if args.config else (previous.config if _is_run(previous) else None)
+        defaults = {"model": dict(self.default_model)} if self.default_model else None
+        from IPython.display import display
+
+        from .ui.form import Form
+
+        display(Form(source, name=name, shell=self.shell, defaults=defaults))
+        return None
+
 
 
 def _is_run(obj) -> bool:

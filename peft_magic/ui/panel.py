@@ -38,6 +38,7 @@ class LivePanel(Callback):
         stop: Called (no arguments) when the user presses Stop; the engine should stop after the current step.
             Without it the button is disabled and its tooltip says to interrupt the kernel instead.
         max_redraws_per_second: Throttle for redraws of the progress, chart and stats.
+STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to stop: interrupt the kernel (■)</span>'
         clock: Monotonic clock for the throttle (a fake one in tests and benchmarks).
         auto_show: Display the panel on the first event if `show` was not called before. Call `show` yourself
             from the cell's thread when training runs in a background thread, so the panel lands in that cell.
@@ -95,7 +96,9 @@ class LivePanel(Callback):
         self.status = widgets.HTML(value=self._status_html("starting"))
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.header, self.stop_button], layout=layout(align_items="center")),
+                widgets.HBox([self.header, self.stop_hint, self.stop_button], layout=layout(align_items="center")),
+        # A tooltip does not show on a disabled button: in a blocking cell, say in plain sight how to stop.
+        self.stop_hint = widgets.HTML(value="" if self.stop else STOP_HINT_HTML, layout=layout(flex="0 0 auto"))
                 widgets.HBox([self.progress, self.progress_label], layout=layout(align_items="center")),
                 widgets.HBox([self.chart, self.stats], layout=layout(align_items="flex-start")),
                 self.metrics,
@@ -125,6 +128,18 @@ class LivePanel(Callback):
     def on_status(self, state: TrainState, status: str) -> None:
         self._maybe_show()
         self.status.value = self._status_html(status, state)
+
+    def embed(self, summary: widgets.HTML | None = None) -> widgets.Widget:
+        """The panel's widget, to place inside another widget (the `%peft_ui` form) instead of displaying it.
+
+        Args:
+            summary: An HTML widget that receives the end-of-run summary; without it the summary is displayed in
+                whatever output is current when the run ends.
+        """
+        self._shown = True
+        if summary is not None:
+            self._summary_handle = _HtmlSlot(summary)
+        return self.widget
 
     def on_train_begin(self, state: TrainState) -> None:
         self._maybe_show()
@@ -168,6 +183,7 @@ class LivePanel(Callback):
             extra.setdefault(
                 "confusion matrix", ipy_display.HTML(f'<img alt="confusion matrix" src="{svg_data_uri(svg)}"/>')
             )
+        self.stop_hint.value = ""
         self.summary = summary_html(state, history, extra)
         summary = ipy_display.HTML(self.summary)
         if self._summary_handle is not None:
@@ -247,3 +263,13 @@ class LivePanel(Callback):
         self.status.value = self._status_html(state.status, state)
         if state.stop_reason is not None:
             self.progress.bar_style = {"completed": "success", "failed": "danger"}.get(state.stop_reason, "warning")
+
+
+class _HtmlSlot:
+    """Stands in for a display handle (`update`) when the summary goes into an HTML widget."""
+
+    def __init__(self, widget: widgets.HTML):
+        self.widget = widget
+
+    def update(self, obj) -> None:
+        self.widget.value = obj.data
