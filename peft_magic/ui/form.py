@@ -1,0 +1,819 @@
+"""`%peft_ui`: a form over the config dataclasses that sets up, starts, stops and exports a run.
+
+Every widget is generated from a dataclass field of `peft_magic.config` (its type picks the widget, its
+``metadata["help"]`` is the tooltip), and the method's parameters from what the chosen method accepts (peft's
+config dataclass fields, or a selective method's ``params_help``). The form never holds a second idea of the
+config: `Form.values` is the same mapping a ``%%peft_train`` cell body gives, `Form.config` is `parse_config` of it,
+and "Copy as cell" writes ``Config.to_yaml(minimal=True)``, so the cell trains exactly what the form would.
+
+Only ipywidgets' core widgets are used (no front-end extension), as for the live panel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from html import escape
+from typing import Any
+
+import ipywidgets as widgets
+
+from ..config import SECTIONS, Config, MethodConfig, _build_method, _build_section, parse_config, raw_config
+from ..errors import ConfigError, TrainingFailed
+from .format import format_count, format_params
+
+__all__ = ["Form", "data_variables"]
+
+TABS = (("Model", "model"), ("Method", "method"), ("Data", "data"), ("Training", "train"), ("Export", None))
+SECTION_TAB = {"model": "Model", "task": "Model", "method": "Method", "data": "Data", "train": "Training"}
+# A method's most-used parameters are shown first; the rest of peft's fields sit in a collapsed "more" section.
+PRIMARY_PARAMS = ("r", "lora_alpha", "alpha", "lora_dropout", "target_modules", "bias", "init_r", "target_r",
+                  "num_virtual_tokens", "adapter_len", "adapter_layers", "boft_block_size", "feedforward_modules",
+                  "prompt_tuning_init", "prompt_tuning_init_text", "encoder_hidden_size", "use_dora", "use_rslora")  # fmt: skip
+# Bookkeeping fields peft fills itself when saving; not settings anyone chooses.
+HIDDEN_PARAMS = {"auto_mapping", "peft_version"}
+FROM_HELP = "Continue training from an adapter folder exported by the same method (%peft_export)."
+ERROR_COLOR, WARN_COLOR, OK_COLOR = "#c62828", "#b26a00", "#2e7d32"
+STYLE = {"description_width": "190px"}
+WIDTH = "460px"
+NO_FILE = ""  # the data dropdown's "use the path/hub id typed beside me" entry
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+class Field:
+    """One config value and the widget that edits it.
+
+    Args:
+        key: Where the value goes: ``"train.max_steps"``, ``"task"``, or a method parameter's name.
+        kind: ``choice`` (Dropdown), ``bool`` (Checkbox), ``int`` (IntText), ``float`` (FloatText), ``str`` (Text),
+            ``optstr`` (Text; empty means None) or ``yaml`` (Text read as YAML; empty means the default).
+        default: The value shown before the user changes anything.
+        help: The tooltip.
+        choices: For ``choice``.
+        placeholder: Grey text shown in an empty Text.
+    """
+
+    def __init__(self, key: str, kind: str, default: Any = None, help: str = "", choices=(), placeholder: str = ""):
+        self.key, self.kind, self.default = key, kind, default
+        name = key.rsplit(".", 1)[-1]
+        common = {"description": name, "tooltip": help or name, "style": STYLE, "layout": widgets.Layout(width=WIDTH)}
+        if kind == "choice":
+            options = list(choices) if default in choices else [*choices, default]
+            self.widget = widgets.Dropdown(options=options, value=default, **common)
+        elif kind == "bool":
+            self.widget = widgets.Checkbox(value=bool(default), indent=True, **common)
+        elif kind == "int":
+            self.widget = widgets.IntText(value=default, continuous_update=False, **common)
+        elif kind == "float":
+            self.widget = widgets.FloatText(value=default, continuous_update=False, **common)
+        else:
+            if kind == "yaml":
+                value, placeholder = "", placeholder or _placeholder(default)
+            else:
+                value = "" if default is None else str(default)
+            self.widget = widgets.Text(value=value, placeholder=placeholder, continuous_update=False, **common)
+
+    def get(self) -> Any:
+        """The Python value (YAML read for ``yaml`` fields); raises `ConfigError` on unreadable YAML."""
+        value = self.widget.value
+        if self.kind == "optstr":
+            return value.strip() or None
+        if self.kind != "yaml":
+            return value
+        text = value.strip()
+        if not text:
+            return _copy(self.default)
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"cannot read {text!r} ({problem}). Fix: write a YAML value, e.g. [a, b] for a "
+                              "list, 0.1 for a number.", key=self.key) from None  # fmt: skip
+
+    def set(self, value: Any) -> None:
+        if self.kind == "choice":
+            if value not in self.widget.options:  # shown (and refused by validation) rather than lost
+                self.widget.options = [*self.widget.options, value]
+            self.widget.value = value
+        elif self.kind in ("str", "optstr"):
+            self.widget.value = "" if value is None else str(value)
+        elif self.kind == "yaml":
+            self.widget.value = "" if value == self.default or value is None else yaml_text(value)
+        else:
+            self.widget.value = value
+
+
+class DataField:
+    """``data.train``: a notebook variable (``$name``) from a dropdown, or a path / hub id typed beside it."""
+
+    def __init__(self, key: str, help: str, namespace: dict):
+        self.key, self.kind, self.default, self.namespace = key, "data", None, namespace
+        tip = {"tooltip": help}
+        self.variable = widgets.Dropdown(
+            description=key.rsplit(".", 1)[-1], style=STYLE, layout=widgets.Layout(width=WIDTH), **tip
+        )
+        self.path = widgets.Text(placeholder="or a file path / hub dataset id", continuous_update=False,
+                                 layout=widgets.Layout(width="300px"), **tip)  # fmt: skip
+        self.refresh_button = widgets.Button(icon="refresh", tooltip="List the notebook's data variables again",
+                                             layout=widgets.Layout(width="36px"))  # fmt: skip
+        self.refresh_button.on_click(lambda _b: self.refresh())
+        self.widget = widgets.HBox([self.variable, self.path, self.refresh_button])
+        self.refresh()
+
+    def refresh(self) -> None:
+        """List the namespace's DataFrames, datasets and lists of dicts again (keeping the choice if still there)."""
+        current = self.variable.value
+        options = [("(the path or hub id beside)", NO_FILE)] + data_variables(self.namespace)
+        self.variable.options = options
+        self.variable.value = current if current in [v for _, v in options] else NO_FILE
+        self.path.disabled = self.variable.value != NO_FILE
+
+    def get(self):
+        if self.variable.value != NO_FILE:
+            return self.variable.value
+        return self.path.value.strip() or None
+
+    def set(self, value) -> None:
+        if value is not None and not isinstance(value, str):  # an object given directly: find its notebook name
+            name = next((k for k, v in self.namespace.items() if v is value and not k.startswith("_")), None)
+            value = f"${name}" if name else None
+        if isinstance(value, str) and value.strip().startswith("$"):
+            self.refresh()
+            if value.strip() not in [v for _, v in self.variable.options]:  # not (yet) defined: keep it as text
+                self.variable.value, self.path.value = NO_FILE, value.strip()
+            else:
+                self.variable.value = value.strip()
+        else:
+            self.variable.value, self.path.value = NO_FILE, value or ""
+        self.path.disabled = self.variable.value != NO_FILE
+
+
+class ParamsField:
+    """``method.params``: the chosen method's own fields (only those are shown), or free YAML for the generic one."""
+
+    def __init__(self, key: str):
+        self.key, self.kind, self.default = key, "params", {}
+        self.widget = widgets.VBox()
+        self.method: str | None = None
+        self.by_method: dict[str, dict[str, Field]] = {}
+        self.yaml_areas: dict[str, widgets.Textarea] = {}
+        self.boxes: dict[str, widgets.Widget] = {}
+        self.on_change = None
+
+    def fields(self, method: str) -> dict[str, Field]:
+        """{parameter: Field} of `method` (built on first use; empty for the free-form YAML methods)."""
+        self._build(method)
+        return self.by_method[method]
+
+    def show(self, method: str) -> None:
+        self._build(method)
+        self.method = method
+        self.widget.children = [self.boxes[method]]
+
+    def get(self) -> dict:
+        if self.method is None:
+            return {}
+        if self.method in self.yaml_areas:
+            from ..config import load_mapping
+
+            text = self.yaml_areas[self.method].value
+            return load_mapping(text) if text.strip() else {}
+        return {k: f.get() for k, f in self.by_method[self.method].items() if _differs(f.get(), f.default)}
+
+    def set(self, params: dict) -> None:
+        self._build(self.method)
+        if self.method in self.yaml_areas:
+            self.yaml_areas[self.method].value = yaml_text(params, flow=False) if params else ""
+            return
+        fields = self.by_method[self.method]
+        for name, f in fields.items():
+            f.set(params.get(name, f.default))
+        unknown = [k for k in params if k not in fields]
+        if unknown:  # e.g. `from:` or a misspelt name: refuse now, as the cell would
+            get_method_checked(self.method, params)
+
+    def _build(self, method: str) -> None:
+        if method in self.boxes:
+            return
+        from ..methods import get_method
+
+        spec = get_method(method)
+        fields, note = method_fields(spec)
+        self.by_method[method] = fields
+        if fields is None:  # the generic `peft` entry: any peft_type and its parameters, as YAML
+            area = widgets.Textarea(placeholder="peft_type: FOURIERFT\nn_frequency: 1000", rows=6,
+                                    continuous_update=False, layout=widgets.Layout(width="600px"),
+                                    tooltip="The method's parameters as YAML (peft's names), e.g. peft_type: ...")  # fmt: skip
+            area.observe(self._changed, "value")
+            self.yaml_areas[method], self.by_method[method] = area, {}
+            self.boxes[method] = widgets.VBox([widgets.HTML(note), area])
+            return
+        for f in fields.values():
+            f.widget.observe(self._changed, "value")
+        few = not getattr(spec, "is_peft", False)  # selective methods have a handful of parameters: all in view
+        primary = [f.widget for k, f in fields.items() if few or k in PRIMARY_PARAMS or k in spec.defaults]
+        rest = [f.widget for k, f in fields.items() if f.widget not in primary]
+        children = [widgets.HTML(note), _grid(primary)] if primary else [widgets.HTML(note)]
+        if rest:
+            more = widgets.Accordion(children=[_grid(rest)], titles=(f"more parameters ({len(rest)})",))
+            more.selected_index = None
+            children.append(more)
+        self.boxes[method] = widgets.VBox(children)
+
+    def _changed(self, _change=None) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+
+def method_fields(spec) -> tuple[dict[str, Field] | None, str]:
+    """The fields of a registered method and a note about them (None: parameters are free YAML).
+
+    Args:
+        spec: From `peft_magic.methods.get_method`.
+    """
+    summary = escape(getattr(spec, "summary", "") or "")
+    if getattr(spec, "is_peft", False):
+        if spec.config_class is None:
+            return None, f"<i>{summary}</i>"
+        from ..methods.peft_methods import TARGETS_ALL_LINEAR
+
+        out = {}
+        for name, f in spec.accepted_params().items():
+            if name in HIDDEN_PARAMS:
+                continue
+            default = spec.defaults.get(name, _field_default(f))
+            placeholder = "all-linear" if name == "target_modules" and spec.name in TARGETS_ALL_LINEAR else ""
+            out[name] = _make_field(f"method.{name}", f.type, default, f.metadata, placeholder=placeholder)
+        out["from"] = Field("method.from", "optstr", None, FROM_HELP, placeholder="a folder written by %peft_export")
+        return out, f"<i>{summary}</i> Parameters are peft's <code>{spec.config_class}</code> fields."
+    helps = getattr(spec, "params_help", {}) or {}
+    out = {name: Field(f"method.{name}", "yaml", None, text, placeholder="default") for name, text in helps.items()}
+    return out, f"<i>{summary}</i>"
+
+
+def get_method_checked(method: str, params: dict) -> None:
+    from ..methods import get_method
+
+    get_method(method).check_params(dict(params))
+
+
+def _make_field(key, typ, default, metadata, placeholder="") -> Field:
+    kind, choices = field_kind(typ, metadata)
+    if kind in ("choice", "bool", "int", "float") and default is None:  # no "unset" state in those widgets
+        kind = "yaml"
+    if kind == "choice" and default not in choices:
+        kind = "yaml"
+    if kind in ("int", "float") and (isinstance(default, bool) or not isinstance(default, (int, float))):
+        kind = "yaml"
+    return Field(key, kind, default, metadata.get("help", ""), choices, placeholder)
+
+
+def field_kind(typ, metadata) -> tuple[str, tuple]:
+    """Which widget a dataclass field gets: ``(kind, choices)`` (see `Field`)."""
+    if metadata.get("choices"):
+        return "choice", tuple(metadata["choices"])
+    text = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    text = text.replace("typing.", "")
+    if text in ("bool", "int", "float", "str"):
+        return text, ()
+    if text == "Optional[str]":
+        return "optstr", ()
+    literal = re.fullmatch(r"Literal\[(.*)\]", text)
+    if literal:
+        items = [s.strip() for s in literal.group(1).split(",")]
+        if all(len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" for s in items):
+            return "choice", tuple(s[1:-1] for s in items)
+    return "yaml", ()
+
+
+def _field_default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def data_variables(namespace: dict) -> list[tuple[str, str]]:
+    """``[(label, "$name")]`` for the DataFrames, datasets and lists of dicts in a notebook namespace."""
+    out = []
+    for name, value in list(namespace.items()):
+        if name.startswith("_") or name in ("In", "Out"):
+            continue
+        kind = _data_kind(value)
+        if kind:
+            out.append((f"${name} · {kind}", f"${name}"))
+    return sorted(out)
+
+
+def _data_kind(value) -> str | None:
+    module, cls = type(value).__module__.split(".")[0], type(value).__name__
+    try:
+        if module == "pandas" and cls == "DataFrame":
+            return f"DataFrame, {len(value):,} rows"
+        if module == "datasets" and cls == "Dataset":
+            return f"Dataset, {len(value):,} rows"
+        if module == "datasets" and cls == "DatasetDict":
+            return f"DatasetDict ({', '.join(value)})"
+    except TypeError:  # an unsized (streaming) dataset
+        return cls
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value[:50]):
+        return f"list of {len(value):,} dicts"
+    return None
+
+
+# ----------------------------------------------------------------------------- the form
+
+
+class Form:
+    """A widget form for one training run: every config field, Start / Stop / Export / Copy as cell.
+
+    Args:
+        config: Values to start from: a dict, YAML text or file, or a `Config` (e.g. an earlier run's).
+        name: The run's name: Start stores the `Run` in the namespace under it, and the cell is ``%%peft_train NAME``.
+        shell: The IPython shell (default: the running one); its ``user_ns`` is where data and runs live.
+        namespace: Overrides ``shell.user_ns``.
+        defaults: Values where `config` is silent, e.g. ``{"model": {...}}`` from ``%peft_model``.
+        preflight_delay: Seconds after the last change before the pre-flight line is recomputed in a thread
+            (it reads the model's config); None: only on the "Check" button or `update_preflight`.
+    """
+
+    def __init__(self, config=None, *, name: str = "run", shell=None, namespace=None, defaults=None,
+                 preflight_delay: float | None = 1.0):  # fmt: skip
+        if shell is None:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+        self.shell = shell
+        self.namespace = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
+        self.run = None
+        self.panel = None
+        self.preflight_delay = preflight_delay
+        self._quiet = False
+        self._generation = 0
+        self._timer: threading.Timer | None = None
+        self.fields: dict[str, Field | DataField | ParamsField] = {}
+        self._build(name)
+        self._quiet = True
+        try:
+            self.set_config(config, defaults)
+        finally:
+            self._quiet = False
+        self._changed()
+
+    # ------------------------------------------------------------------ building
+    def _build(self, name: str) -> None:
+        self.tabs = widgets.Tab()
+        pages = []
+        # A config section added later gets a tab of its own, before Export.
+        tabs = [*TABS[:-1], *((s.title(), s) for s in SECTIONS if s not in dict(TABS).values()), TABS[-1]]
+        for title, section in tabs:
+            pages.append(self._export_page() if section is None else self._section_page(section))
+        self.tabs.children, self.tabs.titles = pages, tuple(t for t, _ in tabs)
+        self.error = widgets.HTML()
+        self.preflight_line = widgets.HTML()
+        self.check_button = widgets.Button(description="Check fit", icon="tachometer", tooltip="Estimate the "
+                                           "trainable parameters and peak memory now",
+                                           layout=widgets.Layout(width="auto"))  # fmt: skip
+        self.check_button.on_click(lambda _b: self.update_preflight())
+        self.name_text = widgets.Text(value=name, description="run name", continuous_update=False,
+                                      tooltip="The notebook variable that will hold the Run",
+                                      style={"description_width": "70px"}, layout=widgets.Layout(width="220px"))  # fmt: skip
+        self.name_text.observe(self._changed, "value")
+        button = lambda text, icon, style, tip: widgets.Button(description=text, icon=icon, button_style=style,
+                                                               tooltip=tip, layout=widgets.Layout(width="auto"))  # fmt: skip
+        self.start_button = button("Start", "play", "success", "Train in the background with a live panel below")
+        self.stop_button = button("Stop", "stop", "danger", "Stop after the current step; the work so far is kept")
+        self.export_button = button("Export", "download", "", "Write the adapter to the Export tab's folder")
+        self.copy_button = button("Copy as cell", "copy", "", "The %%peft_train cell that trains exactly this")
+        self.stop_button.disabled = self.export_button.disabled = True
+        self.start_button.on_click(lambda _b: self.start())
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.export_button.on_click(lambda _b: self.export())
+        self.copy_button.on_click(lambda _b: self.copy_as_cell())
+        self.message = widgets.HTML()
+        self.cell_area = widgets.Textarea(rows=12, layout=widgets.Layout(width="100%", display="none"),
+                                          tooltip="Select all and copy; paste into a new cell")  # fmt: skip
+        self.panel_box = widgets.VBox()
+        buttons = widgets.HBox([self.name_text, self.start_button, self.stop_button, self.export_button,
+                                self.copy_button], layout=widgets.Layout(align_items="center", margin="6px 0"))  # fmt: skip
+        self.widget = widgets.VBox(
+            [self.tabs, self.error, widgets.HBox([self.check_button, self.preflight_line],
+                                                 layout=widgets.Layout(align_items="center")),
+             buttons, self.message, self.cell_area, self.panel_box],
+            layout=widgets.Layout(width="100%"),
+        )  # fmt: skip
+
+    def _section_page(self, section: str) -> widgets.Widget:
+        cls = SECTIONS[section]
+        rows = []
+        if section == "model":  # the task is a top-level key, but it is decided with the model
+            rows.append(self._add_field("model.name_or_path", cls))
+            task = next(f for f in dataclasses.fields(Config) if f.name == "task")
+            self.fields["task"] = _make_field("task", task.type, task.default, task.metadata)
+            self.fields["task"].widget.observe(self._changed, "value")
+            rows.append(self.fields["task"].widget)
+        if section == "method":
+            return self._method_page()
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if key in self.fields:
+                continue
+            if key == "data.train":
+                self.fields[key] = DataField(key, f.metadata.get("help", ""), self.namespace)
+                self.fields[key].variable.observe(self._data_changed, "value")
+                self.fields[key].path.observe(self._changed, "value")
+                rows.append(self.fields[key].widget)
+                continue
+            rows.append(self._add_field(key, cls))
+        if section == "train":
+            return _grid(rows, columns=2)
+        return widgets.VBox(rows)
+
+    def _add_field(self, key: str, cls) -> widgets.Widget:
+        name = key.split(".", 1)[1]
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        placeholder = {"data.eval": "e.g. 0.1 (a held-out fraction), $val_df, a file", "train.output_dir":
+                       "peft_runs/<run name>", "model.name_or_path": "hub id, model folder or .gguf file"}.get(key, "")  # fmt: skip
+        field = _make_field(key, f.type, _field_default(f), f.metadata, placeholder=placeholder)
+        self.fields[key] = field
+        field.widget.observe(self._changed, "value")
+        return field.widget
+
+    def _method_page(self) -> widgets.Widget:
+        from ..methods import available
+
+        f = next(f for f in dataclasses.fields(MethodConfig) if f.name == "name")
+        names = sorted(available())
+        self.fields["method.name"] = Field("method.name", "choice", f.default, f.metadata.get("help", ""), names)
+        self.fields["method.name"].widget.observe(self._method_changed, "value")
+        params = ParamsField("method.params")
+        params.on_change = self._changed
+        params.show(f.default)
+        self.fields["method.params"] = params
+        return widgets.VBox([self.fields["method.name"].widget, params.widget])
+
+    def _export_page(self) -> widgets.Widget:
+        self.export_dir = widgets.Text(description="folder", placeholder="./<run name>-adapter", style=STYLE,
+                                       layout=widgets.Layout(width=WIDTH), continuous_update=False,
+                                       tooltip="Where Export writes the adapter (or the merged model)")  # fmt: skip
+        self.export_merge = widgets.Checkbox(description="merge", indent=True, style=STYLE,
+                                             tooltip="Write a full model with the adapter merged in")  # fmt: skip
+        self.export_overwrite = widgets.Checkbox(description="overwrite", indent=True, style=STYLE,
+                                                 tooltip="Replace the folder if it already holds files")  # fmt: skip
+        note = widgets.HTML("<i>After a run (finished or stopped), press <b>Export</b> below.</i>")
+        return widgets.VBox([self.export_dir, self.export_merge, self.export_overwrite, note])
+
+    # ------------------------------------------------------------------ values
+    def method_fields(self, method: str | None = None) -> dict[str, Field]:
+        """{parameter: Field} of a method (default: the chosen one); empty for free-YAML methods."""
+        return self.fields["method.params"].fields(method or self.fields["method.name"].get())
+
+    def shown_params(self) -> list[str]:
+        """Names of the method parameters whose widgets are in the form now (those of the chosen method only;
+        the less-used ones sit in a collapsed "more parameters" section)."""
+        params, shown = self.fields["method.params"], []
+        for fields in params.by_method.values():
+            shown += [name for name, f in fields.items() if _contains(self.widget, f.widget)]
+        return shown
+
+    def values(self) -> dict:
+        """The mapping a ``%%peft_train`` cell body would hold (before validation)."""
+        raw: dict = {section: {} for section in SECTIONS}
+        for key, field in self.fields.items():
+            if key == "task":
+                raw["task"] = field.get()
+            elif key == "method.params":
+                raw["method"].update(field.get())
+            else:
+                section, name = key.split(".", 1)
+                raw[section][name] = field.get()
+        return raw
+
+    @property
+    def config(self) -> Config:
+        """`parse_config` of the form's values; raises `ConfigError` like the cell would."""
+        return parse_config(self.values())
+
+    @property
+    def name(self) -> str:
+        return self.name_text.value.strip()
+
+    def set_config(self, config=None, defaults=None) -> None:
+        """Fill the form from a dict, YAML text or file, or a `Config` (keys it does not give keep their values)."""
+        raw = raw_config(config, defaults=defaults)
+        unknown = set(raw) - {"task", *SECTIONS}
+        if unknown:
+            parse_config(raw)  # raises the cell's own "unknown key" error
+        if "task" in raw:
+            self.fields["task"].set(raw["task"])
+        for section, cls in SECTIONS.items():
+            value = raw.get(section)
+            if value is None:
+                continue
+            if section == "method":
+                method = _build_method(value)
+                self.fields["method.name"].set(method.name.strip().lower().replace("_", "-"))
+                self.fields["method.params"].show(self.fields["method.name"].get())
+                self.fields["method.params"].set(method.params)
+                continue
+            if section == "model" and isinstance(value, str):
+                value = {"name_or_path": value}
+            data = dict(value)
+            # Data sources may be objects (a DataFrame given to `train()`): shown by their notebook name.
+            sources = [f.name for f in dataclasses.fields(cls) if section == "data" and f.type == "Any"]
+            objects = {k: data.pop(k) for k in sources if k in data}
+            built = _build_section(cls, data, section)
+            given = {_canonical(section, k) for k in data}
+            for f in dataclasses.fields(cls):
+                if f.name in given:
+                    self.fields[f"{section}.{f.name}"].set(getattr(built, f.name))
+            for k, v in objects.items():
+                self.fields[f"data.{k}"].set(
+                    v if k == "train" or not _is_object(v) else _namespace_ref(v, self.namespace)
+                )
+
+    # ------------------------------------------------------------------ reactions
+    def _method_changed(self, change) -> None:
+        self.fields["method.params"].show(change["new"])
+        self._changed()
+
+    def _data_changed(self, _change=None) -> None:
+        field = self.fields["data.train"]
+        field.path.disabled = field.variable.value != NO_FILE
+        self._changed()
+
+    def _changed(self, _change=None) -> None:
+        if self._quiet:
+            return
+        cfg = self.validate()
+        if self.cell_area.layout.display != "none" and cfg is not None:
+            self.cell_area.value = self._cell_text(cfg)
+        if cfg is not None and self.preflight_delay is not None:
+            self._schedule_preflight()
+
+    def validate(self) -> Config | None:
+        """Parse the form; shows the `ConfigError` under the form in red (and clears it once fixed)."""
+        try:
+            cfg = self.config
+        except ConfigError as e:
+            tab = SECTION_TAB.get(str(e.key or "").split(".", 1)[0].lstrip("-"))
+            where = f' <span style="color:#666">({tab} tab)</span>' if tab else ""
+            # A required field not filled in yet is a next step, not a mistake: grey, not red.
+            color = (
+                "#666"
+                if e.key in ("model", "data.train") and str(e).split(": ", 1)[-1].startswith("no ")
+                else ERROR_COLOR
+            )
+            self.error.value = f'<div style="color:{color}">{escape(str(e), quote=False)}{where}</div>'
+            self.start_button.disabled = True
+            return None
+        self.error.value = ""
+        self.start_button.disabled = False
+        return cfg
+
+    # ------------------------------------------------------------------ pre-flight
+    def preflight(self) -> tuple[str, str]:
+        """``(text, color)`` of the pre-flight line: trainable parameters and whether the peak memory fits.
+
+        Reads only the model's config (the architecture is built on the meta device), so it is quick after the
+        first call, but it imports transformers and peft.
+        """
+        try:
+            cfg = self.config
+        except ConfigError as e:
+            return f"pre-flight: fix the form first ({e.key})", WARN_COLOR
+        from ..devices import device_info
+        from ..preflight import check_fit, estimate_for_config
+
+        try:
+            info = device_info()
+            estimate = estimate_for_config(cfg, info)
+            fit = check_fit(estimate, info, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+        except ConfigError as e:
+            return f"pre-flight: {e}", WARN_COLOR
+        except Exception as e:  # noqa: BLE001 - e.g. a .gguf or remote-code model whose config cannot be built here
+            return f"pre-flight unavailable: {type(e).__name__}: {e}"[:300], "#666"
+        from ..methods import get_method
+
+        if getattr(get_method(cfg.method.name), "is_peft", False):  # peft counted its adapter on the meta model
+            total = estimate.params + estimate.trainable_params  # the adapter adds to the base, as in the panel
+            params = format_params(estimate.trainable_params, total) or "0 trainable"
+        else:  # which entries a selective method trains is decided on the loaded weights
+            params = "trainable count known after loading"
+        peak = estimate.summary().split(" (")[0]
+        text = f"pre-flight: {params} · base {format_count(estimate.params)} params · {peak} · {fit.message}"
+        return text, OK_COLOR if fit.fits else ERROR_COLOR
+
+    def update_preflight(self) -> str:
+        """Recompute the pre-flight line now (in this thread) and return its text."""
+        self._generation += 1
+        self.preflight_line.value = '<span style="color:#666">pre-flight: estimating…</span>'
+        text, color = self.preflight()
+        self.preflight_line.value = f'<span style="color:{color}">{escape(text)}</span>'
+        return text
+
+    def _schedule_preflight(self) -> None:
+        # Debounced: typing in a field must not rebuild the meta model at every change; and never during a run,
+        # whose CPU/GPU it would slow down.
+        if self.run is not None and self.run.running:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._generation += 1
+        generation = self._generation
+        self._timer = threading.Timer(self.preflight_delay, self._preflight_later, args=(generation,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _preflight_later(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        text, color = self.preflight()
+        if generation == self._generation:  # nothing changed meanwhile
+            self.preflight_line.value = f'<span style="color:{color}">{escape(text)}</span>'
+
+    # ------------------------------------------------------------------ actions
+    def cell_text(self) -> str:
+        """The ``%%peft_train NAME`` cell that trains exactly this form's config; raises `ConfigError`."""
+        return self._cell_text(self.config)
+
+    def _cell_text(self, cfg: Config) -> str:
+        return f"%%peft_train {self.name or 'run'}\n{cfg.to_yaml(minimal=True)}"
+
+    def copy_as_cell(self) -> str | None:
+        """Show the cell text under the buttons and, when the shell can (a cell is executing, or a terminal),
+        put it in the next input cell. Returns the text, or None when the form has an error."""
+        cfg = self.validate()
+        if cfg is None:
+            return None
+        text = self._cell_text(cfg)
+        self.cell_area.value = text
+        self.cell_area.layout.display = None
+        if _can_insert_cell(self.shell):
+            self.shell.set_next_input(text)
+            self._say("the cell is below the form: select it and copy, or run the new cell")
+        else:
+            self._say("the cell is below: select all (Ctrl-A) and copy it into a new cell")
+        return text
+
+    def start(self):
+        """Start training in the background with the live panel under the form; returns the `Run` (or None and
+        an inline message when the form or the data has a mistake)."""
+        from .. import api
+        from ..run import Run
+        from .panel import LivePanel
+
+        cfg = self.validate()
+        if cfg is None:
+            return None
+        name = self.name
+        if not name.isidentifier():
+            return self._fail(f"'{name}' is not a valid variable name. Fix: e.g. my_run.")
+        previous = self.namespace.get(name)
+        if isinstance(previous, Run) and previous.running:
+            return self._fail(f"'{name}' is still training. Fix: Stop it (or wait) first, or use another run name.")
+        panel = LivePanel(stop=self._stop_run, auto_show=False,
+                          summary_extra={"export": f"%peft_export {name} ./{name}-adapter"})  # fmt: skip
+        summary = widgets.HTML()
+        self.panel, self.run = panel, None
+        self.panel_box.children = [panel.embed(summary), summary]  # on screen before anything loads
+        if self._timer is not None:
+            self._timer.cancel()
+        self._say("")
+        try:
+            run = api.train(cfg, namespace=self.namespace, background=True, name=name, display=panel,
+                            cell=self._cell_text(cfg), replaces=previous if isinstance(previous, Run) else None)  # fmt: skip
+        except (ConfigError, TrainingFailed) as e:
+            panel.status.value = f'<span style="color:{ERROR_COLOR}">status: failed: {escape(str(e))}</span>'
+            return self._fail(str(e))
+        self.run = run
+        self.namespace[name] = run
+        magics = _peft_magics(self.shell)
+        if magics is not None:
+            magics.last_run_name = name  # so `%peft_export DIR` and `%peft_eval` find it
+        self.stop_button.disabled, self.export_button.disabled = False, False
+        self._say(f"training in the background as <code>{escape(name)}</code>: {escape(name)}.wait(), "
+                  f"{escape(name)}.stop(), {escape(name)}.status")  # fmt: skip
+        return run
+
+    def stop(self) -> None:
+        """Stop the run after its current step (like the panel's Stop button)."""
+        if self.panel is not None and not self.panel.stop_button.disabled:
+            self.panel.stop_button.click()  # the panel says "stopping…" and calls `_stop_run`
+        else:
+            self._stop_run()
+
+    def _stop_run(self) -> None:
+        if self.run is not None:
+            self.run.stop()
+
+    def export(self, folder: str | None = None):
+        """Export the run's adapter (or merged model) to `folder` (default: the Export tab's, else
+        ``./NAME-adapter``); returns the folder, or None with an inline message."""
+        if self.run is None:
+            return self._fail("no run to export yet. Fix: press Start first.")
+        folder = folder or self.export_dir.value.strip() or f"./{self.run.name}-adapter"
+        try:
+            path = self.run.export(folder, merge=self.export_merge.value, overwrite=self.export_overwrite.value)
+        except ConfigError as e:
+            return self._fail(str(e))
+        what = "merged model" if self.export_merge.value else "adapter"
+        self.error.value = ""
+        self._say(f"exported the {what} of <code>{escape(self.run.name)}</code> to <code>{escape(str(path))}</code>")
+        return path
+
+    def _fail(self, text: str) -> None:
+        self.error.value = f'<div style="color:{ERROR_COLOR}">{escape(text, quote=False)}</div>'
+
+    def _say(self, html: str) -> None:
+        self.message.value = f'<span style="color:#444">{html}</span>' if html else ""
+
+    # ------------------------------------------------------------------ display
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"<peft_magic Form for run '{self.name}'>"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def yaml_text(value, flow: bool = True) -> str:
+    """A value as the YAML a user would type in one line (``[q_proj, v_proj]``, ``0.1``, ``$df``)."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=flow, sort_keys=False, width=10**6).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def _grid(children, columns: int = 1) -> widgets.Widget:
+    if columns == 1:
+        return widgets.VBox(list(children))
+    return widgets.GridBox(list(children), layout=widgets.Layout(grid_template_columns=f"repeat({columns}, {WIDTH})",
+                                                                 grid_gap="2px 16px"))  # fmt: skip
+
+
+def _contains(root, target) -> bool:
+    if root is target:
+        return True
+    return any(_contains(child, target) for child in getattr(root, "children", ()))
+
+
+def _placeholder(default) -> str:
+    if _empty(default):
+        return ""
+    try:
+        return yaml_text(default)
+    except Exception:  # noqa: BLE001 - a peft config object (e.g. LoraRuntimeConfig): show what it is
+        return f"{type(default).__name__} (peft's default)"
+
+
+def _empty(value) -> bool:
+    return value is None or value == [] or value == {} or value == ""
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
+def _differs(value, default) -> bool:
+    return not (value == default and type(value) is type(default))
+
+
+def _canonical(section: str, key: str) -> str:
+    from ..config import ALIASES
+
+    return ALIASES.get(section, {}).get(key, key)
+
+
+def _is_object(value) -> bool:
+    return value is not None and not isinstance(value, (str, int, float, bool))
+
+
+def _namespace_ref(value, namespace):
+    name = next((k for k, v in namespace.items() if v is value and not k.startswith("_")), None)
+    return f"${name}" if name else None
+
+
+def _can_insert_cell(shell) -> bool:
+    """`set_next_input` reaches the front-end only with the reply to an executing cell; from a button click (a
+    comm message) the text would pop up after whichever cell runs next, so it is not used then."""
+    if shell is None:
+        return False
+    header = getattr(shell, "parent_header", None)
+    if header is None:
+        return hasattr(shell, "set_next_input")  # a terminal or a plain InteractiveShell
+    return (header.get("header") or {}).get("msg_type") == "execute_request"
+
+
+def _peft_magics(shell):
+    if shell is None or not hasattr(shell, "magics_manager"):
+        return None
+    return shell.magics_manager.registry.get("PeftMagics")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Extra tools for the real-browser test (tests/test_browser.py): JupyterLab, Playwright for Python, and Debian's
+# Chromium. Playwright drives /usr/bin/chromium (its `executable_path`): never `playwright install`, which
+# downloads browsers, and downloads are impossible on the CI machines.
+#   scripts/setup.sh --test runs this when it is present.
+set -euo pipefail
+PIP="python3 -m pip install -q --disable-pip-version-check"
+# jupyterlab_widgets is the JupyterLab side of ipywidgets 8 (core widgets only, no other extension needed).
+$PIP jupyterlab "ipywidgets>=8" jupyterlab_widgets playwright
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+fi
+echo "browser test tools installed ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
