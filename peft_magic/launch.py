@@ -315,14 +315,22 @@ class _Launch:
     def _launch(self):
         # In a thread on purpose: torch's elastic agent installs its SIGINT handler (kill the workers) only in the
         # main thread, so here Ctrl-C stays a graceful stop.
+        import logging
+
         from accelerate import notebook_launcher
 
+        # the elastic agent logs each worker's exit with a traceback of its own; the kernel reports the worker's
+        # error itself (one line for a mistake, the worker's traceback for a bug)
+        elastic = logging.getLogger("torch.distributed.elastic")
+        level = elastic.level
+        elastic.setLevel(logging.CRITICAL)
         try:
             notebook_launcher(_worker, args=(self.job, self.events, self.stop), num_processes=self.n,
                               use_port=str(_free_port()))  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - reported by `follow` in the caller's thread
             self.failure = e
         finally:
+            elastic.setLevel(level)
             self.events.put(_DONE)
 
     def follow(self):
@@ -438,7 +446,11 @@ def _worker(job: Job, events, stop) -> None:
             events.put(("result", _result(run)))
     except BaseException as e:
         events.put(("error", _error_report(rank, e)))
-        raise  # the launcher must see it fail, or the other ranks wait forever in their next collective
+        # the launcher must see it fail, or the other ranks wait forever in their next collective; a user mistake
+        # exits without a traceback per worker (the kernel shows it as one line)
+        if isinstance(e, (ConfigError, TrainingFailed)):
+            raise SystemExit(1) from None
+        raise
     finally:
         events.close()
         events.join_thread()  # everything sent is in the pipe before this process exits

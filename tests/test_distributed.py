@@ -233,6 +233,12 @@ NOTEBOOK = textwrap.dedent(
             f"train: {{max_steps: 8, learning_rate: 0.005, logging_steps: 2, per_device_train_batch_size: 4, "
             f"output_dir: {out}/nb}}\\n")
     report = {}
+    try:  # a mistake the kernel cannot see without importing peft: the workers report it, as one line
+        shell.run_cell_magic("peft_train", "bad --processes 2", cell.replace("0.005", "fast"))
+        report["bad"] = None
+    except Exception as e:
+        report["bad"] = f"{type(e).__name__}: {e}"
+    report["bad_stored"] = "bad" in shell.user_ns
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         shell.run_cell_magic("peft_train", "nb --processes 2", cell)
@@ -301,4 +307,6 @@ def test_notebook_processes_relay_rank_zero_and_hand_back_the_run(tiny_llama, tm
     assert report["model"] == "PeftModelForCausalLM" and report["same_weights"]
     assert isinstance(report["generated"], str)
     assert "restart the kernel" in report["refused"]
+    assert report["bad"].startswith("UsageError: train.learning_rate: expected a") and "'fast'" in report["bad"]
+    assert not report["bad_stored"]
     print(f"\nnotebook launcher, 2 processes: {time.time() - started:.0f} s for two launches (start-up included)")
