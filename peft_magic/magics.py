@@ -100,11 +100,18 @@ class PeftMagics(Magics):
         cfg = raw if multi else api.resolve_config(raw, overrides, defaults, args.name)
         if _is_run(previous) and previous.running:
             raise UsageError(f"'{args.name}' is still training. Fix: {args.name}.stop() (or .wait()) first.")
-        if _is_run(previous):
-            previous.release()  # re-running the cell frees the old model before loading a new one
-        run = api.train(cfg, namespace=ns, background=args.background, name=args.name, display=self.display,
-                        resume=args.resume, cell=_cell_text(line, cell),
-                        overrides=overrides if multi else None, defaults=defaults if multi else None)  # fmt: skip
+        from .errors import TrainingFailed
+
+        try:  # a re-run frees the old model once the new cell passed its checks, before the new model loads
+            run = api.train(cfg, namespace=ns, background=args.background, name=args.name, display=self.display,
+                            resume=args.resume, cell=_cell_text(line, cell),
+                            overrides=overrides if multi else None, defaults=defaults if multi else None,
+                            replaces=previous if _is_run(previous) else None)  # fmt: skip
+        except TrainingFailed as e:  # NaN loss: keep the run (last good weights); out of memory: it has none
+            if getattr(e, "run", None) is not None and e.run.model is not None:
+                ns[args.name] = e.run
+                self.last_run_name = args.name
+            raise
         ns[args.name] = run
         self.last_run_name = args.name
         return None
