@@ -29,6 +29,7 @@ STATUS_COLORS = {"failed": "#c62828", "stopped": "#b26a00", "interrupted": "#b26
 STOPPING = "stopping after this step…"
 LIVE_CHART_POINTS = 300  # per line; the live chart is ~360 px wide
 NO_STOP_HINT = "Interrupt the kernel (■ / Ctrl-C) to stop: training stops after the current step and keeps its work."
+STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to stop: interrupt the kernel (■)</span>'
 
 
 class LivePanel(Callback):
@@ -38,7 +39,6 @@ class LivePanel(Callback):
         stop: Called (no arguments) when the user presses Stop; the engine should stop after the current step.
             Without it the button is disabled and its tooltip says to interrupt the kernel instead.
         max_redraws_per_second: Throttle for redraws of the progress, chart and stats.
-STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to stop: interrupt the kernel (■)</span>'
         clock: Monotonic clock for the throttle (a fake one in tests and benchmarks).
         auto_show: Display the panel on the first event if `show` was not called before. Call `show` yourself
             from the cell's thread when training runs in a background thread, so the panel lands in that cell.
@@ -88,6 +88,8 @@ STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to st
             layout=layout(width="auto", flex="0 0 auto"),
         )
         self.stop_button.on_click(self._on_stop_click)
+        # A tooltip does not show on a disabled button: in a blocking cell, say in plain sight how to stop.
+        self.stop_hint = widgets.HTML(value="" if self.stop else STOP_HINT_HTML, layout=layout(flex="0 0 auto"))
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=layout(flex="1 1 auto", width="auto"))
         self.progress_label = widgets.HTML(layout=layout(flex="0 0 auto", margin="0 0 0 8px"))
         self.chart = widgets.HTML(value=loss_chart_svg(), layout=layout(flex="0 0 auto"))
@@ -97,8 +99,6 @@ STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to st
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.header, self.stop_hint, self.stop_button], layout=layout(align_items="center")),
-        # A tooltip does not show on a disabled button: in a blocking cell, say in plain sight how to stop.
-        self.stop_hint = widgets.HTML(value="" if self.stop else STOP_HINT_HTML, layout=layout(flex="0 0 auto"))
                 widgets.HBox([self.progress, self.progress_label], layout=layout(align_items="center")),
                 widgets.HBox([self.chart, self.stats], layout=layout(align_items="flex-start")),
                 self.metrics,
@@ -120,15 +120,6 @@ STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to st
         # run ends in a background thread while another cell is executing.
         self._summary_handle = ipy_display.display(ipy_display.HTML(""), display_id=True)
 
-    def _maybe_show(self) -> None:
-        if self.auto_show and not self._shown:
-            self.show()
-
-    # ------------------------------------------------------------------ events
-    def on_status(self, state: TrainState, status: str) -> None:
-        self._maybe_show()
-        self.status.value = self._status_html(status, state)
-
     def embed(self, summary: widgets.HTML | None = None) -> widgets.Widget:
         """The panel's widget, to place inside another widget (the `%peft_ui` form) instead of displaying it.
 
@@ -140,6 +131,15 @@ STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to st
         if summary is not None:
             self._summary_handle = _HtmlSlot(summary)
         return self.widget
+
+    def _maybe_show(self) -> None:
+        if self.auto_show and not self._shown:
+            self.show()
+
+    # ------------------------------------------------------------------ events
+    def on_status(self, state: TrainState, status: str) -> None:
+        self._maybe_show()
+        self.status.value = self._status_html(status, state)
 
     def on_train_begin(self, state: TrainState) -> None:
         self._maybe_show()
@@ -174,6 +174,7 @@ STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to st
         self.throttle.ready(force=True)
         self._redraw(state, force=True)
         self.stop_button.disabled = True
+        self.stop_hint.value = ""
         self.stop_button.description = "Stopped" if state.stop_reason in ("stopped", "interrupted") else "Stop"
         history = state.log_history or self._rows
         extra = dict(self.summary_extra)
@@ -183,7 +184,6 @@ STOP_HINT_HTML = '<span style="color:#666;font-size:12px;margin-right:6px">to st
             extra.setdefault(
                 "confusion matrix", ipy_display.HTML(f'<img alt="confusion matrix" src="{svg_data_uri(svg)}"/>')
             )
-        self.stop_hint.value = ""
         self.summary = summary_html(state, history, extra)
         summary = ipy_display.HTML(self.summary)
         if self._summary_handle is not None:
