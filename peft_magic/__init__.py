@@ -9,12 +9,13 @@ Importing this package is cheap: torch, transformers, peft and friends load on f
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["train", "dry_run", "load", "parse_config", "Config", "Run", "load_ipython_extension"]
+__all__ = ["train", "dry_run", "load", "compare", "parse_config", "Config", "Run", "load_ipython_extension"]
 
 _LAZY = {
     "train": ("api", "train"),
     "load": ("api", "load"),
     "dry_run": ("plan", "dry_run"),
+    "compare": ("compare", "compare"),
     "parse_config": ("config", "parse_config"),
     "Config": ("config", "Config"),
     "Run": ("run", "Run"),

@@ -176,7 +176,9 @@ def build_empty(mcfg, task: str, labels=None):
         config.num_labels = len(labels)
     cls = getattr(transformers, AUTO_CLASSES[task])
     with init_empty_weights(), quiet_loading():
-        return cls.from_config(config, trust_remote_code=bool(mcfg.trust_remote_code))
+        model = cls.from_config(config, trust_remote_code=bool(mcfg.trust_remote_code))
+    model.tie_weights()  # meta models start untied: count a tied embedding once, as the real model has it
+    return model
 
 
 @contextlib.contextmanager

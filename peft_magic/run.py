@@ -93,6 +93,10 @@ class Run:
         from .inference import generate
 
         self._require("causal-lm", "seq2seq", what="generate")
+        # the chat template only where training used it (instruction / chat data), else the raw prompt
+        kw.setdefault("chat", self.data is None or self.data.kind in ("instruction", "chat"))
+        if self.config.task == "seq2seq":
+            kw["chat"] = False
         return generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kw)
 
     def predict(self, texts):
