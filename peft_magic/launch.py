@@ -569,8 +569,11 @@ def export_script(run, out_dir, namespace=None, num_processes=None, overwrite=Fa
     n = num_processes or (cfg.train.num_processes if cfg.train.num_processes > 1 else None)
     header = f"# peft_magic config of run '{run.name}', for launch.sh (`peft-magic train config.yaml`).\n"
     _write(path, "config.yaml", header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=False))
-    _write(path, "accelerate_config.yaml", ACCELERATE_CONFIG.format(layer=_decoder_layer(cfg), accum=cfg.train.gradient_accumulation_steps, clip=cfg.train.max_grad_norm))  # fmt: skip
-    _write(path, "launch.sh", LAUNCH_SH.format(name=run.name, n=n or "$(nvidia-smi -L 2>/dev/null | wc -l)"), mode=0o755)
+    template = ACCELERATE_CONFIG.format(layer=_decoder_layer(cfg), accum=cfg.train.gradient_accumulation_steps,
+                                        clip=cfg.train.max_grad_norm)  # fmt: skip
+    _write(path, "accelerate_config.yaml", template)
+    every_gpu = "$(nvidia-smi -L 2>/dev/null | wc -l)"
+    _write(path, "launch.sh", LAUNCH_SH.format(name=run.name, n=n or every_gpu), mode=0o755)
     return path
 
 

@@ -127,7 +127,7 @@ def test_peft_export_script_writes_a_job_that_reads_back(tiny_llama, tmp_path, m
     assert os.access(out / "launch.sh", os.X_OK) and 'NUM_PROCESSES="${NUM_PROCESSES:-2}"' in script
     assert ('accelerate launch --config_file accelerate_config.yaml --num_processes "$NUM_PROCESSES" \\\n'
             "    -m peft_magic train config.yaml --name job --export adapter --overwrite") in script  # fmt: skip
-    assert subprocess.run(["bash", "-n", "launch.sh"]).returncode == 0
+    assert subprocess.run(["bash", "-n", "launch.sh"], check=False).returncode == 0
     assert load_config_from_file("accelerate_config.yaml").distributed_type == "MULTI_GPU"
     template = (out / "accelerate_config.yaml").read_text()
     assert "fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer" in template and "zero_stage: 2" in template
@@ -149,7 +149,7 @@ def cluster_job(tiny_llama, tmp_path_factory):
                           "train": TRAIN}, name="job")  # fmt: skip
     export_script(Run("job", cfg), str(out / "job"), namespace={"rows": lm_rows(64)}, num_processes=2)
     started = time.time()
-    proc = subprocess.run(["bash", str(out / "job" / "launch.sh")], capture_output=True, text=True, timeout=500,
+    proc = subprocess.run(["bash", str(out / "job" / "launch.sh")], check=False, capture_output=True, text=True, timeout=500,
                           env=child_env())  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"dir": out / "job", "stdout": proc.stdout, "seconds": time.time() - started}
@@ -204,7 +204,7 @@ def test_resume_with_the_same_number_of_processes(cluster_job, tmp_path):
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peft_magic", "train", "config.yaml",
            "--resume", "--set", f"train.output_dir={resumed}", "--export", str(tmp_path / "adapter")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=job, capture_output=True, text=True, timeout=500, env=child_env())
+    proc = subprocess.run(cmd, cwd=job, check=False, capture_output=True, text=True, timeout=500, env=child_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     with open(job / "peft_runs" / "job" / "checkpoint-8" / "trainer_state.json") as fh:
@@ -289,7 +289,7 @@ NOTEBOOK = textwrap.dedent(
 def test_notebook_processes_relay_rank_zero_and_hand_back_the_run(tiny_llama, tmp_path):
     started = time.time()
     proc = subprocess.run([sys.executable, "-c", NOTEBOOK, tiny_llama, str(tmp_path), json.dumps(lm_rows(64))],
-                          capture_output=True, text=True, timeout=500, env=child_env())  # fmt: skip
+                          check=False, capture_output=True, text=True, timeout=500, env=child_env())  # fmt: skip
     lines = [x for x in proc.stdout.splitlines() if x.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(lines[-1][len("REPORT ") :])
