@@ -31,6 +31,8 @@ COLUMNS: list = []  # hooks fn(run, row) -> dict of extra columns, for every com
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 FIRST_COLUMNS = ("variant", "method", "family", "trainable_params", "trainable_pct", "peak_memory_gb", "train_time_s",
                  "steps", "train_rows", "status", "train_loss")  # fmt: skip
+# sweep keys that are not config keys: `train_samples: [100, 1000, all]` is data.max_samples, with all = every row
+SWEEP_ALIASES = {"train_samples": "data.max_samples"}
 
 
 def register_column(fn):
@@ -84,7 +86,7 @@ def plan(config=None, methods=None, sweep=None, overrides=None, defaults=None, n
             changes = ({"method": m} if m is not None else {}) | dict(zip(grid, values))
             variant_raw = _deepcopy_plain(raw)
             for key, value in changes.items():
-                _set_dotted(variant_raw, key, _deepcopy_plain(value))
+                _set_dotted(variant_raw, *_sweep_target(key, _deepcopy_plain(value)))
             variants.append(Variant(_label(changes, grid), changes, variant_raw))
     _dedupe_labels(variants)
     for i, v in enumerate(variants, 1):
@@ -121,14 +123,21 @@ def _as_sweep(value) -> dict:
                           "`sweep: {train.learning_rate: [1e-4, 3e-4], method.r: [8, 16]}`.", key="sweep")  # fmt: skip
     out = {}
     for key, values in value.items():
-        if not isinstance(key, str) or "." not in key:
-            raise ConfigError(f"'{key}' is not a dotted key. Fix: name the section too, e.g. train.learning_rate.",
-                              key="sweep")  # fmt: skip
+        if not isinstance(key, str) or ("." not in key and key not in SWEEP_ALIASES):
+            raise ConfigError(f"'{key}' is not a dotted key. Fix: name the section too, e.g. train.learning_rate "
+                              "(or train_samples for the training-set size).", key="sweep")  # fmt: skip
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"needs a non-empty list of values, got {values!r}. Fix: e.g. `{key}: [{values!r}]`.",
                               key=f"sweep.{key}")  # fmt: skip
         out[key] = list(values)
     return out
+
+
+def _sweep_target(key: str, value) -> tuple:
+    """(config key, value) a sweep entry sets: aliases resolved (``train_samples: all`` -> data.max_samples null)."""
+    if key == "train_samples":
+        return SWEEP_ALIASES[key], None if value is None or str(value).strip().lower() == "all" else value
+    return key, value
 
 
 def _label(changes: dict, grid: dict) -> str:
@@ -202,7 +211,8 @@ class _Measure(Callback):
                 self.peak[key] = max(self.peak.get(key, 0.0), value)
 
     def on_train_end(self, state):
-        self.end = time.perf_counter()
+        # the forgetting probe measures the tuned model just before (see forgetting.py): not training time
+        self.end = time.perf_counter() - getattr(state, "_forgetting_seconds", 0.0)
 
     @property
     def seconds(self):
@@ -297,9 +307,19 @@ def _row(variant, cfg, run, measure) -> dict:
         if key != "method":
             row[key] = value
     for key, value in (run.metrics or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("forgetting_"):
             row[f"eval_{key}"] = value
+    forgetting = _forgetting(run)  # loss change on general text (data.forgetting), after the task metrics
+    if forgetting:
+        row["forgetting_loss_delta"] = forgetting["forgetting_loss_delta"]
+        row["forgetting_ppl_ratio"] = forgetting["forgetting_ppl_ratio"]
     return row
+
+
+def _forgetting(run):
+    from .forgetting import last
+
+    return last(run.history)
 
 
 def _reset_peak_memory() -> None:
@@ -357,7 +377,7 @@ class Comparison:
 
     def best(self, metric: str = "eval_loss", mode: str | None = None) -> str | None:
         """Label of the best variant by a table column (lowest for losses/perplexity/time, else highest)."""
-        mode = mode or ("min" if re.search(r"loss|perplexity|time|memory", metric) else "max")
+        mode = mode or ("min" if re.search(r"loss|perplexity|ppl|time|memory", metric) else "max")
         scored = [(r[metric], r["variant"]) for r in self.rows if isinstance(r.get(metric), (int, float))]
         if not scored:
             return None
@@ -374,6 +394,20 @@ class Comparison:
         return curves_svg(series, title=metric.replace("_", " "), width=width, height=height,
                           smoothing=smoothing if metric == "loss" else 0.0)  # fmt: skip
 
+    def tradeoff_svg(self, metric: str | None = None, width: int = 560, height: int = 300) -> str:
+        """Task metric against forgetting (the loss change on general text), one point per variant, as an SVG
+        string; needs ``data.forgetting`` (see `peft_magic.forgetting`). `metric` defaults to eval F1 / accuracy
+        for classifiers, the eval loss for language models."""
+        from .ui.scatter import tradeoff_svg
+
+        return tradeoff_svg(self.rows, metric, width, height)
+
+    def size_svg(self, metric: str | None = None, width: int = 560, height: int = 300) -> str:
+        """Task metric against the training rows, one line per method (a ``train_samples`` sweep), as SVG."""
+        from .ui.scatter import size_svg
+
+        return size_svg(self.rows, metric, width, height)
+
     def text(self) -> str:
         if not self.rows:
             return f"Comparison '{self.name}': nothing ran"
@@ -389,8 +423,21 @@ class Comparison:
         from .ui.summary import svg_data_uri
 
         img = f'<img src="{svg_data_uri(self.plot_svg())}" alt="loss curves"/>' if self.histories() else ""
+        img += self._pictures_html()
         return (f'<div class="peft-comparison"><div style="font-weight:bold">{escape(self.name)}: '
                 f"{len(self.rows)} variants</div>{table_html(self.rows)}{img}</div>")  # fmt: skip
+
+
+    def _pictures_html(self) -> str:
+        from .ui.scatter import has_sizes
+        from .ui.summary import svg_data_uri
+
+        out = ""
+        if any("forgetting_loss_delta" in r for r in self.rows):
+            out += f'<img src="{svg_data_uri(self.tradeoff_svg())}" alt="task metric vs forgetting"/>'
+        if has_sizes(self.rows):
+            out += f'<img src="{svg_data_uri(self.size_svg())}" alt="task metric vs training-set size"/>'
+        return out
 
 
 def column_order(rows) -> list:
@@ -421,6 +468,10 @@ def table_html(rows) -> str:
             return format_duration(value)
         if key == "peak_memory_gb":
             return f"{value:.2f} GB"
+        if key == "forgetting_loss_delta":
+            return f"{value:+.3g}"
+        if key == "forgetting_ppl_ratio":
+            return f"×{value:.3g}"
         return format_number(value) if isinstance(value, float) else str(value)
 
     head = "".join(f"<th {cell}>{escape(k.replace('_', ' '))}</th>" for k in keys)

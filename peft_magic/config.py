@@ -137,6 +137,11 @@ class DataConfig:
     cache_tokenized: bool = field(
         default=True, metadata=_help("Reuse the tokenized data of an earlier run with the same data and tokenizer.")
     )
+    forgetting: Any = field(
+        default=None,
+        metadata=_help("General text unrelated to the task (`default`: the offline text shipped with peft_magic; or "
+                       "a $variable, file or hub dataset): the base and tuned models' loss on it measures forgetting."),
+    )  # fmt: skip
 
     def validate(self) -> None:
         if self.train is None or (isinstance(self.train, str) and not self.train.strip()):
@@ -238,6 +243,9 @@ class Config:
         if self.data.packing and self.task != "causal-lm":
             raise ConfigError(f"packing joins examples for causal-lm only, not {self.task}. Fix: remove "
                               "`data.packing` (try `train.group_by_length: true` to cut padding).", key="data.packing")  # fmt: skip
+        from .forgetting import check_config
+
+        check_config(self)
         return self
 
     def to_dict(self, minimal: bool = False) -> dict:
@@ -309,7 +317,7 @@ def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
     forks worker processes must not, see `launch.py`)."""
     if isinstance(source, Config):
         raw = source.to_dict()
-        raw["data"].update({"train": source.data.train, "eval": source.data.eval})
+        raw["data"].update({"train": source.data.train, "eval": source.data.eval, "forgetting": source.data.forgetting})
     else:
         raw = load_mapping(source)
     for key, value in (defaults or {}).items():
@@ -363,6 +371,10 @@ def build_config(raw: dict) -> Config:
     """dict -> validated Config; unknown keys and wrong types raise ConfigError with a 'did you mean'."""
     _check_acyclic(raw, "yaml")
     raw = dict(raw)
+    if "eval" in raw:
+        from .forgetting import fold_eval_section
+
+        raw = fold_eval_section(raw)  # `eval: {forgetting: SOURCE}` is `data: {forgetting: SOURCE}`
     top = {f.name for f in fields(Config)}
     for key in raw:
         if key in ("compare", "sweep"):

@@ -23,6 +23,7 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR") -> str:
     from .ui.format import format_params
 
     cfg, s = run.config, run.state
+    full = getattr(run.method, "exports_full_model", False)  # full fine-tuning: the export is a whole model
     base = cfg.model.name_or_path + (f" (GGUF file {cfg.model.gguf_file})" if cfg.model.gguf_file else "")
     lines = [
         "---",
@@ -43,14 +44,15 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR") -> str:
         f"| training data | {describe_source(cfg.data.train)} |",
         f"| eval data | {describe_source(cfg.data.eval) if cfg.data.eval is not None else 'none'} |",
         f"| steps | {s.step} of {s.max_steps} ({s.stop_reason or s.status}) |",
-        f"| export | {'merged full model' if merged else 'adapter only'} |",
+        f"| export | {'merged full model' if merged else 'full model' if full else 'adapter only'} |",
         "",
     ]
-    scalars = {k: v for k, v in (run.metrics or {}).items() if isinstance(v, (int, float))}
+    scalars = {k: v for k, v in (run.metrics or {}).items() if isinstance(v, (int, float)) and not k.startswith("forgetting_")}
     if scalars:
         lines += ["## Final evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in scalars.items()]
         lines.append("")
+    lines += _forgetting_section(run)
     last = next((r for r in reversed(run.history) if "loss" in r), None)
     if last:
         lines += [f"Final training loss: {last['loss']:.4f} at step {last['step']}.", ""]
@@ -65,7 +67,7 @@ def _load_snippet(run, merged, folder):
     from .models import AUTO_CLASSES
 
     cls = AUTO_CLASSES[run.config.task]
-    if merged:
+    if merged or getattr(run.method, "exports_full_model", False):
         return [f"from transformers import {cls}", f"model = {cls}.from_pretrained({folder!r})"]
     if not run.method.is_peft:
         return ["import peft_magic", f"run = peft_magic.load({folder!r})  # base model + this delta"]
@@ -76,4 +78,25 @@ def _load_snippet(run, merged, folder):
         f"base = {cls}.from_pretrained({run.config.model.name_or_path!r}{gguf})",
         f"model = PeftModel.from_pretrained(base, {folder!r})",
         "# or: import peft_magic; run = peft_magic.load(" + repr(folder) + ")",
+    ]
+
+
+def _forgetting_section(run) -> list:
+    """What the run measured on general text (see `peft_magic.forgetting`), or nothing."""
+    from .forgetting import describe, last
+
+    row = last(run.history)
+    if row is None:
+        return []
+    return [
+        "## Forgetting (general text)",
+        "",
+        f"Loss on {describe(run.config.data.forgetting)}, text unrelated to the task, measured on the base model and "
+        "on the tuned one (mean over every predicted token; lower is better):",
+        "",
+        "| | base | tuned | change |",
+        "|---|---|---|---|",
+        f"| loss | {row['forgetting_base_loss']:.4f} | {row['forgetting_loss']:.4f} | {row['forgetting_loss_delta']:+.4f} |",
+        f"| perplexity | {row['forgetting_base_ppl']:.4g} | {row['forgetting_ppl']:.4g} | ×{row['forgetting_ppl_ratio']:.4g} |",
+        "",
     ]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ..errors import ConfigError, did_you_mean
 
 _REGISTRY: dict = {}
-FAMILIES = {"A": "additive", "S": "selective", "R": "reparameterized"}
+_LOADED = False
+FAMILIES = {"A": "additive", "S": "selective", "R": "reparameterized", "F": "full fine-tuning"}
 
 
 def register(name: str, method) -> None:
@@ -35,14 +36,19 @@ def available() -> dict:
 
 
 def _ensure_loaded() -> None:
-    if _REGISTRY:
+    global _LOADED
+    # a flag, not `if _REGISTRY`: importing one method module directly (e.g. `methods.selective` in a test) registers
+    # its methods first, and the registry must still load the others
+    if _LOADED:
         return
+    _LOADED = True
     from . import peft_methods  # noqa: F401  (registers on import; imports no peft itself)
 
     try:  # selective methods are optional modules of their own
         from . import selective  # noqa: F401
     except ImportError:
         pass
+    from . import full  # noqa: F401  (the full fine-tuning baseline)
 
 
 def describe(method_cfg) -> str:

@@ -108,6 +108,16 @@ def last_value(history: Iterable[Mapping[str, Any]], key: str) -> Any:
     return value
 
 
+def forgetting_text(history: Iterable[Mapping[str, Any]] | None) -> str | None:
+    """``3.69 base → 3.78 tuned (+0.084) · perplexity ×1.09``: the loss on general text before and after training,
+    from the run's latest ``forgetting_*`` row (see `peft_magic.forgetting`); None when forgetting was not measured."""
+    row = next((r for r in reversed(list(history or ())) if "forgetting_loss_delta" in r), None)
+    if row is None:
+        return None
+    return (f"{format_number(row['forgetting_base_loss'], 3)} base → {format_number(row['forgetting_loss'], 3)} tuned "
+            f"({row['forgetting_loss_delta']:+.2g}) · perplexity ×{format_number(row['forgetting_ppl_ratio'], 3)}")
+
+
 def end_text(state) -> str:
     """How the run ended: ``completed 200/200 steps in 03:12`` / ``stopped at step 80/200 ...`` / ``failed: ...``."""
     reason = state.stop_reason or state.status

@@ -19,7 +19,16 @@ from IPython import display as ipy_display
 from ..events import Callback, TrainState
 from .chart import CurveBuffer, confusion_matrix_svg, loss_chart_svg, series_from_history
 from .format import format_memory
-from .lines import end_text, eval_text, header_text, lr_text, metric_items, progress_text, throughput_text
+from .lines import (
+    end_text,
+    eval_text,
+    forgetting_text,
+    header_text,
+    lr_text,
+    metric_items,
+    progress_text,
+    throughput_text,
+)
 from .summary import confusion_of, metrics_table_html, summary_html, svg_data_uri
 from .throttle import Throttle
 
@@ -235,6 +244,9 @@ class LivePanel(Callback):
             ("memory", format_memory(state.memory)),
             ("eval", eval_text(last_eval, last_eval.get("step")) if last_eval else "–"),
         ]
+        forgetting = forgetting_text(state.log_history)
+        if forgetting:
+            rows.append(("general text", forgetting))
         cells = "".join(
             f'<tr><td style="color:#666;padding:0 10px 0 0">{k}</td><td>{escape(v)}</td></tr>' for k, v in rows
         )

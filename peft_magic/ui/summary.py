@@ -14,7 +14,16 @@ from typing import Any
 
 from .chart import loss_chart_from_history
 from .format import format_duration, format_memory, format_number, metric_name
-from .lines import end_text, eval_rows, header_text, last_value, lr_text, metric_items, throughput_text
+from .lines import (
+    end_text,
+    eval_rows,
+    forgetting_text,
+    header_text,
+    last_value,
+    lr_text,
+    metric_items,
+    throughput_text,
+)
 
 END_COLORS = {"completed": "#2e7d32", "stopped": "#b26a00", "interrupted": "#b26a00", "failed": "#c62828"}
 TABLE_STYLE = "border-collapse:collapse;font-size:12px"
@@ -76,6 +85,9 @@ def _facts(state, history: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     evals = [row["eval_loss"] for row in history if isinstance(row.get("eval_loss"), (int, float))]
     if evals:
         facts.append(("eval loss", f"{format_number(evals[-1])} (best {format_number(min(evals))})"))
+    forgetting = forgetting_text(history)
+    if forgetting:
+        facts.append(("general-text loss", forgetting))
     facts.append(("learning rate", lr_text(state)))
     facts.append(("throughput", throughput_text(state)))
     if state.memory:

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from ..events import Callback, TrainState
 from .format import format_count, format_number, metric_name
-from .lines import end_text, header_text, log_line, metric_items, throughput_text
+from .lines import end_text, forgetting_text, header_text, log_line, metric_items, throughput_text
 
 
 class TerminalPrinter(Callback):
@@ -59,6 +59,9 @@ class TerminalPrinter(Callback):
         loss = next((row["loss"] for row in reversed(state.log_history) if "loss" in row), None)
         if loss is not None:
             parts.append(f"final loss {format_number(loss, 3)}")
+        forgetting = forgetting_text(state.log_history)
+        if forgetting:
+            parts.append(f"general-text loss {forgetting}")
         if state.samples_seen:
             parts.append(throughput_text(state))
         if state.output_dir:
