@@ -86,7 +86,9 @@ def _swap_into_place(tmp: str, path: str) -> None:
         if old:  # put the previous export back
             os.replace(old, path)
         raise
-    if old:
+    if old and os.path.islink(old):  # the folder was a link: drop the link, never what it points to
+        os.unlink(old)
+    elif old:
         shutil.rmtree(old, ignore_errors=True)
 
 
