@@ -130,3 +130,17 @@ def test_a_killed_process_resumes_from_the_latest_periodic_checkpoint(tiny_llama
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
     resumed = peft_magic.train(config(tiny_llama, out, save_steps=2), display="none", resume=True)
     assert_same_as(reference, resumed)
+
+
+def test_resume_explains_what_it_cannot_do(tiny_llama, workdir):
+    from peft_magic.errors import ConfigError
+
+    run = peft_magic.train(config(tiny_llama, workdir / "r", max_steps=1), display="none")
+    import shutil
+
+    shutil.rmtree(workdir / "r")
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        run.resume(display="none")
+    run.release()
+    with pytest.raises(ConfigError, match="holds no model to continue.*--resume"):
+        run.resume(display="none")
