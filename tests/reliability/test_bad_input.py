@@ -15,7 +15,8 @@ from IPython.core.error import UsageError
 
 import peft_magic
 
-CORPUS = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "bad_cells.yaml"), encoding="utf-8"))
+with open(os.path.join(os.path.dirname(__file__), "bad_cells.yaml"), encoding="utf-8") as _fh:
+    CORPUS = yaml.safe_load(_fh)
 
 
 def test_the_corpus_is_large_and_covers_every_class():

@@ -16,12 +16,13 @@ from peft_magic.errors import ConfigError, TrainingFailed
 
 
 def config(model, out, **train):
+    settings = {"max_steps": 7, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
+                "eval_steps": 0}  # fmt: skip
     return {
         "model": model,
         "method": {"name": "lora", "r": 4},
         "data": {"train": lm_rows(16)},
-        "train": {"max_steps": 7, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                  "eval_steps": 0, "output_dir": str(out), **train},  # fmt: skip
+        "train": {**settings, "output_dir": str(out), **train},
     }
 
 

@@ -60,7 +60,11 @@ def parses_or_usage_error(source, **kw):
     return cfg
 
 
-SETTINGS = settings(max_examples=int(os.environ.get("PEFT_MAGIC_HYPOTHESIS_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("PEFT_MAGIC_HYPOTHESIS_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @SETTINGS

@@ -115,7 +115,11 @@ def test_export_mistakes_in_a_cell_are_one_line(run, shell, workdir):
     (workdir / "file.txt").write_text("x")
     (workdir / "full").mkdir()
     (workdir / "full" / "a").write_text("x")
-    for line, expected in [("run file.txt", "is a file"), ("run full", "--overwrite"), ("nope ./x", "not a training run")]:
+    for line, expected in [
+        ("run file.txt", "is a file"),
+        ("run full", "--overwrite"),
+        ("nope ./x", "not a training run"),
+    ]:
         result = shell.run_cell(f"%peft_export {line}")
         assert type(result.error_in_exec) is UsageError and expected in str(result.error_in_exec), line
     assert shell.run_cell("%peft_export run full --overwrite").error_in_exec is None
