@@ -22,9 +22,17 @@ class ConfigError(_Base):
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
 
+    def _render_traceback_(self):
+        # IPython shows a full traceback for subclasses of UsageError; this hook makes it one line, even when
+        # the error comes from peft_magic.train(...) called in a cell rather than from a magic.
+        return [f"UsageError: {self}"]
+
 
 class TrainingFailed(RuntimeError):
     """Training stopped on a problem in the run itself (NaN loss, out of memory). Work so far is kept."""
+
+    def _render_traceback_(self):
+        return [f"TrainingFailed: {self}"]
 
 
 def did_you_mean(word: str, choices) -> str:
