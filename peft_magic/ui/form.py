@@ -35,8 +35,8 @@ PRIMARY_PARAMS = ("r", "lora_alpha", "alpha", "lora_dropout", "target_modules", 
 HIDDEN_PARAMS = {"auto_mapping", "peft_version"}
 FROM_HELP = "Continue training from an adapter folder exported by the same method (%peft_export)."
 ERROR_COLOR, WARN_COLOR, OK_COLOR = "#c62828", "#b26a00", "#2e7d32"
-STYLE = {"description_width": "190px"}
-WIDTH = "460px"
+STYLE = {"description_width": "200px"}
+WIDTH = "420px"
 NO_FILE = ""  # the data dropdown's "use the path/hub id typed beside me" entry
 
 
@@ -218,9 +218,9 @@ class ParamsField:
         few = not getattr(spec, "is_peft", False)  # selective methods have a handful of parameters: all in view
         primary = [f.widget for k, f in fields.items() if few or k in PRIMARY_PARAMS or k in spec.defaults]
         rest = [f.widget for k, f in fields.items() if f.widget not in primary]
-        children = [widgets.HTML(note), _grid(primary)] if primary else [widgets.HTML(note)]
+        children = [widgets.HTML(note), _grid(primary, columns=2)] if primary else [widgets.HTML(note)]
         if rest:
-            more = widgets.Accordion(children=[_grid(rest)], titles=(f"more parameters ({len(rest)})",))
+            more = widgets.Accordion(children=[_grid(rest, columns=2)], titles=(f"more parameters ({len(rest)})",))
             more.selected_index = None
             children.append(more)
         self.boxes[method] = widgets.VBox(children)
@@ -554,8 +554,12 @@ class Form:
         cfg = self.validate()
         if self.cell_area.layout.display != "none" and cfg is not None:
             self.cell_area.value = self._cell_text(cfg)
-        if cfg is not None and self.preflight_delay is not None:
-            self._schedule_preflight()
+        if self.preflight_delay is not None:
+            if cfg is not None:
+                self._schedule_preflight()
+            else:  # an estimate of a config that no longer holds must not show up later
+                self._generation += 1
+                self.preflight_line.value = ""
 
     def validate(self) -> Config | None:
         """Parse the form; shows the `ConfigError` under the form in red (and clears it once fixed)."""
@@ -627,6 +631,7 @@ class Form:
             self._timer.cancel()
         self._generation += 1
         generation = self._generation
+        self.preflight_line.value = '<span style="color:#666">pre-flight: estimating…</span>'
         self._timer = threading.Timer(self.preflight_delay, self._preflight_later, args=(generation,))
         self._timer.daemon = True
         self._timer.start()
@@ -756,8 +761,11 @@ def yaml_text(value, flow: bool = True) -> str:
 def _grid(children, columns: int = 1) -> widgets.Widget:
     if columns == 1:
         return widgets.VBox(list(children))
-    return widgets.GridBox(list(children), layout=widgets.Layout(grid_template_columns=f"repeat({columns}, {WIDTH})",
-                                                                 grid_gap="2px 16px"))  # fmt: skip
+    # As many columns as fit the output's width (one on a narrow screen), at most `columns`.
+    column = f"calc({WIDTH} + 8px)"  # a widget's own margin makes it a little wider than its width
+    layout = widgets.Layout(grid_template_columns=f"repeat(auto-fill, {column})", grid_gap="2px 16px",
+                            max_width=f"calc({columns} * {column} + {columns - 1} * 16px)")  # fmt: skip
+    return widgets.GridBox(list(children), layout=layout)
 
 
 def _contains(root, target) -> bool:
