@@ -1,6 +1,7 @@
 """Command line: the same `train()` as the notebook, for terminals, scripts and `accelerate launch`.
 
     peft-magic train CONFIG.yaml [--set train.max_steps=10 ...] [--dry-run] [--export DIR] [--merge]
+    peft-magic quickstart [--model ID] [--steps N]     # the README's offline demo (see quickstart.py)
     accelerate launch -m peft_magic train CONFIG.yaml
 """
 
@@ -23,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export", default=None, metavar="DIR", help="Export the adapter here after training.")
     t.add_argument("--merge", action="store_true", help="With --export: write a merged full model.")
     t.add_argument("--overwrite", action="store_true", help="With --export: replace DIR if it holds files.")
+    from .quickstart import build_parser as quickstart_parser
+
+    quickstart_parser(sub.add_parser("quickstart", help="Fine-tune SmolLM2 with LoRA on demo data, offline; "
+                                     "show base vs tuned answers; export the adapter."))  # fmt: skip
     return parser
 
 
@@ -30,6 +35,10 @@ def main(argv=None) -> int:
     from .errors import ConfigError
 
     args = build_parser().parse_args(argv)
+    if args.command == "quickstart":
+        from .quickstart import main as quickstart
+
+        return quickstart(args)
     try:
         if args.dry_run:
             from .plan import dry_run

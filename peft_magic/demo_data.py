@@ -1,0 +1,162 @@
+"""Small demo datasets that the project writes itself (no download, no third-party licence).
+
+`instruction_data()`: ~180 prompt/response pairs in three families (capital cities, unit conversions, arithmetic
+in words) whose answers all follow one terse house style, ``Answer: <fact>.``. An instruct model answers such
+questions in free-form sentences; after a few dozen LoRA steps it answers in the house style, so the change is
+visible at a glance. `DEMO_PROMPTS` are held out of the training rows: the tuned model has to generalise the style.
+
+`classification_data()`: ~300 short customer-support messages labelled ``billing``, ``delivery`` or ``account``.
+
+Both return pandas DataFrames (``prompt``/``response`` and ``text``/``label``), the columns `%%peft_train` reads by
+default. Rows are built from templates with a seeded RNG, so every call with the same arguments returns the same
+rows.
+"""
+
+from __future__ import annotations
+
+import random
+
+# Facts (not copyrightable) written out here. The last three of each family feed DEMO_PROMPTS and are never trained.
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Portugal": "Lisbon", "Austria": "Vienna",
+    "Belgium": "Brussels", "the Netherlands": "Amsterdam", "Denmark": "Copenhagen", "Norway": "Oslo",
+    "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw", "Greece": "Athens", "Ireland": "Dublin",
+    "Hungary": "Budapest", "Czechia": "Prague", "Romania": "Bucharest", "Bulgaria": "Sofia", "Croatia": "Zagreb",
+    "Switzerland": "Bern", "Iceland": "Reykjavik", "Estonia": "Tallinn", "Latvia": "Riga", "Lithuania": "Vilnius",
+    "Ukraine": "Kyiv", "Turkey": "Ankara", "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja",
+    "Ghana": "Accra", "Morocco": "Rabat", "Ethiopia": "Addis Ababa", "Peru": "Lima", "Chile": "Santiago",
+    "Argentina": "Buenos Aires", "Colombia": "Bogota", "Mexico": "Mexico City", "Cuba": "Havana",
+    "China": "Beijing", "India": "New Delhi", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta",
+    "the Philippines": "Manila", "South Korea": "Seoul", "Iran": "Tehran", "Canada": "Ottawa", "Australia": "Canberra",
+    "New Zealand": "Wellington", "Japan": "Tokyo", "Italy": "Rome",
+}  # fmt: skip
+HELD_OUT_COUNTRIES = ("Japan", "Italy")
+CAPITAL_PROMPTS = (
+    "What is the capital of {country}?",
+    "Which city is the capital of {country}?",
+    "Name the capital city of {country}.",
+)
+
+UNITS = (  # (from, to, factor)
+    ("kilometres", "metres", 1000),
+    ("metres", "centimetres", 100),
+    ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("litres", "millilitres", 1000),
+)
+HELD_OUT_CONVERSIONS = ((7, "kilograms"), (3, "hours"))
+CONVERSION_PROMPTS = ("Convert {n} {unit} to {to}.", "How many {to} are in {n} {unit}?")
+
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                "sixteen seventeen eighteen").split()  # fmt: skip
+HELD_OUT_SUMS = ((6, 9), (4, 8))
+ARITHMETIC_PROMPTS = ("What is {a} plus {b}?", "Add {a} and {b}.", "What do you get when you add {a} to {b}?")
+
+DEMO_PROMPTS = (
+    "What is the capital of Italy?",
+    "Convert 7 kilograms to grams.",
+    "What is six plus nine?",
+)
+
+LABELS = ("billing", "delivery", "account")
+_SUPPORT = {
+    "billing": (
+        ["I was charged twice for {thing}", "why is there an extra fee on {thing}", "please refund {thing}",
+         "the invoice for {thing} is wrong", "my card was billed for {thing} I cancelled",
+         "can I get a receipt for {thing}", "the price of {thing} changed after I paid",
+         "you took money for {thing} two times"],
+        ["my last order", "the subscription", "this month", "the annual plan", "my March payment", "the upgrade",
+         "order 4471", "the gift card"],
+    ),
+    "delivery": (
+        ["where is {thing}", "{thing} has not arrived yet", "the tracking for {thing} stopped updating",
+         "{thing} came damaged", "the courier left {thing} at the wrong address", "{thing} is three days late",
+         "can you ship {thing} faster", "I only received half of {thing}"],
+        ["my parcel", "the package", "order 4471", "my last order", "the box of books", "my new phone",
+         "the replacement part", "the gift"],
+    ),
+    "account": (
+        ["I cannot log in to {thing}", "how do I reset the password for {thing}", "please delete {thing}",
+         "{thing} was locked after too many attempts", "I want to change the email on {thing}",
+         "someone else signed in to {thing}", "the two-factor code for {thing} never comes",
+         "how do I update the username of {thing}"],
+        ["my account", "my profile", "the family account", "my work login", "the app", "my old account",
+         "the shared account", "my dashboard"],
+    ),
+}
+_OPENERS = ("", "", "hi, ", "hello, ", "help: ", "urgent: ", "quick question: ")
+_CLOSERS = ("", "", ".", " please", ", thanks", "!")
+_QUESTION_WORDS = ("where", "why", "how", "can")
+
+
+def instruction_data(n: int | None = None, seed: int = 0):
+    """Prompt/response pairs whose answers all follow the house style ``Answer: <fact>.``.
+
+    Args:
+        n: Return this many rows (a seeded sample); all (~180) when None.
+        seed: Seed for the phrasing of each prompt and the row order.
+
+    Returns:
+        A pandas DataFrame with columns ``prompt`` and ``response``. The rows never contain `DEMO_PROMPTS`.
+    """
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = []
+    for country, capital in CAPITALS.items():
+        if country in HELD_OUT_COUNTRIES:
+            continue
+        rows.append((rng.choice(CAPITAL_PROMPTS).format(country=country), f"Answer: {capital}."))
+    held = set(HELD_OUT_CONVERSIONS)
+    for unit, to, factor in UNITS:
+        for number in range(2, 12):
+            if (number, unit) in held:
+                continue
+            prompt = rng.choice(CONVERSION_PROMPTS).format(n=number, unit=unit, to=to)
+            rows.append((prompt, f"Answer: {number * factor} {to}."))
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if (a, b) not in HELD_OUT_SUMS and (b, a) not in HELD_OUT_SUMS]
+    for a, b in rng.sample(pairs, 60):
+        prompt = rng.choice(ARITHMETIC_PROMPTS).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
+        rows.append((prompt, f"Answer: {NUMBER_WORDS[a + b]}."))
+    rng.shuffle(rows)
+    if n is not None:
+        rows = rows[:n] if n <= len(rows) else [rows[i % len(rows)] for i in range(n)]
+    return pd.DataFrame(rows, columns=["prompt", "response"])
+
+
+def classification_data(n: int = 300, seed: int = 0):
+    """Short customer-support messages labelled ``billing``, ``delivery`` or ``account``, balanced.
+
+    Args:
+        n: Number of rows (at most 3 x 8 x 8 distinct sentence/object pairs per class exist; openers and closers
+            vary the rest).
+        seed: Seed for the sampling and the row order.
+
+    Returns:
+        A pandas DataFrame with columns ``text`` and ``label``.
+    """
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    per_class = [n // len(LABELS) + (1 if i < n % len(LABELS) else 0) for i in range(len(LABELS))]
+    for label, count in zip(LABELS, per_class):
+        templates, things = _SUPPORT[label]
+        made = 0
+        while made < count:
+            body = rng.choice(templates).format(thing=rng.choice(things))
+            closer = "?" if body.startswith(_QUESTION_WORDS) and rng.random() < 0.7 else rng.choice(_CLOSERS)
+            text = rng.choice(_OPENERS) + body + closer
+            if text in seen and len(seen) < 0.9 * len(templates) * len(things) * len(_OPENERS):
+                continue  # prefer distinct sentences while there are plenty left
+            seen.add(text)
+            rows.append((text[0].upper() + text[1:], label))
+            made += 1
+    rng.shuffle(rows)
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def follows_house_style(answer: str) -> bool:
+    """Whether a generated answer is in the style `instruction_data` teaches (``Answer: ...``)."""
+    return answer.strip().startswith("Answer:")

