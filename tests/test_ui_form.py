@@ -336,7 +336,7 @@ def test_start_trains_in_the_background_and_stop_stops_it(tiny_llama, shell, wor
     form.stop_button.click()
     assert "stopping after this step" in form.panel.status.value
     run.wait(60)
-    assert run.state.stop_reason == "stopped" and 4 <= run.state.step < 300
+    assert run.state.stop_reason == "stopped" and 4 <= run.state.step < 300 and form.stop_button.disabled
     assert f"stopped at step {run.state.step}/300" in form.panel.status.value
     summary = form.panel_box.children[1]
     assert f"stopped at step {run.state.step}/300" in summary.value and "%peft_export tuned" in summary.value

@@ -693,7 +693,8 @@ class Form:
         self._say("")
         try:
             run = api.train(cfg, namespace=self.namespace, background=True, name=name, display=panel,
-                            cell=self._cell_text(cfg), replaces=previous if isinstance(previous, Run) else None)  # fmt: skip
+                            callbacks=[self], cell=self._cell_text(cfg),
+                            replaces=previous if isinstance(previous, Run) else None)  # fmt: skip
         except (ConfigError, TrainingFailed) as e:
             panel.status.value = f'<span style="color:{ERROR_COLOR}">status: failed: {escape(str(e))}</span>'
             return self._fail(str(e))
@@ -713,6 +714,10 @@ class Form:
             self.panel.stop_button.click()  # the panel says "stopping…" and calls `_stop_run`
         else:
             self._stop_run()
+
+    def on_train_end(self, state) -> None:
+        """Subscribed to the run's events: once it ended there is nothing left to stop."""
+        self.stop_button.disabled = True
 
     def _stop_run(self) -> None:
         if self.run is not None:
