@@ -21,6 +21,20 @@ OURS = {"from"}
 PROMPT_LEARNING = {"prompt-tuning", "prefix-tuning", "p-tuning"}
 
 
+def import_peft():
+    """`import peft`, without the notice bitsandbytes logs on CPU-only machines landing above the user's panel."""
+    import logging
+
+    bnb = logging.getLogger("bitsandbytes")
+    level = bnb.level
+    bnb.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        bnb.setLevel(level)
+    return peft
+
+
 class PeftMethod:
     """A method that peft implements.
 
@@ -42,7 +56,7 @@ class PeftMethod:
 
     # -- parse time
     def peft_config_class(self, params=None):
-        import peft
+        peft = import_peft()
 
         if self.config_class is None:  # generic: method: {name: peft, peft_type: FOURIERFT, ...}
             from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING

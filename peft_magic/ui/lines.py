@@ -37,7 +37,7 @@ def progress_text(state) -> str:
     """``412/1000 steps · epoch 1.6/4 · 03:12 elapsed · ~04:35 left``."""
     parts = [f"{state.step}/{state.max_steps or '?'} steps"]
     if state.num_epochs:
-        parts.append(f"epoch {state.epoch:.1f}/{state.num_epochs:g}")
+        parts.append(f"epoch {state.epoch:.1f}/{round(state.num_epochs, 1):g}")
     elif state.epoch:
         parts.append(f"epoch {state.epoch:.1f}")
     parts.append(f"{format_duration(state.elapsed)} elapsed")
