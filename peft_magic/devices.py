@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from .errors import ConfigError
 
@@ -70,7 +69,7 @@ class DeviceInfo:
     total_memory: int
     free_memory: int
     bf16: bool = False
-    capability: Optional[tuple] = None
+    capability: tuple | None = None
 
     @property
     def label(self) -> str:
@@ -81,7 +80,7 @@ class DeviceInfo:
         return spec.name if spec else self.name
 
 
-def match_gpu(name: str, total_memory: Optional[int] = None) -> Optional[GpuSpec]:
+def match_gpu(name: str, total_memory: int | None = None) -> GpuSpec | None:
     """The `KNOWN_GPUS` entry whose pattern matches `name` (e.g. "Tesla T4"), or None."""
     for spec in KNOWN_GPUS:
         if re.search(spec.pattern, name or "", flags=re.IGNORECASE):
@@ -89,7 +88,7 @@ def match_gpu(name: str, total_memory: Optional[int] = None) -> Optional[GpuSpec
     return None
 
 
-def known_device(name: str, memory_gb: Optional[float] = None, free_memory: Optional[int] = None) -> DeviceInfo:
+def known_device(name: str, memory_gb: float | None = None, free_memory: int | None = None) -> DeviceInfo:
     """A `DeviceInfo` for a GPU from `KNOWN_GPUS`, to plan for a device you do not have (or to test).
 
     Args:
@@ -99,9 +98,7 @@ def known_device(name: str, memory_gb: Optional[float] = None, free_memory: Opti
     """
     spec = next((s for s in KNOWN_GPUS if s.name.lower() == str(name).lower()), None)
     if spec is None:
-        raise ConfigError(
-            f"unknown GPU '{name}'. Known: {', '.join(s.name for s in KNOWN_GPUS)}.", key="device"
-        )
+        raise ConfigError(f"unknown GPU '{name}'. Known: {', '.join(s.name for s in KNOWN_GPUS)}.", key="device")
     sizes = sorted(spec.memory_mib)
     mib = sizes[0] if memory_gb is None else min(sizes, key=lambda m: abs(m / 1024 - memory_gb))
     total = mib * MiB
@@ -160,7 +157,7 @@ def ram() -> tuple:
     return total, free
 
 
-def _cgroup_limit() -> Optional[tuple]:
+def _cgroup_limit() -> tuple | None:
     """(limit, limit - usage) from cgroup v2 or v1, when the container sets a memory limit."""
     for max_path, cur_path in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),

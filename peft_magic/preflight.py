@@ -17,7 +17,6 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .errors import ConfigError
 
@@ -32,9 +31,12 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # RSS of a Python process that has imported torch + transformers + peft and run one tiny training step (kernels and
 # thread pools initialised), measured at 455 MiB on Linux x86-64 with torch 2.13 / transformers 5.
 CPU_RUNTIME_BYTES = int(0.45 * GiB)
-# glibc keeps freed tensors of a few MiB in its heap instead of returning them, and the first training step leaves
-# that heap fragmented: the measured peak RSS exceeds the live tensors by about this fraction of the activations.
-CPU_HEAP_SLACK = 0.5
+# glibc keeps freed tensors of a few MiB in its heap instead of returning them to the system, so on CPU the peak
+# RSS exceeds the live tensors. Measured with benchmarks/memory_estimate.py (peak RSS with the default allocator
+# against the same run with MALLOC_MMAP_THRESHOLD_=262144, which tracks live tensors): the excess is 0.56-0.79 of
+# the layers' saved activations; with gradient checkpointing, 2.8-3.7 layers' worth of them.
+CPU_HEAP_SLACK = 0.65
+CPU_HEAP_SLACK_CHECKPOINTED_LAYERS = 3.0
 # What a CUDA context and cuBLAS workspaces take outside torch's allocator.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # torch's caching allocator reserves more than it hands out (block rounding, fragmentation).
@@ -60,6 +62,8 @@ class MemoryEstimate:
         params: Parameters of the base model.
         trainable_params: Trainable parameters.
         device: "cpu", "cuda" or "mps": where the run was assumed to happen.
+        runtime: The part of `overhead` that is the process (CPU) or the CUDA context (GPU).
+        slack: The part of `overhead` the allocator holds beyond live tensors (glibc heap; torch's cache on GPU).
         inputs: The arguments of `estimate_memory`, so the estimate can be redone with changes.
     """
 
@@ -74,9 +78,10 @@ class MemoryEstimate:
     trainable_params: int = 0
     device: str = "cpu"
     runtime: int = 0
+    slack: int = 0
     inputs: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def replace(self, **changes) -> "MemoryEstimate":
+    def replace(self, **changes) -> MemoryEstimate:
         """The same estimate with some of `estimate_memory`'s arguments changed (e.g. ``batch_size=2``)."""
         args = dict(self.inputs)
         config = args.pop("model_config")
@@ -105,7 +110,7 @@ class FitReport:
 
     Args:
         fits: True when the estimated peak is below the device's free memory.
-        message: One line: "fits T4 (14.6 GB free)" or "needs ~21 GB, T4 has 14.6 GB free".
+        message: One line: "fits T4 (15 GB free)", or "needs ~21 GB, T4 (15 GB free): try <first suggestion>".
         suggestions: Settings that fit, as the config keys a user writes, each with its re-estimated peak.
         changes: The same suggestions as {config key: value} dicts, for a form to apply.
     """
@@ -122,9 +127,9 @@ def estimate_memory(
     task: str = "causal-lm",
     quantization: str = "none",
     dtype: str = "float32",
-    trainable_params: Optional[int] = None,
+    trainable_params: int | None = None,
     method: str = "lora",
-    method_params: Optional[dict] = None,
+    method_params: dict | None = None,
     batch_size: int = 8,
     seq_len: int = 256,
     gradient_checkpointing: bool = False,
@@ -149,22 +154,11 @@ def estimate_memory(
         mixed_precision: "no", "fp16" or "bf16": with autocast, activations are half precision.
         device: "cpu", "cuda", "mps" or a `DeviceInfo`.
     """
-    inputs = {k: v for k, v in locals().items()}
+    inputs = dict(locals())
     kind = getattr(device, "kind", device)
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device '{kind}'. Use cpu, cuda or mps.", key="device")
-    if quantization not in ("none", "4bit", "8bit"):
-        raise ConfigError(f"unknown quantization '{quantization}'. Use none, 4bit or 8bit.", key="model.quantization")
     if dtype == "auto":  # as models.resolve_dtype: float32 off CUDA, bf16 (fp16 without bf16 support) on CUDA
         dtype = "float32" if kind != "cuda" else ("bfloat16" if getattr(device, "bf16", True) else "float16")
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype '{dtype}'. Use float32, bfloat16 or float16.", key="model.dtype")
-    if optimizer not in OPTIMIZER_BYTES:
-        raise ConfigError(f"unknown optimizer '{optimizer}'. Known: {', '.join(OPTIMIZER_BYTES)}.", key="train.optim")
-    for key, value in (("train.per_device_train_batch_size", batch_size), ("data.max_length", seq_len)):
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"must be a positive whole number, got {value!r}.", key=key)
-
+    _check_args(kind, quantization, dtype, optimizer, batch_size, seq_len)
     config = _load_config(model_config)
     inputs["model_config"] = config
     an = _anatomy(config, task)
@@ -178,16 +172,37 @@ def estimate_memory(
     gradients = 4 * n_trainable
     optim = OPTIMIZER_BYTES[optimizer] * n_trainable
     seq = seq_len + ad.virtual_tokens
-    activations = _activation_bytes(an, ad, batch_size * seq, seq, act_b, kind, quantization, gradient_checkpointing,
-                                    mixed_precision, task)  # fmt: skip
-    runtime = CPU_RUNTIME_BYTES if kind != "cuda" else CUDA_CONTEXT_BYTES
-    slack = CPU_HEAP_SLACK if kind != "cuda" else CUDA_ALLOCATOR_SLACK
+    activations, layers = _activation_bytes(an, ad, batch_size * seq, seq, act_b, kind, quantization,
+                                            gradient_checkpointing, mixed_precision, task)  # fmt: skip
+    if kind == "cuda":
+        runtime, slack = CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_SLACK * activations
+    else:
+        runtime = CPU_RUNTIME_BYTES
+        depth = max(sum(stack.layers for stack in an.stacks), 1)
+        if gradient_checkpointing:
+            slack = layers * min(CPU_HEAP_SLACK_CHECKPOINTED_LAYERS / depth, 1.0)
+        else:
+            slack = CPU_HEAP_SLACK * layers
     # bitsandbytes dequantizes each quantized weight for its matmul (and again in backward): one or two at a time.
     dequant = 2 * an.largest_linear * act_b if quantization != "none" else 0
-    overhead = runtime + int(slack * activations) + dequant
+    overhead = runtime + int(slack) + dequant
     total = weights + trainable + gradients + optim + activations + overhead
     return MemoryEstimate(weights, trainable, gradients, optim, activations, overhead, total, an.params, n_trainable,
-                          kind, runtime, inputs)  # fmt: skip
+                          kind, runtime, int(slack), inputs)  # fmt: skip
+
+
+def _check_args(kind, quantization, dtype, optimizer, batch_size, seq_len) -> None:
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device '{kind}'. Use cpu, cuda or mps.", key="device")
+    if quantization not in ("none", "4bit", "8bit"):
+        raise ConfigError(f"unknown quantization '{quantization}'. Use none, 4bit or 8bit.", key="model.quantization")
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"unknown dtype '{dtype}'. Use float32, bfloat16 or float16.", key="model.dtype")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ConfigError(f"unknown optimizer '{optimizer}'. Known: {', '.join(OPTIMIZER_BYTES)}.", key="train.optim")
+    for key, value in (("train.per_device_train_batch_size", batch_size), ("data.max_length", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"must be a positive whole number, got {value!r}.", key=key)
 
 
 def check_fit(estimate: MemoryEstimate, info, *, gradient_accumulation_steps: int = 1) -> FitReport:
@@ -211,23 +226,30 @@ def check_fit(estimate: MemoryEstimate, info, *, gradient_accumulation_steps: in
     message = f"needs ~{_gb(need)} GB, {where}"
     if suggestions:
         message += f": try {suggestions[0]}"
-    return FitReport(False, message, suggestions, [{k: v for k, v in c.items() if not k.startswith("_")} for c in changes])
+    return FitReport(
+        False, message, suggestions, [{k: v for k, v in c.items() if not k.startswith("_")} for c in changes]
+    )
 
 
-def estimate_for_config(config, info=None, trainable_params: Optional[int] = None) -> MemoryEstimate:
+def estimate_for_config(
+    config, info=None, *, model_config=None, trainable_params: int | None = None, seq_len: int | None = None
+) -> MemoryEstimate:
     """`estimate_memory` for a peft_magic `Config` (what `--dry-run`, the form and `train()` have at hand).
 
     Args:
         config: A validated `peft_magic.config.Config`.
         info: The device (`devices.device_info()` when omitted).
+        model_config: The model's transformers config when already loaded (else it is read, never the weights).
         trainable_params: The exact count when the model is already wrapped by peft.
+        seq_len: Tokens per example when the data says better than `data.max_length` (e.g. its longest row).
     """
     from .devices import device_info, resolve_dtype, resolve_mixed_precision
+    from .models import load_config
 
     info = info or device_info()
     params = {k: v for k, v in config.method.params.items() if k != "from"}
     return estimate_memory(
-        config.model.name_or_path,
+        model_config if model_config is not None else load_config(config.model),
         task=config.task,
         quantization=config.model.quantization,
         dtype=resolve_dtype(config.model.dtype, info),
@@ -235,7 +257,7 @@ def estimate_for_config(config, info=None, trainable_params: Optional[int] = Non
         method=config.method.name,
         method_params=params,
         batch_size=config.train.per_device_train_batch_size,
-        seq_len=config.data.max_length,
+        seq_len=seq_len or config.data.max_length,
         gradient_checkpointing=config.train.gradient_checkpointing,
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info),
         device=info,
@@ -292,7 +314,9 @@ def _load_config(model_config):
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(model_config))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the model's config: {str(e).splitlines()[0]}", key="model.name_or_path") from None
+        raise ConfigError(
+            f"cannot read the model's config: {str(e).splitlines()[0]}", key="model.name_or_path"
+        ) from None
 
 
 def _meta_model(config, task: str):
@@ -332,6 +356,10 @@ def _build_anatomy(config, task: str) -> _Anatomy:
 
     model = _meta_model(config, task)
     skip = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if task in ("seq-cls", "token-cls"):  # the classifier head trains in full (peft's modules_to_save): not quantized
+        from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+        skip += SEQ_CLS_HEAD_NAMES
     quantizable = rows = largest = 0
     for name, module in model.named_modules():
         shape = _linear_shape(module)
@@ -345,7 +373,9 @@ def _build_anatomy(config, task: str) -> _Anatomy:
     heads = getattr(text, "num_attention_heads", None) or 1
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
-    attn_p = next((float(getattr(text, k)) for k in _ATTN_DROPOUT_KEYS if isinstance(getattr(text, k, None), (int, float))), 0.0)
+    attn_p = next(
+        (float(getattr(text, k)) for k in _ATTN_DROPOUT_KEYS if isinstance(getattr(text, k, None), (int, float))), 0.0
+    )
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     return _Anatomy(
         params=sum(p.numel() for p in model.parameters()),
@@ -443,12 +473,15 @@ def _build_adapter(config, task: str, method: str, params: dict, an: _Anatomy) -
             model = get_peft_model(_meta_model(config, task), peft_config)
     except ConfigError:
         raise
-    except Exception:  # a method peft cannot apply on meta, or one of ours: fall back to LoRA's arithmetic
+    except Exception:  # noqa: BLE001 - peft cannot apply this method on meta: use LoRA's arithmetic
         return _lora_fallback(an, int(params.get("r", 8)), float(params.get("lora_dropout", 0.05)))
     trainable, _ = model.get_nb_trainable_parameters()
     modules = []
     for stack in an.stacks:
-        blocks = next((m for n, m in model.named_modules() if n.endswith(stack.prefix) and isinstance(m, torch.nn.ModuleList)), None)
+        blocks = next(
+            (m for n, m in model.named_modules() if n.endswith(stack.prefix) and isinstance(m, torch.nn.ModuleList)),
+            None,
+        )
         if blocks is None:
             continue
         for name, module in blocks[0].named_modules():
@@ -458,7 +491,11 @@ def _build_adapter(config, task: str, method: str, params: dict, an: _Anatomy) -
                 modules.append((stack.prefix, name, module.in_features, int(module.r["default"]), p))
             elif hasattr(module, "active_adapters") and hasattr(module, "in_features") and name:
                 modules.append((stack.prefix, name, module.in_features, 0, 0.0))  # other tuners: keep their input
-    virtual = int(getattr(peft_config, "num_virtual_tokens", 0) or 0) if getattr(peft_config, "is_prompt_learning", False) else 0
+    virtual = (
+        int(getattr(peft_config, "num_virtual_tokens", 0) or 0)
+        if getattr(peft_config, "is_prompt_learning", False)
+        else 0
+    )
     return _Adapter(int(trainable), tuple(modules), virtual)
 
 
@@ -485,24 +522,30 @@ def _weight_bytes(an: _Anatomy, quantization: str, weight_b: int) -> int:
     return an.quantizable + 4 * an.quantizable_rows + rest
 
 
-def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpointing, mixed_precision, task) -> int:
-    """Bytes autograd keeps between forward and backward, plus the logits and their gradients at the loss."""
+def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpointing, mixed_precision, task):
+    """(bytes alive at the peak, bytes the layers would keep without checkpointing).
+
+    Without checkpointing the peak is at the loss: every layer's saved tensors plus the logits and their gradients.
+    With it, each layer keeps only its input, and the peak is the larger of the loss's moment and one layer
+    recomputed in backward (while the outputs still hold the logits).
+    """
     # On CUDA dropout keeps a bool mask; on CPU torch multiplies by a float noise tensor and keeps that.
     mask_b = act_b if kind == "cpu" else 1
-    total = 0
+    kept, layers, largest_block = 0, 0, 0
     for stack in an.stacks:
-        block = _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision)
-        if checkpointing:  # each block keeps its input; one block at a time is recomputed in backward
-            total += tokens * (stack.layers * an.hidden * act_b + block)
-        else:
-            total += tokens * stack.layers * block
-    total += tokens * an.hidden * 4  # the final norm's input
+        block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision)
+        layers += stack.layers * block
+        largest_block = max(largest_block, block)
+        kept += stack.layers * (tokens * an.hidden * act_b if checkpointing else block)
+    kept += tokens * an.hidden * 4  # the final norm's input
+    loss_peak = held = 0
     if task in ("causal-lm", "seq2seq") and an.vocab:
         # logits (kept by the outputs), their fp32 copy for the loss (when not fp32 already), the log-softmax the
         # loss keeps, then in backward the gradients of the log-softmax and of the logits, alive together.
-        per_token = act_b + (4 if act_b != 4 else 0) + 4 + 4 + 4
-        total += tokens * an.vocab * per_token
-    return int(total)
+        held = tokens * an.vocab * act_b
+        loss_peak = held + tokens * an.vocab * ((4 if act_b != 4 else 0) + 4 + 4 + 4)
+    peak = kept + (max(loss_peak, held + largest_block) if checkpointing else loss_peak)
+    return int(peak), int(layers)
 
 
 def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision) -> float:
@@ -569,7 +612,7 @@ def _suggest(estimate: MemoryEstimate, info, accum: int) -> list:
         e = estimate.replace(**changes)
         return e if _need(e, info) <= free else None
 
-    def smaller_batch(base: dict) -> Optional[dict]:
+    def smaller_batch(base: dict) -> dict | None:
         batch = args["batch_size"]
         while batch > 1:
             batch = max(1, batch // 2)
@@ -580,10 +623,11 @@ def _suggest(estimate: MemoryEstimate, info, accum: int) -> list:
                         "_total": _need(e, info)}  # fmt: skip
         return None
 
-    def shorter(base: dict) -> Optional[dict]:
-        length = args["seq_len"]
-        while length > 32:
-            length = max(32, length // 2)
+    def shorter(base: dict) -> dict | None:
+        # Truncating to a quarter or below 64 tokens would change what the model learns, not just its memory.
+        length, floor = args["seq_len"], max(64, args["seq_len"] // 4)
+        while length > floor:
+            length = max(floor, length // 2)
             e = fits(**{**base, "seq_len": length})
             if e:
                 return {"data.max_length": length, "_total": _need(e, info)}

@@ -173,8 +173,9 @@ def test_check_fit_combines_changes_when_none_is_enough_alone():
     config = llama_config(vocab=512, hidden=256, layers=8)
     gpu = known_device("T4")
     est = estimate_memory(config, batch_size=64, seq_len=1024, device=gpu)
+    # each lever at its limit (max_length is never cut below a quarter)
     singles = [est.replace(gradient_checkpointing=True), est.replace(batch_size=1), est.replace(quantization="4bit"),
-               est.replace(seq_len=32)]  # fmt: skip
+               est.replace(seq_len=256)]  # fmt: skip
     combined = est.replace(quantization="4bit", gradient_checkpointing=True, batch_size=1)
     assert combined.total < min(e.total for e in singles)
     gpu.free_memory = (combined.total + min(e.total for e in singles)) // 2
@@ -226,4 +227,4 @@ def test_device_info_here():
 
 def test_importing_preflight_imports_no_torch():
     code = "import sys, peft_magic.preflight, peft_magic.devices; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
