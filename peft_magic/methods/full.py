@@ -173,6 +173,7 @@ def estimate(model, cfg, info):
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info), device=info,
     )  # fmt: skip
+    n = est.params or n  # preflight's count from its own meta model: a tied lm_head is counted once
     per = preflight.DTYPE_BYTES[dtype]
     grads, optim = n * per, 2 * n * per
     total = est.weights + grads + optim + est.activations + est.overhead
