@@ -137,7 +137,7 @@ def xy_svg(groups: Mapping[str, list], *, x_title: str, y_title: str, title: str
     for t in nice_ticks(y_lo, y_hi):
         parts.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + plot_w}" y2="{sy(t):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 4}" y="{sy(t) + 3:.1f}" {FONT} fill="{AXIS_COLOR}" text-anchor="end">{t:.4g}</text>')  # fmt: skip
-    x_ticks = [10**e for e in range(math.floor(x_lo), math.ceil(x_hi) + 1)] if log_x else nice_ticks(x_lo, x_hi)
+    x_ticks = _log_ticks(x_lo, x_hi) if log_x else nice_ticks(x_lo, x_hi)
     for t in x_ticks:
         if x_lo <= fx(t) <= x_hi:
             parts.append(f'<text x="{sx(t):.1f}" y="{top + plot_h + 12}" {FONT} fill="{AXIS_COLOR}" '
@@ -167,6 +167,13 @@ def xy_svg(groups: Mapping[str, list], *, x_title: str, y_title: str, title: str
                      f'y="{ly}" {FONT} fill="#444"><title>{escape(group)}</title>{escape(short)}</text>')  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks for a log axis spanning 10**lo..10**hi: 1-2-5 steps within a few decades, powers of ten beyond."""
+    decades = range(math.floor(lo), math.ceil(hi) + 1)
+    ticks = [m * 10**e for e in decades for m in (1, 2, 5) if lo <= math.log10(m * 10**e) <= hi]
+    return ticks if len(ticks) <= 8 else [10**e for e in decades]
 
 
 def _padded(lo: float, hi: float) -> tuple[float, float]:
