@@ -77,7 +77,7 @@ def check_config(cfg) -> None:
 
 def describe(src) -> str:
     """How the source is named in the docs, the model card and the summary (never its contents)."""
-    if src == DEFAULT:
+    if isinstance(src, str) and src == DEFAULT:
         from .general_text import NAME
 
         return NAME
@@ -102,7 +102,7 @@ def load_texts(src, namespace=None, text_column: str = "text"):
     from .data import resolve
 
     key = "data.forgetting"
-    if src == DEFAULT:
+    if isinstance(src, str) and src == DEFAULT:
         from .general_text import PARAGRAPHS
 
         return datasets.Dataset.from_dict({"text": list(PARAGRAPHS)})

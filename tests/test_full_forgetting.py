@@ -15,6 +15,7 @@ import io
 import math
 import os
 
+import pandas as pd
 import pytest
 import torch
 from conftest import lm_rows
@@ -181,6 +182,7 @@ def test_forgetting_reads_the_source_it_is_given(tiny_llama, tokenizer, workdir)
     path = workdir / "general.jsonl"
     path.write_text("\n".join(f'{{"body": "{t}"}}' for t in ["", *GENERAL]) + "\n")
     assert load_texts(str(path), text_column="body")["text"] == GENERAL  # the run's text column; blanks dropped
+    assert load_texts(pd.DataFrame({"text": GENERAL}))["text"] == GENERAL
     other = ["say no say no say no", "yes yes yes"]
     a = peft_magic.train(config(tiny_llama, workdir / "a", method="full", steps=1, forgetting=GENERAL), display="none")
     b = peft_magic.train(config(tiny_llama, workdir / "b", method="full", steps=1, forgetting=other), display="none")
