@@ -228,3 +228,23 @@ def test_device_info_here():
 def test_importing_preflight_imports_no_torch():
     code = "import sys, peft_magic.preflight, peft_magic.devices; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_estimate_for_config_maps_the_config_keys(tmp_path):
+    from peft_magic.config import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
+    from peft_magic.preflight import estimate_for_config
+
+    config = llama_config()
+    config.save_pretrained(tmp_path)
+    cfg = Config(
+        model=ModelConfig(name_or_path=str(tmp_path)),
+        method=MethodConfig(name="lora", params={"r": 4}),
+        data=DataConfig(max_length=64),
+        train=TrainConfig(per_device_train_batch_size=2, gradient_checkpointing=True),
+    )
+    t4 = known_device("T4")
+    est = estimate_for_config(cfg, t4)
+    same = estimate_memory(config, dtype="float16", mixed_precision="fp16", method_params={"r": 4}, batch_size=2,
+                           seq_len=64, gradient_checkpointing=True, device=t4)  # fmt: skip
+    assert (est.device, est.total, est.trainable_params) == ("cuda", same.total, same.trainable_params)
+    assert est.trainable_params < estimate_memory(config).trainable_params  # r=4 against the default r=8
