@@ -164,6 +164,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
 
         check_on_meta(cfg, data.labels)
         replaces.release()
+    run.preflight = _preflight(run, data)
     _status(run, bus, "loading model")
     set_seed(cfg.train.seed)  # a new task head (seq-cls, token-cls) is randomly initialised on load
     with models.quiet_loading(run.warnings):
@@ -184,6 +185,29 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     state.output_dir = cfg.train.output_dir
     state.title = title(cfg, trainable, total)
     return run
+
+
+def _preflight(run, data):
+    """The memory pre-flight before every run: warn (not refuse: it is an estimate) when the run looks too big
+    for the device, with the first concrete setting that fits. Never blocks a run on its own failure."""
+    import warnings
+
+    from .devices import device_info
+    from .preflight import check_fit, estimate_for_config
+
+    cfg = run.config
+    try:
+        info = device_info()
+        seq = min(cfg.data.max_length, max(int(1.5 * data.train_tokens / max(data.train_rows, 1)), 8))
+        fit = check_fit(estimate_for_config(cfg, info, seq_len=seq), info,
+                        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - an estimate for an exotic architecture must not stop training
+        run.warnings.append(f"memory pre-flight skipped: {type(e).__name__}: {e}")
+        return None
+    if not fit.fits:
+        advice = f" Try: {fit.suggestions[0]}" if fit.suggestions else ""
+        warnings.warn(f"peft_magic: {fit.message}{advice}", stacklevel=3)
+    return fit
 
 
 def _calibration(data, cfg):

@@ -117,7 +117,7 @@ def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pa
     kw = _common_kwargs(mcfg)
     if quantization != "none":
         check_quantization(mcfg)
-        kw["quantization_config"] = _bnb_config(quantization, dtype)
+        kw["quantization_config"] = _bnb_config(quantization, dtype, task)
     if labels is not None:
         kw.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
                   label2id={str(lab): i for i, lab in enumerate(labels)})  # fmt: skip
@@ -137,17 +137,20 @@ def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pa
     return model
 
 
-def _bnb_config(quantization: str, dtype):
+def _bnb_config(quantization: str, dtype, task: str = "causal-lm"):
     from transformers import BitsAndBytesConfig
 
+    # a fresh classification head must stay in floating point: it is trained (modules_to_save), not adapted
+    skip = ["classifier", "score"] if task in ("seq-cls", "token-cls") else None
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def _make_gguf_trainable(model) -> None:

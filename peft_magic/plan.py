@@ -81,26 +81,15 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
 
 
 def _add_memory(plan, cfg, model, trainable, data) -> None:
-    try:
-        from .devices import device_info
-        from .preflight import check_fit, estimate_memory
-    except ImportError:
-        return
+    from .devices import device_info
+    from .preflight import check_fit, estimate_for_config
+
     avg_len = data.train_tokens / max(data.train_rows, 1)
-    seq = min(cfg.data.max_length, max(int(avg_len * 1.5), 8))
-    est = estimate_memory(
-        model.config,
-        task=cfg.task,
-        quantization=cfg.model.quantization,
-        dtype=str(model.dtype).replace("torch.", ""),
-        trainable_params=trainable,
-        method=cfg.method.name,
-        batch_size=cfg.train.per_device_train_batch_size,
-        seq_len=seq,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-    )
+    seq = min(cfg.data.max_length, max(int(avg_len * 1.5), 8))  # dynamic padding: batches pad to their longest
+    info = device_info()
+    est = estimate_for_config(cfg, info, model_config=model.config, trainable_params=trainable, seq_len=seq)
     plan.memory = est
-    plan.fit = check_fit(est, device_info())
-    plan.rows["memory"] = est.summary() + ("" if plan.fit.fits else f" · {plan.fit.message}")
+    plan.fit = check_fit(est, info, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+    plan.rows["memory"] = est.summary(info)
     for s in plan.fit.suggestions[:3]:
         plan.rows.setdefault("try", s)

@@ -36,6 +36,7 @@ class Run:
         self.state = TrainState()
         self.output_dir = config.train.output_dir
         self.warnings: list[str] = []
+        self.preflight = None  # preflight.FitReport measured before loading the model
         self.cell: str | None = None  # the %%peft_train cell that made it (for the model card)
         self.error: BaseException | None = None
         self._stop = threading.Event()
