@@ -45,7 +45,8 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     models.check_model_source(cfg.model)
     models.check_quantization(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
-    data = prepare(cfg, tokenizer, namespace)
+    with models.quiet_loading():
+        data = prepare(cfg, tokenizer, namespace)
     model = models.build_empty(cfg.model, cfg.task, data.labels)
     arch = type(model).__name__
     _, total = models.count_parameters(model)
@@ -54,7 +55,8 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     try:
         quant = cfg.model.quantization
         cfg.model.quantization = "none"  # kbit preparation needs real weights; counts are the same
-        adapted = method.apply(model, cfg, calibration=None)
+        with models.quiet_loading():
+            adapted = method.apply(model, cfg, calibration=None)
         trainable, total = models.count_trainable(adapted, method)
     except Exception:  # noqa: BLE001 - some methods need real weights to choose what trains
         pass
