@@ -5,30 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-
-# Two CPU cores are shared by everyone here: intra-op threads fight over them and make tiny models ~10x slower.
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _frozen_imports():
-    """Move the libraries' own objects out of the garbage collector's sight: every `gc.collect()` (run by
-    `Run.release`, IPython's reset, accelerate's free_memory) then takes microseconds instead of ~1 s here.
-    Objects made later (models, runs) are still collected, which the memory tests rely on."""
-    import gc
-
-    import accelerate  # noqa: F401
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-    from IPython.core.interactiveshell import InteractiveShell
-
-    InteractiveShell.instance()
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.fixture
