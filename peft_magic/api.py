@@ -164,6 +164,9 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
 
         check_on_meta(cfg, data.labels)
         replaces.release()
+    check = getattr(get_method(cfg.method.name), "check_before_loading", None)
+    if check is not None:  # full fine-tuning refuses, with its estimate, a run that cannot fit: before loading
+        check(cfg, data)
     run.preflight = _preflight(run, data)
     _status(run, bus, "loading model")
     set_seed(cfg.train.seed)  # a new task head (seq-cls, token-cls) is randomly initialised on load

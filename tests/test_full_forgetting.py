@@ -117,15 +117,21 @@ def test_full_refuses_quantized_or_fp16_weights(tiny_llama, model_keys, key):
 
 
 def test_full_is_refused_with_an_estimate_when_it_cannot_fit(tiny_llama, workdir, monkeypatch):
+    from peft_magic import models
+    from peft_magic.methods import get_method
     from peft_magic.methods.full import estimate
 
     tiny = devices.DeviceInfo("cpu", "test CPU", total_memory=2**31, free_memory=2**20)
     monkeypatch.setattr(devices, "device_info", lambda: tiny)
-    with pytest.raises(ConfigError, match=r"needs ~[\d.]+ GB at its peak .* CPU RAM has") as e:
-        peft_magic.train(config(tiny_llama, workdir / "out"), display="none")
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("refused only after loading the weights"))
+        with pytest.raises(ConfigError, match=r"needs ~[\d.]+ GB at its peak .* CPU RAM has") as e:
+            peft_magic.train(config(tiny_llama, workdir / "out"), display="none")
     assert e.value.key == "method.name"
     assert "method: lora" in str(e.value) and "force: true" in str(e.value)
     assert not os.path.exists(workdir / "out")  # refused before training
+    with pytest.raises(ConfigError, match="needs ~"):  # `apply` itself refuses too (direct use, re-run checks)
+        get_method("full").apply(base_model(tiny_llama), peft_magic.parse_config(config(tiny_llama, workdir)))
 
     cfg = config(tiny_llama, workdir / "forced", steps=1)
     cfg["method"] = {"name": "full", "force": True}

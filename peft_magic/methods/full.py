@@ -94,9 +94,25 @@ class FullFineTune:
             ConfigError: When the pre-flight estimate does not fit the device and ``force`` is not set.
         """
         if not cfg.method.params.get("force"):
-            check_memory(model, cfg)
+            check_memory(model, cfg, seq_len=planned_seq_len(cfg, _dataset_of(calibration)))
         model.requires_grad_(True)
         return model
+
+    def check_before_loading(self, cfg, data) -> None:
+        """The same refusal as `apply`'s, from the config alone (the architecture on the meta device), so that a
+        run which cannot fit is refused before minutes of loading weights. Called by `api.setup`.
+
+        Args:
+            cfg: The run's `Config`.
+            data: Its `PreparedData` (the tokenized lengths give the typical padded length of a batch).
+        """
+        if cfg.method.params.get("force"):
+            return
+        try:
+            model = _meta_model(cfg, getattr(data, "labels", None))
+        except Exception:  # noqa: BLE001 - an architecture the meta device cannot build: `apply` checks once loaded
+            return
+        check_memory(model, cfg, seq_len=planned_seq_len(cfg, getattr(data, "train", None)))
 
     def count_trainable(self, model) -> tuple[int, int]:
         from ..models import count_parameters
@@ -154,7 +170,27 @@ def _unwrap(model):
 # ---------------------------------------------------------------------- memory
 
 
-def estimate(model, cfg, info):
+def planned_seq_len(cfg, dataset=None) -> int:
+    """Tokens per example to plan memory for: 1.5 x the mean tokenized length, capped by ``data.max_length`` (the
+    collator pads each batch to its longest row, not to max_length), as `api`'s pre-flight assumes; max_length
+    when the lengths are unknown."""
+    if dataset is None or "input_ids" not in getattr(dataset, "column_names", ()) or not len(dataset):
+        return cfg.data.max_length
+    from ..packing import example_lengths
+
+    lengths = example_lengths(dataset)
+    return min(cfg.data.max_length, max(int(1.5 * sum(lengths) / len(lengths)), 8))
+
+
+def _dataset_of(calibration):
+    """The training set behind `api`'s calibration callable (a DataLoader factory), or None."""
+    try:
+        return getattr(calibration(), "dataset", None) if calibration is not None else None
+    except Exception:  # noqa: BLE001 - only used to size the estimate
+        return None
+
+
+def estimate(model, cfg, info, seq_len: int | None = None):
     """The pre-flight estimate for training every parameter of `model` (a `preflight.MemoryEstimate`).
 
     `preflight.estimate_memory` assumes a frozen base plus fp32 adapter weights; here the weights *are* the
@@ -169,7 +205,7 @@ def estimate(model, cfg, info):
     dtype = str(params[0].dtype).replace("torch.", "") if params else "float32"
     est = preflight.estimate_memory(
         model.config, task=cfg.task, dtype=dtype, trainable_params=n, method="full", method_params=_ACTIVATIONS_AS,
-        batch_size=cfg.train.per_device_train_batch_size, seq_len=cfg.data.max_length,
+        batch_size=cfg.train.per_device_train_batch_size, seq_len=seq_len or cfg.data.max_length,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info), device=info,
     )  # fmt: skip
@@ -180,20 +216,27 @@ def estimate(model, cfg, info):
     return replace(est, trainable=0, gradients=grads, optimizer=optim, total=total)
 
 
-def estimate_for_config(cfg, info=None):
+def estimate_for_config(cfg, info=None, seq_len: int | None = None):
     """`estimate` from a `Config` alone (the architecture is built on the meta device; no weights are read), for
     the dry run and the form's pre-flight line."""
-    from .. import devices, models
+    from .. import devices
 
-    model = models.build_empty(cfg.model, cfg.task)
+    return estimate(_meta_model(cfg), cfg, info or devices.device_info(), seq_len)
+
+
+def _meta_model(cfg, labels=None):
+    """The architecture on the meta device, in the dtype the run will load it in."""
+    from .. import models
+
+    model = models.build_empty(cfg.model, cfg.task, labels)
     if cfg.model.dtype not in ("auto", "float32"):
         import torch
 
         model.to(getattr(torch, cfg.model.dtype))
-    return estimate(model, cfg, info or devices.device_info())
+    return model
 
 
-def check_memory(model, cfg, info=None) -> None:
+def check_memory(model, cfg, info=None, seq_len: int | None = None) -> None:
     """Refuse (ConfigError) when training every parameter of `model` will not fit the training device.
 
     Weights already resident on that device (a model loaded in CPU RAM, for a CPU run) are already out of its
@@ -203,12 +246,12 @@ def check_memory(model, cfg, info=None) -> None:
     from ..ui.format import format_count
 
     info = info or devices.device_info()
-    est = estimate(model, cfg, info)
+    est = estimate(model, cfg, info, seq_len)
     resident = est.weights if _resident_on(model, info.kind) else 0
     if preflight.check_fit(replace(est, total=est.total - resident), info).fits:
         return
     gb = preflight._gb
-    lora = _lora_need(model, cfg, info)
+    lora = _lora_need(model, cfg, info, est.inputs.get("seq_len", cfg.data.max_length))
     alt = f"a PEFT method (`method: lora` needs ~{gb(lora)} GB)" if lora else "a PEFT method (`method: lora`)"
     bf16 = "" if cfg.model.dtype == "bfloat16" else ", `dtype: bfloat16` (about half)"
     raise ConfigError(
@@ -225,7 +268,7 @@ def _resident_on(model, kind: str) -> bool:
     return p is not None and p.device.type == kind
 
 
-def _lora_need(model, cfg, info):
+def _lora_need(model, cfg, info, seq):
     """What LoRA (r=8 on all linear layers) would need in the same setting, for the refusal's advice."""
     from .. import preflight
     from ..devices import resolve_mixed_precision
@@ -233,7 +276,7 @@ def _lora_need(model, cfg, info):
     try:
         return preflight.estimate_memory(
             model.config, task=cfg.task, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-            method="lora", batch_size=cfg.train.per_device_train_batch_size, seq_len=cfg.data.max_length,
+            method="lora", batch_size=cfg.train.per_device_train_batch_size, seq_len=seq,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info), device=info,
         ).total  # fmt: skip
