@@ -83,7 +83,8 @@ class FullFineTune:
 
     # ------------------------------------------------------------------ run time
     def apply(self, model, cfg, calibration=None):
-        """Make every parameter trainable, after checking that training it fits in memory.
+        """Make every parameter trainable, after checking that training it fits in memory (real weights only:
+        `api.setup` already asked `check_before_loading`, with the data's lengths, before they loaded).
 
         Args:
             model: A plain transformers model (real weights, or on the meta device for a dry run).
@@ -93,7 +94,8 @@ class FullFineTune:
         Raises:
             ConfigError: When the pre-flight estimate does not fit the device and ``force`` is not set.
         """
-        if not cfg.method.params.get("force"):
+        on_meta = any(p.is_meta for p in model.parameters())  # a dry run or re-run check: see check_before_loading
+        if not cfg.method.params.get("force") and not on_meta:
             check_memory(model, cfg, seq_len=planned_seq_len(cfg, _dataset_of(calibration)))
         model.requires_grad_(True)
         return model
