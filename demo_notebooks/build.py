@@ -34,8 +34,10 @@ def code(text: str, *tags: str):
 
 
 def header(name: str, title: str, intro: str) -> list:
-    badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-             f"(https://colab.research.google.com/{REPO_URL.replace('github.com', 'github')}/blob/main/demo_notebooks/{name})")  # fmt: skip
+    badge = (
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"(https://colab.research.google.com/{REPO_URL.replace('github.com', 'github')}/blob/main/demo_notebooks/{name})"
+    )
     return [md(f"# {title}\n\n{badge}\n\n{intro}")]
 
 
@@ -55,13 +57,15 @@ def install(extra: str = "") -> list:
 
 def parameters(body: str) -> list:
     return [
-        md("## Parameters\n\nChange these to use your own model or run longer. (Tagged `parameters`: papermill and "
-           "the project's CI override them.)"),  # fmt: skip
+        md(
+            "## Parameters\n\nChange these to use your own model or run longer. (Tagged `parameters`: papermill and "
+            "the project's CI override them.)"
+        ),
         code(body, "parameters"),
     ]
 
 
-ENVIRONMENT = '''
+ENVIRONMENT = """
 # Where are we, and what will training run on?
 import os
 import sys
@@ -96,14 +100,14 @@ else:
 os.makedirs(RUNS, exist_ok=True)
 print(f"outputs       {os.path.abspath(RUNS)}"
       + ("  (lost when the Colab session ends: set USE_DRIVE = True to keep them)" if IN_COLAB and not USE_DRIVE else ""))
-'''
+"""
 
 
 def environment() -> list:
     return [md("## Environment check"), code(ENVIRONMENT)]
 
 
-LOAD_WITH_PEFT = '''
+LOAD_WITH_PEFT = """
 ### Load the adapter without peft_magic
 
 The export folder is a plain peft adapter (`adapter_config.json` + `adapter_model.safetensors`) with the tokenizer,
@@ -119,7 +123,7 @@ tokenizer = AutoTokenizer.from_pretrained("{folder}")
 ```
 
 or, with the run's settings and labels, `peft_magic.load("{folder}")`.
-'''
+"""
 
 
 # ---------------------------------------------------------------- 01 quickstart
@@ -140,20 +144,28 @@ STEPS = 30  # optimizer steps of 8 examples: ~1.5 passes over the demo data (a f
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        md("## Load the extension and the data\n\n`%load_ext peft_magic` imports nothing heavy; the demo data is "
-           "written by the project itself (`peft_magic.demo_data`): capital cities, unit conversions and sums in "
-           "words, ~170 rows."),  # fmt: skip
+        md(
+            "## Load the extension and the data\n\n`%load_ext peft_magic` imports nothing heavy; the demo data is "
+            "written by the project itself (`peft_magic.demo_data`): capital cities, unit conversions and sums in "
+            "words, ~170 rows."
+        ),
         code("%load_ext peft_magic"),
-        code("from peft_magic.demo_data import DEMO_PROMPTS, instruction_data\n\ntrain_df = instruction_data()\n"
-             "print(len(train_df), 'rows')\ntrain_df.head()"),  # fmt: skip
-        md("## The base model\n\n`%peft_model` sets the session's base model (cells may then omit `model:`) and "
-           "says what it is, from its config alone."),  # fmt: skip
+        code(
+            "from peft_magic.demo_data import DEMO_PROMPTS, instruction_data\n\ntrain_df = instruction_data()\n"
+            "print(len(train_df), 'rows')\ntrain_df.head()"
+        ),
+        md(
+            "## The base model\n\n`%peft_model` sets the session's base model (cells may then omit `model:`) and "
+            "says what it is, from its config alone."
+        ),
         code("%peft_model $MODEL"),
-        md("## Fine-tune\n\nOne cell: the YAML body is the whole configuration (see `docs/config.md` for every "
-           "key). `$train_df` is the DataFrame above; `$STEPS` and `$RUNS` come from the parameters. The live panel "
-           "shows progress, the loss curve, throughput and memory; **Stop** (or the kernel's ■) ends the run "
-           "after the current step and keeps everything. When it ends, a static summary stays in the notebook."),
-        code('''
+        md(
+            "## Fine-tune\n\nOne cell: the YAML body is the whole configuration (see `docs/config.md` for every "
+            "key). `$train_df` is the DataFrame above; `$STEPS` and `$RUNS` come from the parameters. The live panel "
+            "shows progress, the loss curve, throughput and memory; **Stop** (or the kernel's ■) ends the run "
+            "after the current step and keeps everything. When it ends, a static summary stays in the notebook."
+        ),
+        code("""
 %%peft_train run --set train.max_steps=$STEPS --set train.output_dir=$RUNS/quickstart
 method: {name: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
 data:
@@ -164,19 +176,21 @@ train:
   learning_rate: 2.0e-3  # high for LoRA, on purpose: a visible change in a few dozen steps
   per_device_train_batch_size: 8
   logging_steps: 5
-  eval_steps: 20'''),
-        md("## Did it learn?\n\nEval loss and perplexity on the held-out 10%, then base vs tuned answers for "
-           "questions that are **not** in the training data."),
+  eval_steps: 20"""),
+        md(
+            "## Did it learn?\n\nEval loss and perplexity on the held-out 10%, then base vs tuned answers for "
+            "questions that are **not** in the training data."
+        ),
         code("%peft_eval run"),
         code('''
 %peft_generate run "What is the capital of Italy?"
 %peft_generate run "Convert 7 kilograms to grams."
 %peft_generate run "What is six plus nine?"'''),
         md("The same from Python: `run.generate(prompt)`, `run.history` (one row per logged step), `run.metrics`."),
-        code('''
+        code("""
 import pandas as pd
 
-pd.DataFrame(run.history).tail()'''),
+pd.DataFrame(run.history).tail()"""),
         md("## Export in one line"),
         code("%peft_export run $RUNS/quickstart-adapter --overwrite"),
         md(LOAD_WITH_PEFT.format(auto="AutoModelForCausalLM", model=SMOLLM2, folder="peft_runs/quickstart-adapter")),
@@ -202,21 +216,25 @@ STEPS = 80
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        md("## Data\n\n300 short messages written by the project (`peft_magic.demo_data`); 20% are held out as a "
-           "test set that training never sees."),
+        md(
+            "## Data\n\n300 short messages written by the project (`peft_magic.demo_data`); 20% are held out as a "
+            "test set that training never sees."
+        ),
         code("%load_ext peft_magic"),
-        code('''
+        code("""
 from peft_magic.demo_data import classification_data
 
 df = classification_data(300)
 test_df = df.sample(frac=0.2, random_state=0)
 train_df = df.drop(test_df.index)
 print(len(train_df), "train /", len(test_df), "test")
-train_df.label.value_counts()'''),
+train_df.label.value_counts()"""),
         code("%peft_model $MODEL"),
-        md("## Train\n\n`task: seq-cls` builds the head from the labels (string labels are mapped to ids; the "
-           "mapping is saved in the model config). Evaluation runs every 20 steps on `$test_df`."),
-        code('''
+        md(
+            "## Train\n\n`task: seq-cls` builds the head from the labels (string labels are mapped to ids; the "
+            "mapping is saved in the model config). Evaluation runs every 20 steps on `$test_df`."
+        ),
+        code("""
 %%peft_train clf --set train.max_steps=$STEPS --set train.output_dir=$RUNS/classifier
 task: seq-cls
 method: {name: lora, r: 8, lora_alpha: 16, target_modules: [query, value]}
@@ -230,21 +248,24 @@ train:
   learning_rate: 2.0e-3
   per_device_train_batch_size: 16
   logging_steps: 10
-  eval_steps: 20'''),
+  eval_steps: 20"""),
         md("## Evaluate\n\nAccuracy, precision, recall and F1 (macro and per class), and the confusion matrix."),
         code("%peft_eval clf"),
-        code('''
+        code("""
 clf.predict(["I was charged twice for my subscription", "my parcel is still not here",
-             "I forgot my password and cannot log in"])'''),
+             "I forgot my password and cannot log in"])"""),
         md("## Export and reload"),
         code("%peft_export clf $RUNS/support-classifier --overwrite"),
-        code('''
+        code("""
 import peft_magic
 
 loaded = peft_magic.load(f"{RUNS}/support-classifier")
-loaded.predict(["where is my order?", "refund the double charge please"])'''),
-        md(LOAD_WITH_PEFT.format(auto="AutoModelForSequenceClassification", model=MINILM,
-                                 folder="peft_runs/support-classifier")),  # fmt: skip
+loaded.predict(["where is my order?", "refund the double charge please"])"""),
+        md(
+            LOAD_WITH_PEFT.format(
+                auto="AutoModelForSequenceClassification", model=MINILM, folder="peft_runs/support-classifier"
+            )
+        ),
     ]
     return cells
 
@@ -268,42 +289,48 @@ STEPS = 40
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        code('''
+        code("""
 %load_ext peft_magic
 from peft_magic.demo_data import DEMO_PROMPTS, instruction_data
 
-train_df = instruction_data()'''),
+train_df = instruction_data()"""),
         md("`%peft_model ... --quantization 4bit` makes every later cell load the base in 4-bit."),
         code("%peft_model $MODEL --quantization $QUANTIZATION"),
-        md("## Pre-flight: what will this take?\n\n`--dry-run` resolves the config, reads the data, builds the "
-           "model on the meta device (no weights loaded) and estimates peak memory against this device."),
-        code('''
+        md(
+            "## Pre-flight: what will this take?\n\n`--dry-run` resolves the config, reads the data, builds the "
+            "model on the meta device (no weights loaded) and estimates peak memory against this device."
+        ),
+        code("""
 %%peft_train qrun --dry-run --set train.max_steps=$STEPS
 method: {name: lora, r: 16, lora_alpha: 32, target_modules: all-linear}
 data: {train: $train_df, eval: 0.1, max_length: 64}
-train: {learning_rate: 1.0e-3, per_device_train_batch_size: 8, logging_steps: 5, eval_steps: 20}'''),
+train: {learning_rate: 1.0e-3, per_device_train_batch_size: 8, logging_steps: 5, eval_steps: 20}"""),
         md("## Train\n\nThe same cell without `--dry-run`."),
-        code('''
+        code("""
 %%peft_train qrun --set train.max_steps=$STEPS --set train.output_dir=$RUNS/qlora
 method: {name: lora, r: 16, lora_alpha: 32, target_modules: all-linear}
 data: {train: $train_df, eval: 0.1, max_length: 64}
-train: {learning_rate: 1.0e-3, per_device_train_batch_size: 8, logging_steps: 5, eval_steps: 20}'''),
+train: {learning_rate: 1.0e-3, per_device_train_batch_size: 8, logging_steps: 5, eval_steps: 20}"""),
         code("%peft_eval qrun"),
         code('%peft_generate qrun "What is the capital of Italy?"'),
-        md("## Export: the adapter, or a merged model\n\nThe adapter applies to the same base loaded in 4-bit. "
-           "`--merge` writes a full model with the adapter folded in, **dequantized** (bitsandbytes weights "
-           "cannot hold a merged delta), which loads with plain transformers."),  # fmt: skip
+        md(
+            "## Export: the adapter, or a merged model\n\nThe adapter applies to the same base loaded in 4-bit. "
+            "`--merge` writes a full model with the adapter folded in, **dequantized** (bitsandbytes weights "
+            "cannot hold a merged delta), which loads with plain transformers."
+        ),
         code("%peft_export qrun $RUNS/qlora-adapter --overwrite"),
         code("%peft_export qrun $RUNS/qlora-merged --merge --overwrite"),
-        code('''
+        code("""
 from transformers import AutoModelForCausalLM
 
 merged = AutoModelForCausalLM.from_pretrained(f"{RUNS}/qlora-merged")
 print(type(merged).__name__, f"{sum(p.numel() for p in merged.parameters()):,} parameters,",
-      "dtype", next(merged.parameters()).dtype)'''),
-        md(LOAD_WITH_PEFT.format(auto="AutoModelForCausalLM", model=SMOLLM2, folder="peft_runs/qlora-adapter")
-           + "\nLoad the base with the same `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
-           "bnb_4bit_use_double_quant=True)` to get the trained model back."),  # fmt: skip
+      "dtype", next(merged.parameters()).dtype)"""),
+        md(
+            LOAD_WITH_PEFT.format(auto="AutoModelForCausalLM", model=SMOLLM2, folder="peft_runs/qlora-adapter")
+            + '\nLoad the base with the same `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+            "bnb_4bit_use_double_quant=True)` to get the trained model back."
+        ),
     ]
     return cells
 
@@ -326,26 +353,28 @@ STEPS = 60
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        code('''
+        code("""
 %load_ext peft_magic
 from peft_magic.demo_data import classification_data
 
 df = classification_data(300)
 test_df = df.sample(frac=0.2, random_state=0)
-train_df = df.drop(test_df.index)'''),
+train_df = df.drop(test_df.index)"""),
         code("%peft_model $MODEL"),
-        md("`compare:` lists the methods (a name, or a mapping with the method's own parameters); the rest of the "
-           "cell is one ordinary training config shared by every variant. `--dry-run` lists the variants and "
-           "checks every config before anything trains."),  # fmt: skip
-        code('''
+        md(
+            "`compare:` lists the methods (a name, or a mapping with the method's own parameters); the rest of the "
+            "cell is one ordinary training config shared by every variant. `--dry-run` lists the variants and "
+            "checks every config before anything trains."
+        ),
+        code("""
 %%peft_compare methods --dry-run
 task: seq-cls
 data: {train: $train_df, eval: $test_df, max_length: 32}
 compare:
   - {name: lora, r: 8, target_modules: [query, value]}
   - ia3
-  - bitfit'''),
-        code('''
+  - bitfit"""),
+        code("""
 %%peft_compare methods --set train.max_steps=$STEPS --set train.output_dir=$RUNS/compare
 task: seq-cls
 data: {train: $train_df, eval: $test_df, max_length: 32}
@@ -353,12 +382,14 @@ train: {learning_rate: 5.0e-3, per_device_train_batch_size: 16, logging_steps: 1
 compare:
   - {name: lora, r: 8, target_modules: [query, value]}   # R: low-rank updates of the attention weights
   - ia3                                                  # A: learned scaling vectors
-  - bitfit                                               # S: only the biases (and the head)'''),
-        md("On this easy task all three reach full test accuracy within 60 steps (measured on CPU: LoRA 0.33% "
-           "of the parameters trained, IA3 0.08%, BitFit 0.12%); they differ in how many parameters train, how "
-           "fast the loss falls and how long a step takes. One learning rate for all is a compromise: add "
-           "`sweep: {train.learning_rate: [1.0e-3, 5.0e-3, 2.0e-2]}` to give each method its best shot.\n\n"
-           "The result stays in `methods`: `.table` is a pandas DataFrame, `.runs` the runs by variant."),
+  - bitfit                                               # S: only the biases (and the head)"""),
+        md(
+            "On this easy task all three reach full test accuracy within 60 steps (measured on CPU: LoRA 0.33% "
+            "of the parameters trained, IA3 0.08%, BitFit 0.12%); they differ in how many parameters train, how "
+            "fast the loss falls and how long a step takes. One learning rate for all is a compromise: add "
+            "`sweep: {train.learning_rate: [1.0e-3, 5.0e-3, 2.0e-2]}` to give each method its best shot.\n\n"
+            "The result stays in `methods`: `.table` is a pandas DataFrame, `.runs` the runs by variant."
+        ),
         code("methods.table"),
     ]
     return cells
@@ -383,22 +414,26 @@ STEPS = 60
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        code('''
+        code("""
 %load_ext peft_magic
 from peft_magic.demo_data import classification_data
 
 df = classification_data(300)
 test_df = df.sample(frac=0.2, random_state=0)
-train_df = df.drop(test_df.index)'''),
+train_df = df.drop(test_df.index)"""),
         code("%peft_model $MODEL"),
-        md("## The form\n\nThe base model comes from `%peft_model`; the data dropdown lists this notebook's "
-           "DataFrames (`$train_df`, `$test_df`). Set `task` to `seq-cls`, press **Start** and watch the panel "
-           "under the form; **Stop** at any time."),  # fmt: skip
+        md(
+            "## The form\n\nThe base model comes from `%peft_model`; the data dropdown lists this notebook's "
+            "DataFrames (`$train_df`, `$test_df`). Set `task` to `seq-cls`, press **Start** and watch the panel "
+            "under the form; **Stop** at any time."
+        ),
         code("%peft_ui clicked_run"),
-        md("## The same form, driven from Python\n\nEvery button is a method (`start`, `stop`, `export`, "
-           "`copy_as_cell`), so the form can be filled and run from code too, which is how this notebook runs "
-           "unattended in CI."),  # fmt: skip
-        code('''
+        md(
+            "## The same form, driven from Python\n\nEvery button is a method (`start`, `stop`, `export`, "
+            "`copy_as_cell`), so the form can be filled and run from code too, which is how this notebook runs "
+            "unattended in CI."
+        ),
+        code("""
 from peft_magic.ui.form import Form
 
 form = Form({"model": MODEL, "task": "seq-cls",
@@ -407,16 +442,20 @@ form = Form({"model": MODEL, "task": "seq-cls",
              "train": {"max_steps": STEPS, "learning_rate": 2.0e-3, "per_device_train_batch_size": 16,
                        "eval_steps": 20, "output_dir": f"{RUNS}/form_run"}},
             name="form_run")
-form'''),
-        md("**Copy as cell** gives the `%%peft_train` cell that trains exactly this configuration (data stays "
-           "`$name`): paste it into a notebook to keep the experiment reproducible."),  # fmt: skip
+form"""),
+        md(
+            "**Copy as cell** gives the `%%peft_train` cell that trains exactly this configuration (data stays "
+            "`$name`): paste it into a notebook to keep the experiment reproducible."
+        ),
         code("print(form.cell_text())"),
-        md("**Start** trains in the background with the live panel under the form above and stores the run as "
-           "`form_run`; the kernel stays free, so **Stop** (or `form_run.stop()`) works while it trains."),
-        code('''
+        md(
+            "**Start** trains in the background with the live panel under the form above and stores the run as "
+            "`form_run`; the kernel stays free, so **Stop** (or `form_run.stop()`) works while it trains."
+        ),
+        code("""
 run = form.start()
 run.wait()  # block this cell until the run ends (Stop still works from the form)
-print(form_run.status, form_run.state.stop_reason, f"{form_run.state.step} steps")'''),
+print(form_run.status, form_run.state.stop_reason, f"{form_run.state.step} steps")"""),
         code("%peft_eval form_run"),
         md("**Export** writes the adapter to the Export tab's folder (or the one given here)."),
         code('form.export(f"{RUNS}/form-adapter")'),
@@ -426,27 +465,44 @@ print(form_run.status, form_run.state.stop_reason, f"{form_run.state.step} steps
 
 # ---------------------------------------------------------------- 06 full vs PEFT (issue 9)
 
+
 def full_vs_peft() -> list:
     cells = header(
         "06_full_vs_peft.ipynb",
-        'Full fine-tuning vs PEFT: task quality, forgetting, memory, time and data efficiency',
+        "Full fine-tuning vs PEFT: task quality, forgetting, memory, time and data efficiency",
         "People choose PEFT over full fine-tuning for four claims: far fewer trainable parameters and less memory, comparable task quality, less forgetting of what the model knew, and better results with little data. This notebook checks them on one small model and one task, instead of taking them on faith: `method: full` (every parameter trains), LoRA (reparameterized) and `layers` (selective: the last two blocks), with `forgetting: default` measuring each model's loss on general English text before and after training.",
     )
     cells += install()
-    cells += parameters('\nMODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"\nSTEPS = 40  # optimizer steps per variant (x 8 examples)\nUSE_DRIVE = False  # Colab: keep outputs in Google Drive')
+    cells += parameters(
+        '\nMODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"\nSTEPS = 40  # optimizer steps per variant (x 8 examples)\nUSE_DRIVE = False  # Colab: keep outputs in Google Drive'
+    )
     cells += environment()
     cells += [
-        code('%load_ext peft_magic\nfrom peft_magic.demo_data import instruction_data\n\ndf = instruction_data()\ntest_df = df.sample(frac=0.15, random_state=0)\ntrain_df = df.drop(test_df.index)\nprint(len(train_df), "train rows,", len(test_df), "held out")'),
-        code('%peft_model $MODEL'),
-        md("## Three methods, one cell\n\n`forgetting: default` is peft_magic's built-in general text (71 short paragraphs of everyday English, written for the project, offline). Before training, the base model's loss on it is measured; after training, the tuned model's. The comparison table gains `forgetting_loss_delta` (tuned minus base: above 0 means the model got worse at plain English) and `forgetting_ppl_ratio`, next to trainable %, peak memory, training time and the eval loss on the task.\n\nOne learning rate for all three is a compromise (LoRA usually likes ~10x more than full fine-tuning); sweep `train.learning_rate` to give each method its best shot."),
-        code('%%peft_compare full_vs_peft --set train.max_steps=$STEPS --set train.output_dir=$RUNS/full_vs_peft\ndata: {train: $train_df, eval: $test_df, max_length: 64, forgetting: default}\ntrain: {learning_rate: 1.0e-4, per_device_train_batch_size: 8, logging_steps: 10, eval_steps: 0, save_total_limit: 1}\ncompare:\n  - full                        # F: every parameter (refused, with an estimate, if it cannot fit)\n  - {name: lora, r: 8}          # R: low-rank updates of every linear layer\n  - {name: layers, last_n: 2}   # S: only the last two transformer blocks'),
-        code('full_vs_peft.table'),
-        md('## Task quality against forgetting\n\nOne point per method. For a loss, **lower** is better (the axis title says which way is better); **left** is less forgetting. The dashed line is "no change on general text".'),
-        code('from IPython.display import SVG\n\nSVG(full_vs_peft.tradeoff_svg())'),
-        md('## Which method does better with little data?\n\n`train_samples` is a sweep key like any other (`all` = every row); each variant trains the same number of steps on a smaller or larger set.'),
-        code('%%peft_compare sizes --set train.max_steps=$STEPS --set train.output_dir=$RUNS/sizes\ndata: {train: $train_df, eval: $test_df, max_length: 64, forgetting: default}\ntrain: {learning_rate: 1.0e-4, per_device_train_batch_size: 8, logging_steps: 10, eval_steps: 0, save_total_limit: 1}\ncompare: [full, {name: lora, r: 8}]\nsweep: {train_samples: [16, 48, all]}'),
-        code('SVG(sizes.size_svg())'),
-        md('## Reading it honestly\n\n* **Trainable % and memory** are what they are: full fine-tuning trains 100% and keeps a gradient and two AdamW moments for every weight; LoRA and `layers` train a few percent.\n* **Forgetting** only means something next to the task metric: a method that barely moved forgets little because it learned little. Compare points at a similar eval loss.\n* A few dozen steps on a 135M model are a smoke test, not a study: the differences in forgetting are small and move with the learning rate and the number of steps. For your own decision, use your model, your data, a learning-rate sweep per method, and general text close to what the model must keep knowing (`forgetting: $my_texts`). See `docs/forgetting.md` for a worked reading.'),
+        code(
+            '%load_ext peft_magic\nfrom peft_magic.demo_data import instruction_data\n\ndf = instruction_data()\ntest_df = df.sample(frac=0.15, random_state=0)\ntrain_df = df.drop(test_df.index)\nprint(len(train_df), "train rows,", len(test_df), "held out")'
+        ),
+        code("%peft_model $MODEL"),
+        md(
+            "## Three methods, one cell\n\n`forgetting: default` is peft_magic's built-in general text (71 short paragraphs of everyday English, written for the project, offline). Before training, the base model's loss on it is measured; after training, the tuned model's. The comparison table gains `forgetting_loss_delta` (tuned minus base: above 0 means the model got worse at plain English) and `forgetting_ppl_ratio`, next to trainable %, peak memory, training time and the eval loss on the task.\n\nOne learning rate for all three is a compromise (LoRA usually likes ~10x more than full fine-tuning); sweep `train.learning_rate` to give each method its best shot."
+        ),
+        code(
+            "%%peft_compare full_vs_peft --set train.max_steps=$STEPS --set train.output_dir=$RUNS/full_vs_peft\ndata: {train: $train_df, eval: $test_df, max_length: 64, forgetting: default}\ntrain: {learning_rate: 1.0e-4, per_device_train_batch_size: 8, logging_steps: 10, eval_steps: 0, save_total_limit: 1}\ncompare:\n  - full                        # F: every parameter (refused, with an estimate, if it cannot fit)\n  - {name: lora, r: 8}          # R: low-rank updates of every linear layer\n  - {name: layers, last_n: 2}   # S: only the last two transformer blocks"
+        ),
+        code("full_vs_peft.table"),
+        md(
+            '## Task quality against forgetting\n\nOne point per method. For a loss, **lower** is better (the axis title says which way is better); **left** is less forgetting. The dashed line is "no change on general text".'
+        ),
+        code("from IPython.display import SVG\n\nSVG(full_vs_peft.tradeoff_svg())"),
+        md(
+            "## Which method does better with little data?\n\n`train_samples` is a sweep key like any other (`all` = every row); each variant trains the same number of steps on a smaller or larger set."
+        ),
+        code(
+            "%%peft_compare sizes --set train.max_steps=$STEPS --set train.output_dir=$RUNS/sizes\ndata: {train: $train_df, eval: $test_df, max_length: 64, forgetting: default}\ntrain: {learning_rate: 1.0e-4, per_device_train_batch_size: 8, logging_steps: 10, eval_steps: 0, save_total_limit: 1}\ncompare: [full, {name: lora, r: 8}]\nsweep: {train_samples: [16, 48, all]}"
+        ),
+        code("SVG(sizes.size_svg())"),
+        md(
+            "## Reading it honestly\n\n* **Trainable % and memory** are what they are: full fine-tuning trains 100% and keeps a gradient and two AdamW moments for every weight; LoRA and `layers` train a few percent.\n* **Forgetting** only means something next to the task metric: a method that barely moved forgets little because it learned little. Compare points at a similar eval loss.\n* A few dozen steps on a 135M model are a smoke test, not a study: the differences in forgetting are small and move with the learning rate and the number of steps. For your own decision, use your model, your data, a learning-rate sweep per method, and general text close to what the model must keep knowing (`forgetting: $my_texts`). See `docs/forgetting.md` for a worked reading."
+        ),
     ]
     return cells
 

@@ -48,8 +48,8 @@ UNITS = (  # (from, to, factor)
 HELD_OUT_CONVERSIONS = ((7, "kilograms"), (3, "hours"))
 CONVERSION_PROMPTS = ("Convert {n} {unit} to {to}.", "How many {to} are in {n} {unit}?")
 
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                "sixteen seventeen eighteen").split()  # fmt: skip
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]  # fmt: skip
 HELD_OUT_SUMS = ((6, 9), (4, 8))
 ARITHMETIC_PROMPTS = ("What is {a} plus {b}?", "Add {a} and {b}.", "What do you get when you add {a} to {b}?")
 
@@ -62,27 +62,70 @@ DEMO_PROMPTS = (
 LABELS = ("billing", "delivery", "account")
 _SUPPORT = {
     "billing": (
-        ["I was charged twice for {thing}", "why is there an extra fee on {thing}", "please refund {thing}",
-         "the invoice for {thing} is wrong", "my card was billed for {thing} I cancelled",
-         "can I get a receipt for {thing}", "the price of {thing} changed after I paid",
-         "you took money for {thing} two times"],
-        ["my last order", "the subscription", "this month", "the annual plan", "my March payment", "the upgrade",
-         "order 4471", "the gift card"],
+        [
+            "I was charged twice for {thing}",
+            "why is there an extra fee on {thing}",
+            "please refund {thing}",
+            "the invoice for {thing} is wrong",
+            "my card was billed for {thing} I cancelled",
+            "can I get a receipt for {thing}",
+            "the price of {thing} changed after I paid",
+            "you took money for {thing} two times",
+        ],
+        [
+            "my last order",
+            "the subscription",
+            "this month",
+            "the annual plan",
+            "my March payment",
+            "the upgrade",
+            "order 4471",
+            "the gift card",
+        ],
     ),
     "delivery": (
-        ["where is {thing}", "{thing} has not arrived yet", "the tracking for {thing} stopped updating",
-         "{thing} came damaged", "the courier left {thing} at the wrong address", "{thing} is three days late",
-         "can you ship {thing} faster", "I only received half of {thing}"],
-        ["my parcel", "the package", "order 4471", "my last order", "the box of books", "my new phone",
-         "the replacement part", "the gift"],
+        [
+            "where is {thing}",
+            "{thing} has not arrived yet",
+            "the tracking for {thing} stopped updating",
+            "{thing} came damaged",
+            "the courier left {thing} at the wrong address",
+            "{thing} is three days late",
+            "can you ship {thing} faster",
+            "I only received half of {thing}",
+        ],
+        [
+            "my parcel",
+            "the package",
+            "order 4471",
+            "my last order",
+            "the box of books",
+            "my new phone",
+            "the replacement part",
+            "the gift",
+        ],
     ),
     "account": (
-        ["I cannot log in to {thing}", "how do I reset the password for {thing}", "please delete {thing}",
-         "{thing} was locked after too many attempts", "I want to change the email on {thing}",
-         "someone else signed in to {thing}", "the two-factor code for {thing} never comes",
-         "how do I update the username of {thing}"],
-        ["my account", "my profile", "the family account", "my work login", "the app", "my old account",
-         "the shared account", "my dashboard"],
+        [
+            "I cannot log in to {thing}",
+            "how do I reset the password for {thing}",
+            "please delete {thing}",
+            "{thing} was locked after too many attempts",
+            "I want to change the email on {thing}",
+            "someone else signed in to {thing}",
+            "the two-factor code for {thing} never comes",
+            "how do I update the username of {thing}",
+        ],
+        [
+            "my account",
+            "my profile",
+            "the family account",
+            "my work login",
+            "the app",
+            "my old account",
+            "the shared account",
+            "my dashboard",
+        ],
     ),
 }
 _OPENERS = ("", "", "hi, ", "hello, ", "help: ", "urgent: ", "quick question: ")
@@ -115,7 +158,12 @@ def instruction_data(n: int | None = None, seed: int = 0):
                 continue
             prompt = rng.choice(CONVERSION_PROMPTS).format(n=number, unit=unit, to=to)
             rows.append((prompt, f"Answer: {number * factor} {to}."))
-    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if (a, b) not in HELD_OUT_SUMS and (b, a) not in HELD_OUT_SUMS]
+    pairs = [
+        (a, b)
+        for a in range(1, 10)
+        for b in range(1, 10)
+        if (a, b) not in HELD_OUT_SUMS and (b, a) not in HELD_OUT_SUMS
+    ]
     for a, b in rng.sample(pairs, 60):
         prompt = rng.choice(ARITHMETIC_PROMPTS).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
         rows.append((prompt, f"Answer: {NUMBER_WORDS[a + b]}."))

@@ -98,7 +98,7 @@ def run_quickstart(model: str | None = None, steps: int = DEFAULT_STEPS, out: st
          f"(answers in the style 'Answer: <fact>.'), {steps} steps")  # fmt: skip
     start = time.time()
     run = api.train(quickstart_config(model, steps), name="quickstart", display=display)
-    echo(f"trained in {time.time() - start:.0f} s")
+    echo(f"loaded and trained in {time.time() - start:.0f} s")
     answers = [generate_both(run, p, max_new_tokens=max_new_tokens) for p in DEMO_PROMPTS]
     echo("\nbase model vs tuned, on questions that were not in the training data:")
     for a in answers:

@@ -111,15 +111,17 @@ def render() -> str:
             out += ["", f"Also accepted: {pairs}."]
         if name == "model":
             spelled = sorted({k for k, v in QUANT_ALIASES.items() if v != "none"})
-            out += ["", f"`quantization` also reads {', '.join(f'`{s}`' for s in spelled)} (and `no`/`false`/`off` "
-                        "for none)."]  # fmt: skip
+            listed = ", ".join(f"`{s}`" for s in spelled)
+            out += ["", f"`quantization` also reads {listed} (and `no`/`false`/`off` for none)."]
         out.append("")
     out += [
         "## Comparisons and sweeps",
         "",
-        "A `%%peft_compare` cell takes the same keys plus `compare:` (a list of method specs, e.g. "
-        "`[lora, ia3, {name: lora, r: 16}]`) and `sweep:` (dotted keys to lists of values, e.g. "
-        "`{train.learning_rate: [1.0e-4, 3.0e-4]}`); every combination is trained in turn.",
+        (
+            "A `%%peft_compare` cell takes the same keys plus `compare:` (a list of method specs, e.g. "
+            "`[lora, ia3, {name: lora, r: 16}]`) and `sweep:` (dotted keys to lists of values, e.g. "
+            "`{train.learning_rate: [1.0e-4, 3.0e-4]}`); every combination is trained in turn."
+        ),
         "",
     ]
     return "\n".join(out).replace("\n\n\n", "\n\n")

@@ -64,7 +64,9 @@ def inject_parameters(nb, params: dict) -> None:
     import nbformat
 
     index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    source = "# Parameters (injected by tests/test_notebooks.py)\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    source = "# Parameters (injected by tests/test_notebooks.py)\n" + "\n".join(
+        f"{k} = {v!r}" for k, v in params.items()
+    )
     cell = nbformat.v4.new_code_cell(source)
     cell.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(index + 1, cell)
@@ -295,7 +297,7 @@ def test_classification_data_is_balanced_and_distinct():
 def test_config_reference_is_up_to_date():
     """docs/config.md is generated from the config dataclasses; a new or changed field must regenerate it."""
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_reference.py"), "--check"],
-                            capture_output=True, text=True)  # fmt: skip
+                            capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
 
 
