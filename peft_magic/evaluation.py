@@ -36,7 +36,12 @@ def evaluate_model(model, dataloader, accelerator=None, task="causal-lm", labels
                 batch = {k: v.to(device) for k, v in batch.items()}
             out = model(**batch)
             y = batch["labels"]
-            n = (y != -100).sum() if task in ("causal-lm", "seq2seq", "token-cls") else torch.tensor(y.shape[0], device=device)
+            if task == "causal-lm":  # the model's loss averages over predicted (shifted) positions
+                n = (y[:, 1:] != -100).sum()
+            elif task in ("seq2seq", "token-cls"):
+                n = (y != -100).sum()
+            else:
+                n = torch.tensor(y.shape[0], device=device)
             loss_sum += out.loss.double() * n
             weight += n
             if task == "seq-cls":

@@ -231,7 +231,7 @@ def _data_refs(mapping):
     data = mapping.get("data")
     if not isinstance(data, dict):
         return []
-    return [(f"data.{split}", src.strip()[1:]) for split in ("train", "eval")
+    return [(f"data.{split}", src.strip()[1:]) for split in ("train", "eval", "forgetting")
             if isinstance(src := data.get(split), str) and src.strip().startswith("$")]  # fmt: skip
 
 

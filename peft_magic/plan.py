@@ -78,6 +78,10 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         f"accum {t.gradient_accumulation_steps} · lr {t.learning_rate:g} {t.lr_scheduler_type} · "
         f"eval every {t.eval_steps or '-'} · output {t.output_dir}",
     }
+    if cfg.data.forgetting is not None:
+        from .forgetting import describe as describe_forgetting
+
+        plan.rows["forgetting"] = f"base vs tuned loss on {describe_forgetting(cfg.data.forgetting)}"
     _add_memory(plan, cfg, model, trainable, data)
     return plan
 

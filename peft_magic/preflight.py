@@ -247,6 +247,10 @@ def estimate_for_config(
     from .models import load_config
 
     info = info or device_info()
+    if config.method.name == "full":  # every parameter trains: gradients and AdamW states for all of them
+        from .methods.full import estimate_for_config as full_estimate
+
+        return full_estimate(config, info, seq_len=seq_len)
     params = {k: v for k, v in config.method.params.items() if k != "from"}
     return estimate_memory(
         model_config if model_config is not None else load_config(config.model),
