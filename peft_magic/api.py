@@ -79,14 +79,7 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
     _setup_guarded(run, namespace, bus, replaces)
     if resume_meta is not None:
         resume_meta["method"] = run.method
-    if background:
-        _ACTIVE.add(run)
-        run._thread = threading.Thread(target=_fit_safely, args=(run, bus, resume_meta), daemon=True,
-                                       name=f"peft_magic:{name}")  # fmt: skip
-        run._thread.start()
-        return run
-    _fit(run, bus, resume_meta)
-    return run
+    return _start(run, bus, resume_meta, background)
 
 
 def _merge_overrides(overrides, kw) -> list | dict:
@@ -264,13 +257,18 @@ def resume(run: Run, *, callbacks=(), background=False, display="auto", checkpoi
     from .forgetting import reattach
 
     reattach(run, bus)  # the resumed run's end is measured too
+    return _start(run, bus, meta, background)
+
+
+def _start(run: Run, bus: EventBus, resume_meta, background: bool) -> Run:
+    """Run the loop here, or in a thread (one background run at a time, see `_ACTIVE`)."""
     if background:
         _ACTIVE.add(run)
-        run._thread = threading.Thread(target=_fit_safely, args=(run, bus, meta), daemon=True,
+        run._thread = threading.Thread(target=_fit_safely, args=(run, bus, resume_meta), daemon=True,
                                        name=f"peft_magic:{run.name}")  # fmt: skip
         run._thread.start()
         return run
-    _fit(run, bus, meta)
+    _fit(run, bus, resume_meta)
     return run
 
 
