@@ -67,6 +67,7 @@ def parameters(body: str) -> list:
 
 ENVIRONMENT = """
 # Where are we, and what will training run on?
+import importlib.util
 import os
 import sys
 
