@@ -362,5 +362,7 @@ def _collator(run):
 def load(path: str, device=None) -> Run:
     """Load an exported folder (peft adapter, peft_magic delta, or merged model) onto its base; returns a Run."""
     from .export import load_export
+    from .models import quiet_loading
 
-    return load_export(path, device=device)
+    with quiet_loading():
+        return load_export(path, device=device)

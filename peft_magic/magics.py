@@ -217,13 +217,6 @@ class PeftMagics(Magics):
         display(generate_both(run, prompt))  # a two-column table in a notebook, plain lines in a terminal
         return None
 
-    # ---------------------------------------------------------------- helpers
-    def _run(self, name):
-        name = name or self.last_run_name or "run"
-        run = self.shell.user_ns.get(name)
-        if not _is_run(run):
-            raise UsageError(f"'{name}' is not a training run. Fix: train one with %%peft_train {name}, or name it.")
-        return run
     # ---------------------------------------------------------------- %peft_ui
     @magic_arguments()
     @argument("name", nargs="?", default=None,
@@ -247,6 +240,13 @@ class PeftMagics(Magics):
         display(Form(source, name=name, shell=self.shell, defaults=defaults))
         return None
 
+    # ---------------------------------------------------------------- helpers
+    def _run(self, name):
+        name = name or self.last_run_name or "run"
+        run = self.shell.user_ns.get(name)
+        if not _is_run(run):
+            raise UsageError(f"'{name}' is not a training run. Fix: train one with %%peft_train {name}, or name it.")
+        return run
 
 
 def _is_run(obj) -> bool:
@@ -256,17 +256,26 @@ def _is_run(obj) -> bool:
 
 
 def _describe_architecture(mcfg) -> str:
-    """' (LlamaForCausalLM, 135M params)' from the config alone, or '' when it cannot be built."""
+    """' (LlamaForCausalLM, 135M params)' from the config alone (no weights), or '' when it cannot be built."""
     from . import models
     from .ui.format import format_count
 
-    for task in ("causal-lm", "seq-cls"):
-        try:
-            empty = models.build_empty(mcfg, task)
-        except (ValueError, KeyError, OSError):
-            continue
-        return f" ({type(empty).__name__}, {format_count(models.count_parameters(empty)[1])} params)"
-    return ""
+    try:
+        config = models.load_config(mcfg)
+        empty = models.build_empty(mcfg, "causal-lm" if _is_decoder(config) else "seq-cls")
+    except (ValueError, KeyError, OSError):
+        return ""
+    name = (getattr(config, "architectures", None) or [type(empty).__name__])[0]
+    return f" ({name}, {format_count(models.count_parameters(empty)[1])} params)"
+
+
+def _is_decoder(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
 
 
 def _unquote(text):

@@ -162,7 +162,11 @@ class PeftMethod:
 
     def save(self, model, out_dir, cfg=None) -> None:
         """peft's own format: adapter_config.json + adapter_model.safetensors."""
-        model.save_pretrained(out_dir, safe_serialization=True)
+        import warnings
+
+        with warnings.catch_warnings():  # GGUF bases keep no config.json beside the .gguf file; peft warns each save
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.save_pretrained(out_dir, safe_serialization=True)
 
     def load_weights(self, model, in_dir) -> None:
         """Load saved adapter weights into an existing PeftModel, in place (resume)."""

@@ -40,7 +40,7 @@ class TerminalPrinter(Callback):
         self._last_status = state.status
         plan = f"{state.max_steps} steps" if state.max_steps else "steps unknown"
         if state.num_epochs:
-            plan += f" · {state.num_epochs:g} epoch{'' if state.num_epochs == 1 else 's'}"
+            plan += f" · {round(state.num_epochs, 2):g} epoch{'' if state.num_epochs == 1 else 's'}"
         if state.total_params and not state.trainable_params:
             plan += f" · {format_count(state.total_params)} params"
         self._print(f"{header_text(state)} · {plan}")
