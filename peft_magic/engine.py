@@ -235,8 +235,8 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                     if stop.requested:
                         raise StopRequested
                     with accelerator.accumulate(model):
-                        out = model(**batch)
-                        loss = out.loss
+                        task_loss = model(**batch).loss  # the outputs (logits: batch x length x vocab) die here,
+                        loss = task_loss  # not after the next step's forward has allocated its own
                         if regularizer is not None:
                             extra = regularizer(accelerator.unwrap_model(model))
                             if extra is not None:
@@ -250,7 +250,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                    loss_sum += out.loss.detach().float()
+                    loss_sum += task_loss.detach().float()
                     micro += 1
                     tokens += batch_tokens(batch)
                     samples += batch_examples(batch) * accelerator.num_processes

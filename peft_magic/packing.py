@@ -83,7 +83,7 @@ def check_packing(model, device=None, atol: float | None = None) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            mixed = model(**packed).logits[0, len(first):].float().log_softmax(-1)
+            mixed = model(**packed).logits[0, len(first) :].float().log_softmax(-1)
             single = model(**alone).logits[0].float().log_softmax(-1)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{type(model).__name__} does not accept packed batches ({str(e).splitlines()[0][:160]}). "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import lm_rows, make_tokenizer, sentiment_rows
 
 
