@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PEFT_MAGIC_CACHE" not in os.environ:  # tokenization cache of the test session, not the user's ~/.cache
+    import tempfile
+
+    os.environ["PEFT_MAGIC_CACHE"] = tempfile.mkdtemp(prefix="peft-magic-test-cache-")
 
 import torch  # noqa: E402
 
