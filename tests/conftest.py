@@ -15,7 +15,7 @@ if "PEFT_MAGIC_CACHE" not in os.environ:  # tokenization cache of the test sessi
 
     os.environ["PEFT_MAGIC_CACHE"] = tempfile.mkdtemp(prefix="peft-magic-test-cache-")
 
-import torch  # noqa: E402
+import torch
 
 # Two CPU cores are shared by everyone here: intra-op threads fight over them and make tiny models ~10x slower.
 torch.set_num_threads(1)
@@ -40,8 +40,7 @@ def _frozen_imports():
     yield
     gc.unfreeze()
 
-WORDS = ("the a movie film plot acting music was is very really quite not good great nice lovely fun bad awful "
-         "poor boring dull question answer what why how cat dog sat on mat hello world say yes no ok").split()  # fmt: skip
+WORDS = ["the", "a", "movie", "film", "plot", "acting", "music", "was", "is", "very", "really", "quite", "not", "good", "great", "nice", "lovely", "fun", "bad", "awful", "poor", "boring", "dull", "question", "answer", "what", "why", "how", "cat", "dog", "sat", "on", "mat", "hello", "world", "say", "yes", "no", "ok"]  # fmt: skip
 POS, NEG = ["good", "great", "nice", "lovely", "fun"], ["bad", "awful", "poor", "boring", "dull"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %} </s>{% endif %} "
@@ -128,6 +127,27 @@ def sentiment():
     import pandas as pd
 
     return pd.DataFrame(sentiment_rows())
+
+
+@pytest.fixture
+def shell(workdir):
+    """A real `InteractiveShell` with the magics loaded and the live display off (a test may turn it on)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from peft_magic import api
+    from peft_magic.magics import PeftMagics
+
+    sh = InteractiveShell.instance()
+    sh.reset(new_session=False)
+    magics = PeftMagics(sh)
+    magics.display = "none"
+    sh.register_magics(magics)
+    sh.peft = magics
+    yield sh
+    for run in list(api._ACTIVE):  # never leave a background run behind for the next test
+        run.stop()
+        run.wait(60)
+    sh.reset(new_session=False)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import yaml
 from conftest import lm_rows, sentiment_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from peft_magic import api, ui
@@ -25,23 +24,6 @@ from peft_magic.ui.format import format_params
 WIDGET_OF_KIND = {"choice": widgets.Dropdown, "bool": widgets.Checkbox, "int": widgets.IntText,
                   "float": widgets.FloatText, "str": widgets.Text, "optstr": widgets.Text, "yaml": widgets.Text}  # fmt: skip
 
-
-@pytest.fixture
-def shell(workdir):
-    """A real InteractiveShell with `%load_ext peft_magic` (live display off unless a test turns it on)."""
-    from peft_magic.magics import PeftMagics
-
-    sh = InteractiveShell.instance()
-    sh.reset(new_session=False)
-    magics = PeftMagics(sh)
-    magics.display = "none"
-    sh.register_magics(magics)
-    sh.peft = magics
-    yield sh
-    for run in list(api._ACTIVE):  # never leave a background run behind for the next test
-        run.stop()
-        run.wait(60)
-    sh.reset(new_session=False)
 
 
 def form_for(model, shell=None, **values) -> Form:

@@ -4,25 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
-
-@pytest.fixture
-def shell(workdir):
-    """A real `InteractiveShell` with `%load_ext peft_magic` done and the live display off."""
-    from IPython.core.interactiveshell import InteractiveShell
-
-    from peft_magic.magics import PeftMagics
-
-    sh = InteractiveShell.instance()
-    sh.reset(new_session=False)
-    magics = PeftMagics(sh)
-    magics.display = "none"
-    sh.register_magics(magics)
-    sh.peft = magics
-    yield sh
-    sh.reset(new_session=False)
-
 
 class StopAt:
     """Calls `action(state)` once, at the end of optimizer step `step`."""
