@@ -312,3 +312,12 @@ def test_config_reference_lists_every_field():
             assert f"| `{name}.{f.name}` |" in text
             assert f.metadata["help"].split(".")[0].replace("|", "\\|") in text
     assert "| `task` |" in text and all(f.name in text for f in dataclasses.fields(Config))
+
+
+def test_06_full_vs_peft_notebook(kernel, tmp_path, tiny_llama):
+    nb = execute("06_full_vs_peft.ipynb", {"MODEL": tiny_llama, "STEPS": 2}, tmp_path, kernel)
+    table = texts(cell_with(nb, "full_vs_peft.table"), "text/html") + texts(cell_with(nb, "full_vs_peft.table"))
+    for column in ("full", "lora", "layers", "forgetting_loss_delta"):
+        assert column in table, table[:2000]
+    assert "<svg" in texts(cell_with(nb, "tradeoff_svg"), "image/svg+xml")
+    assert "<svg" in texts(cell_with(nb, "size_svg"), "image/svg+xml")
