@@ -220,7 +220,7 @@ class _Measure(Callback):
 
 
 def compare(config=None, *, methods=None, sweep=None, namespace=None, name="compare", display="auto",
-            callbacks=(), columns=(), overrides=None, defaults=None, keep_models=False) -> "Comparison":  # fmt: skip
+            callbacks=(), columns=(), overrides=None, defaults=None, keep_models=False) -> Comparison:  # fmt: skip
     """Train one config per variant (methods x sweep grid), one after another, and tabulate the results.
 
     Args:
@@ -504,14 +504,11 @@ def curves_svg(series: dict, *, title="loss", width=560, height=240, smoothing=0
         parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" {FONT} fill="{AXIS_COLOR}" '
                      'text-anchor="middle">no curves yet</text></svg>')  # fmt: skip
         return "".join(parts)
+    from .ui.chart import axis_ranges
+
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    y_lo, y_hi = min(ys), max(ys)
-    pad = (y_hi - y_lo) * 0.05 if y_hi > y_lo else max(abs(y_hi) * 0.1, 0.5)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+    (x_lo, x_hi), (y_lo, y_hi) = axis_ranges(xs, ys)
 
     def sx(x):
         return left + (x - x_lo) / (x_hi - x_lo) * plot_w

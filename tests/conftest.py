@@ -150,6 +150,21 @@ def shell(workdir):
     sh.reset(new_session=False)
 
 
+def publishing_shell():
+    """An InteractiveShell with the extension loaded whose displayed outputs are collected in `sh.published`
+    (for fixtures of tests that check what %peft_eval / %peft_compare show)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.extension_manager.load_extension("peft_magic")
+    published = []
+    original = sh.display_pub.publish
+    sh.display_pub.publish = lambda data, metadata=None, **kw: published.append(data)
+    sh.published = published
+    yield sh
+    sh.display_pub.publish = original
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

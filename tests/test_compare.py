@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import lm_rows, sentiment_rows
+from conftest import lm_rows, publishing_shell, sentiment_rows
 
 import peft_magic
 from peft_magic import compare as compare_module
@@ -195,16 +195,7 @@ def test_module_is_callable_as_the_function():
 
 @pytest.fixture
 def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    sh = InteractiveShell.instance()
-    sh.extension_manager.load_extension("peft_magic")
-    published = []
-    original = sh.display_pub.publish
-    sh.display_pub.publish = lambda data, metadata=None, **kw: published.append(data)
-    sh.published = published
-    yield sh
-    sh.display_pub.publish = original
+    yield from publishing_shell()
 
 
 CELL = """

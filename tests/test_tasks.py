@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import instruction_rows, lm_rows, make_tokenizer, sentiment_rows
+from conftest import instruction_rows, lm_rows, make_tokenizer, publishing_shell, sentiment_rows
 
 import peft_magic
 from peft_magic.config import parse_config
@@ -262,16 +262,7 @@ def test_seq2seq_trains_on_prompt_response_pairs(encoder_decoder, tmp_path):
 
 @pytest.fixture
 def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    sh = InteractiveShell.instance()
-    sh.extension_manager.load_extension("peft_magic")
-    published = []
-    original = sh.display_pub.publish
-    sh.display_pub.publish = lambda data, metadata=None, **kw: published.append(data)
-    sh.published = published
-    yield sh
-    sh.display_pub.publish = original
+    yield from publishing_shell()
 
 
 @pytest.fixture(scope="module")

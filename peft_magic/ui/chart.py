@@ -126,6 +126,16 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+def axis_ranges(xs, ys):
+    """((x_lo, x_hi), (y_lo, y_hi)) for a plot: x spans the data (widened when flat), y gets a 5% margin."""
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    y_lo, y_hi = min(ys), max(ys)
+    pad = (y_hi - y_lo) * 0.05 if y_hi > y_lo else max(abs(y_hi) * 0.1, 0.5)
+    return (x_lo, x_hi), (y_lo - pad, y_hi + pad)
+
+
 def loss_chart_svg(
     train: Sequence[Point] = (),
     evals: Sequence[Point] = (),
@@ -176,12 +186,7 @@ def loss_chart_svg(
 
     xs = [p[0] for p in train] + [p[0] for p in evals]
     ys = [p[1] for p in train] + [p[1] for p in evals]
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    y_lo, y_hi = min(ys), max(ys)
-    pad = (y_hi - y_lo) * 0.05 if y_hi > y_lo else max(abs(y_hi) * 0.1, 0.5)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+    (x_lo, x_hi), (y_lo, y_hi) = axis_ranges(xs, ys)
 
     kx, ky = plot_w / (x_hi - x_lo), plot_h / (y_hi - y_lo)
 
