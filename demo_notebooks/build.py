@@ -339,6 +339,20 @@ print(type(merged).__name__, f"{sum(p.numel() for p in merged.parameters()):,} p
 # ---------------------------------------------------------------- 04 compare
 
 
+def classification_setup() -> list:
+    """The shared first cells of notebooks 04 and 05: the extension, the support-ticket data split, the model."""
+    return [
+        code("""
+%load_ext peft_magic
+from peft_magic.demo_data import classification_data
+
+df = classification_data(300)
+test_df = df.sample(frac=0.2, random_state=0)
+train_df = df.drop(test_df.index)"""),
+        code("%peft_model $MODEL"),
+    ]
+
+
 def compare_methods() -> list:
     cells = header(
         "04_compare_methods.ipynb",
@@ -354,14 +368,7 @@ STEPS = 60
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        code("""
-%load_ext peft_magic
-from peft_magic.demo_data import classification_data
-
-df = classification_data(300)
-test_df = df.sample(frac=0.2, random_state=0)
-train_df = df.drop(test_df.index)"""),
-        code("%peft_model $MODEL"),
+        *classification_setup(),
         md(
             "`compare:` lists the methods (a name, or a mapping with the method's own parameters); the rest of the "
             "cell is one ordinary training config shared by every variant. `--dry-run` lists the variants and "
@@ -415,14 +422,7 @@ STEPS = 60
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
     cells += environment()
     cells += [
-        code("""
-%load_ext peft_magic
-from peft_magic.demo_data import classification_data
-
-df = classification_data(300)
-test_df = df.sample(frac=0.2, random_state=0)
-train_df = df.drop(test_df.index)"""),
-        code("%peft_model $MODEL"),
+        *classification_setup(),
         md(
             "## The form\n\nThe base model comes from `%peft_model`; the data dropdown lists this notebook's "
             "DataFrames (`$train_df`, `$test_df`). Set `task` to `seq-cls`, press **Start** and watch the panel "
