@@ -187,7 +187,11 @@ class TrainConfig:
     save_minutes: float = field(
         default=0.0, metadata=_help("Also checkpoint every N minutes (0: off), e.g. 10 on Colab/Kaggle sessions.")
     )
-    group_by_length: bool = field(default=False, metadata=_help("Batch examples of similar length (less padding)."))
+    group_by_length: bool = field(
+        default=True,
+        metadata=_help("Batch examples of similar length (less padding), batches in random order. false: plain "
+                       "shuffling."),
+    )  # fmt: skip
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
     report_to: list = field(default_factory=list, metadata=_help("Extra trackers (accelerate names), e.g. [tensorboard]."))
     num_processes: int = field(
@@ -242,7 +246,7 @@ class Config:
         get_method(self.method.name).check_compatible(self)
         if self.data.packing and self.task != "causal-lm":
             raise ConfigError(f"packing joins examples for causal-lm only, not {self.task}. Fix: remove "
-                              "`data.packing` (try `train.group_by_length: true` to cut padding).", key="data.packing")  # fmt: skip
+                              "`data.packing` (`train.group_by_length`, on by default, already cuts padding).", key="data.packing")  # fmt: skip
         from .forgetting import check_config
 
         check_config(self)

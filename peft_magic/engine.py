@@ -25,7 +25,8 @@ class StopRequested(Exception):
 
 def make_accelerator(cfg):
     """An Accelerator for this run (one per run: a notebook may change mixed precision between runs)."""
-    from accelerate import Accelerator
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, PartialState
 
     from .devices import device_info, resolve_mixed_precision
@@ -40,6 +41,9 @@ def make_accelerator(cfg):
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=cfg.train.report_to or None,
         project_dir=cfg.train.output_dir,
+        # batches are pinned (make_loaders) and copied without blocking: a blocking copy waits for every kernel
+        # queued before it, i.e. a host sync at every batch
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
 
 
@@ -78,15 +82,15 @@ def make_loaders(data, cfg, accelerator):
     t = cfg.train
     gen = torch.Generator().manual_seed(t.seed)
     sampler = None
-    if t.group_by_length:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
+    if t.group_by_length:  # packed batches have no padding, but take the same batches as padded ones would
         from .packing import example_lengths
+        from .sampling import ShuffledLengthGroupedSampler
 
-        sampler = LengthGroupedSampler(t.per_device_train_batch_size, lengths=example_lengths(data.train), generator=gen)  # fmt: skip
+        sampler = ShuffledLengthGroupedSampler(example_lengths(data.train), t.per_device_train_batch_size, gen)
     collate = getattr(data, "train_collator", None) or data.collator  # packing collates training batches apart
+    pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU can overlap the previous step
     train_dl = DataLoader(data.train.with_format("python"), batch_size=t.per_device_train_batch_size,
-                          shuffle=sampler is None, sampler=sampler, generator=gen, collate_fn=collate)  # fmt: skip
+                          shuffle=sampler is None, sampler=sampler, generator=gen, collate_fn=collate, pin_memory=pin)  # fmt: skip
     eval_dl = None
     if data.eval is not None and len(data.eval):
         eval_dl = DataLoader(data.eval.with_format("python"), batch_size=t.per_device_eval_batch_size,
@@ -201,6 +205,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     def run_eval():
         if eval_dl is None or evaluate_fn is None:
             return None
+        guard.poll(state)  # never evaluate (or report) past a skipped, non-finite step
         state.status = "evaluating"
         bus.emit("on_status", state, "evaluating")
         metrics = evaluate_fn(model, eval_dl, accelerator)
@@ -218,7 +223,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     loss_sum = torch.full((), float(pending.get("loss_sum", 0.0)), device=accelerator.device)
     tokens = torch.full((), int(pending.get("tokens", state.tokens_seen)), device=accelerator.device, dtype=torch.long)
     micro, samples = int(pending.get("micro", 0)), int(pending.get("samples", state.samples_seen))
-    guard = LossGuard(accelerator)
+    guard = LossGuard(accelerator, optimizer)  # reads the device only where the loop reads it anyway (see faults)
     step, epoch_i, last_log = start_step, start_step // per_epoch, start_step
     skip_batches = (start_step % per_epoch) * t.gradient_accumulation_steps
     model.train()
@@ -233,6 +238,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                 skip_batches = 0
                 for batch in dl:
                     if stop.requested:
+                        guard.poll(state)
                         raise StopRequested
                     with accelerator.accumulate(model):
                         task_loss = model(**batch).loss  # the outputs (logits: batch x length x vocab) die here,
@@ -261,6 +267,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                     state.samples_seen = samples
                     bus.emit("on_step_end", state)
                     if step % t.logging_steps == 0 or step == max_steps:
+                        guard.poll(state)
                         _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step)
                         loss_sum.zero_()
                         micro = 0
@@ -268,13 +275,16 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                     if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
                         run_eval()
                     if checkpointer is not None and agree(accelerator, checkpointer.due(step, max_steps)):
+                        guard.poll(state)
                         _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
                                     pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
                     if stop.check() or step >= max_steps:
                         break
                 epoch_i += 1
                 if stop.check():
+                    guard.poll(state)
                     raise StopRequested
+            guard.poll(state)
         state.stop_reason = "completed"
     except StopRequested:
         state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"

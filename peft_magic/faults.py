@@ -3,11 +3,14 @@ an unsafe run name. Each helper turns a fault into one actionable sentence and l
 
 Policies (see docs/reliability.md):
 
-- Non-finite loss: `LossGuard` adds every micro-batch loss on the device and reads *one* scalar back per optimizer
-  step, before the update. A NaN/inf therefore never reaches the weights or the optimizer state: training stops in
-  the step it happens, `run.model` holds the weights of the last completed step, and the last checkpoint on disk
-  is kept (no checkpoint is written after a failure, so a bad one can never prune a good one). On CPU the read is
-  free; on a GPU it is one tiny device->host copy per optimizer step (the fp16 GradScaler already syncs as often).
+- Non-finite loss: `LossGuard` adds every micro-batch loss on the device. With the fused AdamW (the default) and no
+  fp16 loss scaling it never reads the device in a training step: a non-finite step loss sets the optimizer's
+  `found_inf` flag on the device (the mechanism `torch.amp.GradScaler` uses), so the fused kernel skips that update
+  and every later one, and the flag is read back only where the host reads anyway (logging, evaluation,
+  checkpoints, the end). Then training stops: the weights and the optimizer state are those of the step before
+  the NaN, `run.state.step` says which step that was, and no checkpoint is written after it (so a bad one can
+  never prune a good one). With another optimizer, or fp16 (whose GradScaler syncs every step anyway), it reads
+  the loss once per optimizer step, before the update, and stops in that step.
 - Out of memory: the exception (and with it every frame holding activations) is dropped, `gc.collect()` and the
   accelerator's cache are emptied, and a `TrainingFailed` says which settings to try next.
 - In a cell, `ConfigError` and `TrainingFailed` become a plain `UsageError`: one red line, no traceback.
@@ -25,28 +28,53 @@ from .errors import ConfigError, TrainingFailed
 
 
 class LossGuard:
-    """Detects a non-finite loss in the optimizer step it happens, before the update.
+    """Keeps a non-finite loss away from the weights.
 
     Args:
         accelerator: The run's Accelerator (its device; with several processes the flag is all-reduced so every
-            process stops together).
+            process skips and stops together).
+        optimizer: The (prepared) optimizer. A fused torch optimizer without a GradScaler gets the on-device skip;
+            anything else gets the per-step read.
     """
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, optimizer=None):
         import torch
 
         self.accelerator = accelerator
-        self.total = torch.zeros((), device=accelerator.device)
+        device = accelerator.device
+        self.total = torch.zeros((), device=device)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+        self.on_device = bool(
+            inner is not None
+            and getattr(inner, "defaults", {}).get("fused")
+            and getattr(inner, "_step_supports_amp_scaling", False)
+            and getattr(accelerator, "scaler", None) is None  # fp16: the GradScaler owns found_inf
+        )
+        if self.on_device:
+            self.found_inf = torch.zeros((), device=device)  # 1.0 from the first bad step on: the kernel skips
+            self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+            self.bad_value = torch.zeros((), device=device)
+            inner.found_inf = self.found_inf
 
     def add(self, loss) -> None:
         """Add one micro-batch loss (no host sync)."""
         self.total += loss.detach().float()
 
     def check(self, step: int, state=None, optimizer=None) -> None:
-        """Call at the last micro-batch of a step, before backward/update. Raises `TrainingFailed` on NaN/inf."""
+        """Call at the last micro-batch of a step, before backward/update. On the device path it only flags a
+        non-finite loss (see `poll`); otherwise it raises `TrainingFailed` at once."""
+        import torch
+
         total = self.total
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
+        if self.on_device:
+            first = ~torch.isfinite(total) & (self.first_bad < 0)
+            self.first_bad.copy_(torch.where(first, step, self.first_bad))
+            self.bad_value.copy_(torch.where(first, total, self.bad_value))
+            self.found_inf.copy_((self.first_bad >= 0).float())
+            self.total.zero_()
+            return
         value = total.item()  # the one read-back per optimizer step
         self.total.zero_()
         if math.isfinite(value):
@@ -54,6 +82,20 @@ class LossGuard:
         if optimizer is not None:  # drop the partial gradients so the kept model and optimizer stay clean
             optimizer.zero_grad(set_to_none=True)
         raise TrainingFailed(nonfinite_message(value, step, getattr(state, "checkpoint_dir", None)))
+
+    def poll(self, state=None) -> None:
+        """Raise `TrainingFailed` if a step since the start had a non-finite loss (one host read; call it where the
+        loop reads the host anyway). Sets ``state.step`` to the last step whose update was applied."""
+        if not self.on_device:
+            return
+        first = int(self.first_bad.item())
+        if first < 0:
+            return
+        if state is not None:  # the later steps ran, but their updates were skipped
+            if state.step:
+                state.epoch = state.epoch * (first - 1) / state.step
+            state.step = first - 1
+        raise TrainingFailed(nonfinite_message(self.bad_value.item(), first, getattr(state, "checkpoint_dir", None)))
 
 
 def nonfinite_message(value, step: int, checkpoint_dir: str | None = None) -> str:
