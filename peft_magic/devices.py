@@ -27,6 +27,8 @@ class GpuSpec:
         bf16: Whether the chip computes in bfloat16 (Ampere, compute capability 8.0, and later).
         capability: CUDA compute capability.
         pattern: Regular expression matched against `torch.cuda.get_device_name()`.
+        peak_tflops: Dense 16-bit (fp16/bf16) tensor throughput from the vendor's data sheet, without sparsity
+            (SXM variants where there are several): the denominator of model FLOPs utilisation.
     """
 
     name: str
@@ -34,20 +36,21 @@ class GpuSpec:
     bf16: bool
     capability: tuple
     pattern: str
+    peak_tflops: float = 0.0
 
 
 # Totals are what `nvidia-smi` shows on these cards (a "16 GB" T4 reports 15360 MiB); free memory is less.
 KNOWN_GPUS = (
-    GpuSpec("T4", (15360,), False, (7, 5), r"\bT4\b"),
-    GpuSpec("P100", (16280,), False, (6, 0), r"\bP100\b"),
-    GpuSpec("V100", (16384, 32768), False, (7, 0), r"\bV100\b"),
-    GpuSpec("L4", (23034,), True, (8, 9), r"\bL4\b"),
-    GpuSpec("A10G", (23028,), True, (8, 6), r"\bA10G\b"),
-    GpuSpec("A10", (23028,), True, (8, 6), r"\bA10\b(?!G)"),
-    GpuSpec("L40S", (46068,), True, (8, 9), r"\bL40S\b"),
-    GpuSpec("A100", (40960, 81920), True, (8, 0), r"\bA100\b"),
-    GpuSpec("H100", (81559,), True, (9, 0), r"\bH100\b"),
-    GpuSpec("H200", (143771,), True, (9, 0), r"\bH200\b"),
+    GpuSpec("T4", (15360,), False, (7, 5), r"\bT4\b", 65.0),
+    GpuSpec("P100", (16280,), False, (6, 0), r"\bP100\b", 18.7),
+    GpuSpec("V100", (16384, 32768), False, (7, 0), r"\bV100\b", 125.0),
+    GpuSpec("L4", (23034,), True, (8, 9), r"\bL4\b", 121.0),
+    GpuSpec("A10G", (23028,), True, (8, 6), r"\bA10G\b", 70.0),
+    GpuSpec("A10", (23028,), True, (8, 6), r"\bA10\b(?!G)", 125.0),
+    GpuSpec("L40S", (46068,), True, (8, 9), r"\bL40S\b", 362.0),
+    GpuSpec("A100", (40960, 81920), True, (8, 0), r"\bA100\b", 312.0),
+    GpuSpec("H100", (81559,), True, (9, 0), r"\bH100\b", 989.0),
+    GpuSpec("H200", (143771,), True, (9, 0), r"\bH200\b", 989.0),
 )
 
 
