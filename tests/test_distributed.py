@@ -26,6 +26,7 @@ from peft_magic.errors import ConfigError
 from peft_magic.launch import export_script, make_job, requested_processes
 from peft_magic.run import Run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND")
 TRAIN = {"max_steps": 8, "learning_rate": 5e-3, "logging_steps": 2, "per_device_train_batch_size": 4,
          "save_steps": 4, "save_total_limit": 3, "eval_steps": 0}  # fmt: skip
@@ -37,9 +38,12 @@ def not_launched(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-def child_env():
+def child_env(*first_on_path):
+    """A launched process's environment: no launcher variables of this one, offline, and this checkout's peft_magic
+    (after `first_on_path`) ahead of any installed copy."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([*first_on_path, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     return env
 
 
@@ -165,6 +169,27 @@ def loss_rows(history):
     return [(r["step"], r["loss"], r["learning_rate"]) for r in history if "loss" in r]
 
 
+def assert_trains_like_one(history, single_history) -> tuple[float, float]:
+    """The same logged steps and learning rates as a one-process run with the same global batch, losses within 2%
+    (the same batches, summed in another order) and going down. Returns both final losses."""
+    rows2, rows1 = loss_rows(history), loss_rows(single_history)
+    assert [(s, lr) for s, _, lr in rows2] == [(s, lr) for s, _, lr in rows1]
+    for (_, loss2, _), (_, loss1, _) in zip(rows2, rows1):
+        assert loss2 == pytest.approx(loss1, rel=0.02)
+    assert rows2[-1][1] < rows2[0][1]
+    return rows2[-1][1], rows1[-1][1]
+
+
+def assert_resumed_exactly(again, straight, adapter, straight_adapter) -> None:
+    """A run resumed from step 4 logged (with the history before step 4 restored) and saved what the uninterrupted
+    run did."""
+    assert [s for s, _, _ in loss_rows(again)] == [2, 4, 6, 8]
+    for (s2, loss2, _), (s1, loss1, _) in zip(loss_rows(again), loss_rows(straight)):
+        assert s2 == s1 and loss2 == pytest.approx(loss1, rel=1e-4)
+    a, b = adapter_tensors(adapter), adapter_tensors(straight_adapter)
+    assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in b)
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(cluster_job, tmp_path, monkeypatch):
     job = cluster_job["dir"]
@@ -182,16 +207,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(cluster_job, tm
     # rank 0 alone logged: one row per logging step, and the learning-rate schedule of one process
     with open(job / "peft_runs" / "job" / "checkpoint-8" / "trainer_state.json") as fh:
         history = json.load(fh)["log_history"]
-    rows2, rows1 = loss_rows(history), loss_rows(single.history)
-    assert [(s, lr) for s, _, lr in rows2] == [(s, lr) for s, _, lr in rows1] == [
-        (2, 3.75e-3), (4, 2.5e-3), (6, 1.25e-3), (8, 0.0)]  # fmt: skip
+    assert [(s, lr) for s, _, lr in loss_rows(history)] == [(2, 3.75e-3), (4, 2.5e-3), (6, 1.25e-3), (8, 0.0)]
     assert cluster_job["stdout"].count("step 8/8 ·") == 1  # printed once, by rank 0
     # the same global batches (accelerate deals rank 0 and 1 consecutive batches of one shuffled order)
-    for (_, loss2, _), (_, loss1, _) in zip(rows2, rows1):
-        assert loss2 == pytest.approx(loss1, rel=0.02)
-    assert rows2[-1][1] < rows2[0][1]
-    print(f"\nfinal loss: 2 processes x batch 4 = {rows2[-1][1]:.4f} ({cluster_job['seconds']:.0f} s with start-up), "
-          f"1 process x batch 8 = {rows1[-1][1]:.4f} ({single_seconds:.1f} s in-process)")  # fmt: skip
+    two, one = assert_trains_like_one(history, single.history)
+    print(f"\nfinal loss: 2 processes x batch 4 = {two:.4f} ({cluster_job['seconds']:.0f} s with start-up), "
+          f"1 process x batch 8 = {one:.4f} ({single_seconds:.1f} s in-process)")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -211,11 +232,7 @@ def test_resume_with_the_same_number_of_processes(cluster_job, tmp_path):
         straight = json.load(fh)["log_history"]
     with open(resumed / "checkpoint-8" / "trainer_state.json") as fh:
         again = json.load(fh)["log_history"]
-    assert [s for s, _, _ in loss_rows(again)] == [2, 4, 6, 8]  # the history before step 4 came back too
-    for (s2, loss2, _), (s1, loss1, _) in zip(loss_rows(again), loss_rows(straight)):
-        assert s2 == s1 and loss2 == pytest.approx(loss1, rel=1e-4)
-    a, b = adapter_tensors(tmp_path / "adapter"), adapter_tensors(job / "adapter")
-    assert all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in b)
+    assert_resumed_exactly(again, straight, tmp_path / "adapter", job / "adapter")
 
 
 NOTEBOOK = textwrap.dedent(
