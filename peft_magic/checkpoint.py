@@ -66,40 +66,68 @@ class Checkpointer:
         return bool(self.save_minutes) and time.time() - self._last_save >= 60 * self.save_minutes
 
     def save(self, accelerator, model, optimizer, scheduler, state, history, extra=None) -> str | None:
-        """Write ``checkpoint-<step>``; `extra` (JSON-safe) goes into trainer_state.json."""
+        """Write ``checkpoint-<step>``; `extra` (JSON-safe) goes into trainer_state.json.
+
+        Every rank calls it: the per-process RNG states, and under FSDP/ZeRO-3 the weights and optimizer state,
+        are gathered for rank 0, which writes. If writing fails, every rank raises the same error.
+        """
+        from . import sharding
+
         accelerator.wait_for_everyone()
         ranks = _per_process(accelerator, extra)  # a collective: every rank's RNG state and running sums
+        weights = sharding.gather_weights(accelerator, model)  # collectives too, under FSDP / ZeRO-3
+        optim = sharding.gather_optimizer(accelerator, model, optimizer)
+        if weights is not None and accelerator.is_main_process:  # what an export after training will write
+            sharding.remember(accelerator.unwrap_model(model), weights)
         final_dir = os.path.join(self.output_dir, f"checkpoint-{state.step}")
+        error = failure = None  # failure: (error class name, message), the same on every rank once broadcast
         if accelerator.is_main_process:
-            os.makedirs(self.output_dir, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=self.output_dir)
+            how = sharding.kind(accelerator)  # resume checks it: the optimizer state's layout depends on it
+            extra = {**(extra or {}), "sharded": how} if how else extra
             try:
-                self._write(tmp, accelerator, model, optimizer, scheduler, state, history, extra, ranks)
-            except BaseException as e:  # a half-written folder is never renamed into place: drop it
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not isinstance(e, OSError):
-                    raise
-                failed = e
-            else:
-                failed = None
-                if os.path.islink(final_dir):
-                    os.unlink(final_dir)
-                elif os.path.exists(final_dir):  # same step saved again (e.g. stop right after a periodic save)
-                    shutil.rmtree(final_dir)
-                os.replace(tmp, final_dir)
-                self._prune()
-            if failed is not None:
-                raise _save_failed(failed, final_dir, state)
-        accelerator.wait_for_everyone()
+                self._write_in_place(final_dir, accelerator, model, weights, optim, scheduler, state, history, extra,
+                                     ranks)  # fmt: skip
+            except OSError as e:  # disk full, permission denied: the user can act on it
+                failure = ("TrainingFailed", _save_failed(e, final_dir, state))
+            except BaseException as e:  # noqa: BLE001 - a bug: rank 0 keeps its traceback, the other ranks learn of it
+                error, failure = e, ("RuntimeError", f"rank 0 failed to write {final_dir}: {type(e).__name__}: {e}")
+        failure = _from_main_process(accelerator, failure)  # also the barrier: no rank runs ahead of the write
+        if error is not None:
+            raise error
+        if failure is not None:
+            from .errors import TrainingFailed
+
+            raise (TrainingFailed if failure[0] == "TrainingFailed" else RuntimeError)(failure[1])
         self._last_save = time.time()
         state.checkpoint_dir = final_dir
         return final_dir
 
-    def _write(self, tmp, accelerator, model, optimizer, scheduler, state, history, extra, ranks=()):
+    def _write_in_place(self, final_dir, *args):
+        """Write into a temporary folder, then rename it to `final_dir` (a crash never leaves half a checkpoint)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_dir)}-", dir=self.output_dir)
+        try:
+            self._write(tmp, *args)
+        except BaseException:  # a half-written folder is never renamed into place: drop it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.islink(final_dir):
+            os.unlink(final_dir)
+        elif os.path.exists(final_dir):  # same step saved again (e.g. stop right after a periodic save)
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+        self._prune()
+
+    def _write(self, tmp, accelerator, model, weights, optim, scheduler, state, history, extra, ranks=()):
         import torch
 
-        self.method.save(accelerator.unwrap_model(model), tmp, self.cfg)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        unwrapped = accelerator.unwrap_model(model)
+        if weights is None:
+            self.method.save(unwrapped, tmp, self.cfg)
+        else:  # gathered from FSDP / ZeRO-3 shards (sharding.check made sure the method takes them)
+            self.method.save(unwrapped, tmp, self.cfg, state_dict=weights)
+        if optim is not None:  # None under DeepSpeed, which keeps it partitioned (resume is refused there)
+            torch.save(optim, os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(_rng_state(), os.path.join(tmp, "rng_state.pt"))
         for i, (rng, _) in enumerate(ranks[1:], start=1):  # each process resumes its own dropout stream
@@ -117,13 +145,22 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _save_failed(err: OSError, final_dir: str, state):
-    from .errors import TrainingFailed
-
+def _save_failed(err: OSError, final_dir: str, state) -> str:
     kept = f" The last good checkpoint, {state.checkpoint_dir}, is intact." if state.checkpoint_dir else ""
-    return TrainingFailed(f"could not write {final_dir} ({err.strerror or err}); nothing half-written was kept."
-                          f"{kept} Fix: free disk space, lower train.save_total_limit, or set train.output_dir "
-                          "to a folder with room. run.model still holds the trained weights.")  # fmt: skip
+    return (
+        f"could not write {final_dir} ({err.strerror or err}); nothing half-written was kept.{kept} Fix: free "
+        "disk space, lower train.save_total_limit, or set train.output_dir to a folder with room. run.model "
+        "still holds the trained weights."
+    )
+
+
+def _from_main_process(accelerator, value):
+    """Rank 0's `value` on every rank (one small broadcast; nothing to do with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def _per_process(accelerator, extra) -> list:
@@ -155,16 +192,35 @@ def load(path: str) -> dict:
     return meta
 
 
+def before_prepare(accelerator, model, method, resume=None) -> None:
+    """Before `accelerator.prepare` shards the model (FSDP, ZeRO-3): refuse what could not be saved or resumed
+    under this run's sharding, and load a resumed run's weights into the whole model.
+
+    Args:
+        accelerator: The run's Accelerator.
+        model: The model, not yet prepared.
+        method: The run's method.
+        resume: A loaded checkpoint dict from `load` (with its ``method``), or None.
+    """
+    from .sharding import check
+
+    check(accelerator, method, model, resume)
+    if resume is not None:
+        resume["method"].load_weights(model, resume["path"])
+
+
 def restore(resume: dict, accelerator, model, optimizer, scheduler, state, history) -> int:
-    """Load weights, optimizer, scheduler and RNG state into the prepared objects; returns the step."""
+    """Load optimizer, scheduler and RNG state into the prepared objects; returns the step. The weights went in
+    before `prepare` (`before_prepare`)."""
     import random
 
     import numpy as np
     import torch
 
+    from .sharding import load_optimizer
+
     path = resume["path"]
-    resume["method"].load_weights(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    load_optimizer(accelerator, model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     rng_file = os.path.join(path, "rng_state.pt")
     per = resume.get("per_process")

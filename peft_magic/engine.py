@@ -178,6 +178,9 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     # one process's batches), so plan it in those units; the learning rate at each optimizer step is then the same
     n = accelerator.num_processes
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup * n, num_training_steps=max_steps * n)  # fmt: skip
+    from .checkpoint import before_prepare
+
+    before_prepare(accelerator, model, method, resume)  # FSDP/ZeRO-3 shard the model in prepare: check, resume weights
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)

@@ -635,7 +635,7 @@ accelerate launch --config_file accelerate_config.yaml --num_processes "$NUM_PRO
 #   accelerate launch --config_file accelerate_config.yaml --num_machines "$NUM_MACHINES" \\
 #       --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_IP" --main_process_port 29500 \\
 #       --num_processes "$NUM_PROCESSES" -m peft_magic train config.yaml --name {name} --export adapter --overwrite
-# FSDP or DeepSpeed: switch the block in accelerate_config.yaml (see docs/scale-out.md for what is tested).
+# FSDP or DeepSpeed: switch the block in accelerate_config.yaml (docs/scale-out.md says what each supports).
 """
 
 ACCELERATE_CONFIG = """# accelerate config for launch.sh: one machine, every GPU, DDP (each GPU holds the whole base model).
@@ -651,10 +651,23 @@ same_network: true
 main_training_function: main
 use_cpu: false
 
-# To use one of the alternatives below, replace the `distributed_type: MULTI_GPU` line with its block.
-# Not tested by peft_magic's test suite; see docs/scale-out.md.
+# To use one of the alternatives below, replace the `distributed_type: MULTI_GPU` line with its block, uncommented.
+# What each one supports, and what was tested: docs/scale-out.md.
 #
-# --- DeepSpeed ZeRO-2: optimizer state and gradients sharded (needs `pip install deepspeed`)
+# --- FSDP2: every weight sharded over the GPUs, for a base that does not fit on one (LoRA-family methods). Each
+# checkpoint gathers the adapter and optimizer state for rank 0; resume with the same number of processes.
+# distributed_type: FSDP
+# fsdp_config:
+#   fsdp_version: 2
+#   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+#   fsdp_transformer_layer_cls_to_wrap: {layer}
+#   fsdp_state_dict_type: FULL_STATE_DICT
+#   fsdp_cpu_ram_efficient_loading: true
+#   fsdp_reshard_after_forward: true
+#   fsdp_offload_params: false
+#
+# --- DeepSpeed ZeRO-2: optimizer state and gradients sharded (needs `pip install deepspeed`). zero_stage: 3 shards
+# the weights too (checkpoints gather the adapter, which needs zero3_save_16bit_model). Not resumable.
 # distributed_type: DEEPSPEED
 # deepspeed_config:
 #   zero_stage: 2
@@ -663,18 +676,7 @@ use_cpu: false
 #   offload_optimizer_device: none
 #   offload_param_device: none
 #   zero3_init_flag: false
-#
-# --- FSDP: the base model sharded over the GPUs (for models that do not fit on one)
-# distributed_type: FSDP
-# fsdp_config:
-#   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-#   fsdp_transformer_layer_cls_to_wrap: {layer}
-#   fsdp_sharding_strategy: FULL_SHARD
-#   fsdp_state_dict_type: FULL_STATE_DICT
-#   fsdp_cpu_ram_efficient_loading: true
-#   fsdp_sync_module_states: true
-#   fsdp_use_orig_params: true
-#   fsdp_offload_params: false
+#   zero3_save_16bit_model: true
 """
 
 

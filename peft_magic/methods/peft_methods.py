@@ -160,13 +160,25 @@ class PeftMethod:
 
     regularizer = None  # peft methods add nothing to the loss
 
-    def save(self, model, out_dir, cfg=None) -> None:
-        """peft's own format: adapter_config.json + adapter_model.safetensors."""
+    def save(self, model, out_dir, cfg=None, state_dict=None) -> None:
+        """peft's own format: adapter_config.json + adapter_model.safetensors.
+
+        Args:
+            model: The PeftModel.
+            out_dir: Folder to write.
+            cfg: The run's Config (unused: peft saves its own config).
+            state_dict: The model's weights gathered from FSDP/ZeRO-3 shards (see `sharding`); by default the
+                model's own, or for a sharded model the ones its latest checkpoint gathered on this rank.
+        """
         import warnings
 
+        from ..sharding import gathered
+
+        if state_dict is None:
+            state_dict = gathered(model)  # None for a model that holds its weights whole
         with warnings.catch_warnings():  # GGUF bases keep no config.json beside the .gguf file; peft warns each save
             warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(out_dir, safe_serialization=True)
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
 
     def load_weights(self, model, in_dir) -> None:
         """Load saved adapter weights into an existing PeftModel, in place (resume)."""
