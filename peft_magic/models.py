@@ -143,11 +143,14 @@ def _bnb_config(quantization: str, dtype, task: str = "causal-lm"):
     # a fresh classification head must stay in floating point: it is trained (modules_to_save), not adapted
     skip = ["classifier", "score"] if task in ("seq-cls", "token-cls") else None
     if quantization == "4bit":
+        from .sharding import quant_storage
+
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=quant_storage(dtype),  # FSDP/ZeRO-3 shard only tensors of one float dtype
             llm_int8_skip_modules=skip,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
