@@ -58,11 +58,17 @@ class Checkpointer:
         self.save_minutes = save_minutes
         self._last_save = time.time()
 
-    def due(self, step: int, max_steps: int) -> bool:
+    def due(self, step: int, max_steps: int, timed: bool | None = None) -> bool:
+        """Whether to save after `step`: every `save_steps`, or when `save_minutes` passed (`timed`, when given,
+        is that clock decision as all processes agreed on it; see `launch.StopSignal`)."""
         if step >= max_steps:
             return False  # the final save happens once the loop ends
         if self.save_steps and step % self.save_steps == 0:
             return True
+        return self.time_due() if timed is None else timed
+
+    def time_due(self) -> bool:
+        """`save_minutes` passed since the last save (this process's clock)."""
         return bool(self.save_minutes) and time.time() - self._last_save >= 60 * self.save_minutes
 
     def save(self, accelerator, model, optimizer, scheduler, state, history, extra=None) -> str | None:

@@ -15,7 +15,7 @@ import threading
 import time
 
 from .events import EventBus, TrainState
-from .launch import StopSignal, agree
+from .launch import StopSignal
 from .faults import LossGuard
 
 
@@ -277,20 +277,24 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         last_log = step
                     if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
                         run_eval()
-                    if checkpointer is not None and agree(accelerator, checkpointer.due(step, max_steps)):
+                    # every rank, every step: the stop flag and the timed-checkpoint flag, agreed across processes
+                    stopping, timed = stop.check(checkpointer is not None and checkpointer.time_due())
+                    if not stopping and checkpointer is not None and checkpointer.due(step, max_steps, timed):
                         guard.poll(state)
                         _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
                                     pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
-                    if stop.check() or step >= max_steps:
+                    if stopping or step >= max_steps:
                         break
                 epoch_i += 1
-                if stop.check():
+                if stop.requested:
                     guard.poll(state)
                     raise StopRequested
             guard.poll(state)
         state.stop_reason = "completed"
+        stop.close()
     except StopRequested:
         state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"
+        stop.close()
     except Exception as e:
         state.stop_reason, state.status = "failed", "failed"
         state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
