@@ -22,6 +22,7 @@ TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+GROUPINGS = ("auto", "true", "false")
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -187,10 +188,11 @@ class TrainConfig:
     save_minutes: float = field(
         default=0.0, metadata=_help("Also checkpoint every N minutes (0: off), e.g. 10 on Colab/Kaggle sessions.")
     )
-    group_by_length: bool = field(
-        default=True,
-        metadata=_help("Batch examples of similar length (less padding), batches in random order. false: plain "
-                       "shuffling."),
+    group_by_length: str = field(
+        default="auto",
+        metadata=_help("Batch examples of similar length (less padding), batches in random order. auto: when random "
+                       "batches would be >= 10% padding and, for classifiers, lengths do not differ by label.",
+                       choices=GROUPINGS),
     )  # fmt: skip
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
     report_to: list = field(default_factory=list, metadata=_help("Extra trackers (accelerate names), e.g. [tensorboard]."))
@@ -221,6 +223,7 @@ class TrainConfig:
             raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}.", key="train.warmup_ratio")
         _check_choice(self.lr_scheduler_type, SCHEDULERS, "train.lr_scheduler_type")
         _check_choice(self.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
+        _check_choice(self.group_by_length, GROUPINGS, "train.group_by_length")
         if not 0 <= self.seed < 2**32:  # numpy's limit (set_seed seeds numpy too)
             raise ConfigError(f"must be between 0 and 4294967295, got {self.seed}.", key="train.seed")
 
@@ -433,6 +436,8 @@ def _build_section(cls, values: dict, section: str):
             )
         if section == "model" and key == "quantization" and value is not None:
             value = QUANT_ALIASES.get(str(value), str(value))
+        if section == "train" and key == "group_by_length" and isinstance(value, bool):
+            value = str(value).lower()  # YAML true/false for the auto/true/false choice
         kwargs[key] = _coerce(value, known[key].type, f"{section}.{key}")
     return cls(**kwargs)
 

@@ -30,6 +30,7 @@ class PreparedData:
     train_tokens: int = 0
     source_names: dict = field(default_factory=dict)
     train_collator: Any = None  # when training batches collate differently (packing); else `collator`
+    grouping: str = ""  # whether and why training batches are length-grouped (sampling.decide), once decided
 
 
 def describe_source(src) -> str:

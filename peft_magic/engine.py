@@ -82,9 +82,12 @@ def make_loaders(data, cfg, accelerator):
     t = cfg.train
     gen = torch.Generator().manual_seed(t.seed)
     sampler = None
-    if t.group_by_length:  # packed batches have no padding, but take the same batches as padded ones would
+    from .sampling import ShuffledLengthGroupedSampler, decide
+
+    # packed batches have no padding, but take the batches padded ones would (the same training either way)
+    group, data.grouping = decide(cfg, data.train)
+    if group:
         from .packing import example_lengths
-        from .sampling import ShuffledLengthGroupedSampler
 
         sampler = ShuffledLengthGroupedSampler(example_lengths(data.train), t.per_device_train_batch_size, gen)
     collate = getattr(data, "train_collator", None) or data.collator  # packing collates training batches apart

@@ -64,6 +64,9 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         cfg.model.quantization = quant
     t = cfg.train
     max_steps, per_epoch = plan_steps(cfg, data.train_rows)
+    from .sampling import decide
+
+    grouped, why = decide(cfg, data.train)
     plan = Plan(config=cfg, trainable=trainable or 0, total=total, max_steps=max_steps)
     quant_text = {"4bit": " · 4-bit NF4, double quant", "8bit": " · 8-bit LLM.int8()"}.get(cfg.model.quantization, "")
     eval_text = f"eval {data.eval_rows:,} ({data.source_names['eval']})" if data.eval_rows else "no eval"
@@ -77,6 +80,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         "plan": f"{max_steps:,} steps ({max_steps / per_epoch:.2g} epochs) · batch {t.per_device_train_batch_size} x "
         f"accum {t.gradient_accumulation_steps} · lr {t.learning_rate:g} {t.lr_scheduler_type} · "
         f"eval every {t.eval_steps or '-'} · output {t.output_dir}",
+        "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
     }
     if cfg.data.forgetting is not None:
         from .forgetting import describe as describe_forgetting

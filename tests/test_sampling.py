@@ -54,3 +54,64 @@ def test_the_generator_decides_the_order():
 def test_tiny_data_still_works():
     assert batches([5], 8, seed=0) == [[0]]
     assert sorted(i for b in batches([5, 9, 7], 2, seed=0) for i in b) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- group_by_length: auto
+
+
+def test_auto_groups_when_padding_is_large_and_lengths_say_nothing_about_labels():
+    from peft_magic.sampling import grouping_decision
+
+    rng = random.Random(0)
+    lengths = [rng.randint(16, 128) for _ in range(400)]
+    labels = [i % 4 for i in range(400)]  # independent of the length
+    group, why = grouping_decision("auto", lengths, 8, labels)
+    assert group and "padding" in why
+    assert grouping_decision("auto", lengths, 8, None)[0]  # causal-lm: no labels to skew
+
+
+def test_auto_keeps_shuffling_when_lengths_tell_the_labels_apart():
+    from peft_magic.sampling import grouping_decision, length_signal
+
+    rng = random.Random(0)
+    labels = [i % 2 for i in range(400)]
+    lengths = [rng.randint(16, 70) + 40 * y for y in labels]  # class 1 is longer, as in many review datasets
+    assert length_signal(lengths, labels) > 0.3
+    group, why = grouping_decision("auto", lengths, 8, labels)
+    assert not group and "differ by label" in why
+    assert grouping_decision("true", lengths, 8, labels) == (True, "train.group_by_length: true")  # asked for
+
+
+def test_auto_does_not_bother_when_there_is_little_padding():
+    from peft_magic.sampling import grouping_decision, padding_share
+
+    lengths = [60 + i % 4 for i in range(400)]
+    assert padding_share(lengths, 8) < 0.1
+    assert not grouping_decision("auto", lengths, 8)[0]
+    assert not grouping_decision("auto", [5, 90, 7], 8)[0]  # fewer examples than two batches
+
+
+def test_the_setting_takes_yaml_booleans_and_names_the_key_when_wrong():
+    import pytest
+
+    from peft_magic.config import parse_config
+    from peft_magic.errors import ConfigError
+
+    base = {"model": "org/model", "data": {"train": "rows.jsonl"}}
+    assert parse_config(base).train.group_by_length == "auto"
+    assert parse_config({**base, "train": {"group_by_length": False}}).train.group_by_length == "false"
+    assert parse_config(base, ["train.group_by_length=true"]).train.group_by_length == "true"
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "train": {"group_by_length": "sometimes"}})
+    assert e.value.key == "train.group_by_length"
+
+
+def test_a_run_and_its_dry_run_say_how_batches_were_made(tiny_llama, workdir):
+    import peft_magic
+    from conftest import lm_rows
+
+    config = {"model": tiny_llama, "data": {"train": lm_rows(32)},
+              "train": {"max_steps": 2, "per_device_train_batch_size": 4, "output_dir": str(workdir / "o")}}  # fmt: skip
+    plan = peft_magic.dry_run(config)
+    run = peft_magic.train(config, display="none")
+    assert run.data.grouping.startswith("auto: ") and run.data.grouping in plan.rows["batches"]
