@@ -17,6 +17,7 @@ import time
 
 CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+METHOD_STATE = "method_state.pt"  # what a method keeps besides weights (AdaLoRA: its rank schedule)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -135,6 +136,9 @@ class Checkpointer:
         if optim is not None:  # None under DeepSpeed, which keeps it partitioned (resume is refused there)
             torch.save(optim, os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        method_state = getattr(self.method, "train_state", lambda m: None)(unwrapped)  # e.g. AdaLoRA's schedule
+        if method_state is not None:
+            torch.save(method_state, os.path.join(tmp, METHOD_STATE))
         torch.save(_rng_state(), os.path.join(tmp, "rng_state.pt"))
         for i, (rng, _) in enumerate(ranks[1:], start=1):  # each process resumes its own dropout stream
             torch.save(rng, os.path.join(tmp, f"rng_state_{i}.pt"))
@@ -228,6 +232,10 @@ def restore(resume: dict, accelerator, model, optimizer, scheduler, state, histo
     path = resume["path"]
     load_optimizer(accelerator, model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    method = resume.get("method")
+    if os.path.exists(os.path.join(path, METHOD_STATE)) and hasattr(method, "load_train_state"):
+        method.load_train_state(accelerator.unwrap_model(model),
+                                torch.load(os.path.join(path, METHOD_STATE), weights_only=False))  # fmt: skip
     rng_file = os.path.join(path, "rng_state.pt")
     per = resume.get("per_process")
     if per and len(per) == accelerator.num_processes:  # same process count: each rank continues its own state

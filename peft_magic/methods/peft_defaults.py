@@ -186,3 +186,33 @@ def evaluation_loss(model):
     finally:
         for c, w in zip(configs, saved):
             c.orth_reg_weight = w
+
+
+def adalora_state(model) -> dict | None:
+    """What AdaLoRA's schedule knows besides the weights, for a checkpoint: the step count, the rank allocator's
+    importance averages and the current rank pattern (None for a model not following the schedule)."""
+    counter = getattr(model, "_peft_magic_adalora", None)
+    if counter is None:
+        return None
+    base = model.base_model
+    alloc = base.rankallocator
+    # peft saves AdaLoRA's adapter cut down to the ranks kept so far, the standard format for loading it; the
+    # training state needs the full matrices (pruned ranks still train through the orthogonality term)
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return {"step": counter["step"], "ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt,
+            "exp_avg_unc": alloc.exp_avg_unc, "weights": weights,
+            "rank_pattern": base.peft_config[base.trainable_adapter_name].rank_pattern}  # fmt: skip
+
+
+def load_adalora_state(model, state: dict) -> None:
+    """Put `adalora_state` back, so a resumed run re-allocates ranks exactly as an uninterrupted one."""
+    counter = getattr(model, "_peft_magic_adalora", None)
+    if counter is None or not state:
+        return
+    device = next(model.parameters()).device
+    base = model.base_model
+    alloc = base.rankallocator
+    counter["step"] = state["step"]
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(alloc, key, {name: t.to(device) for name, t in state[key].items()})
+    base.peft_config[base.trainable_adapter_name].rank_pattern = state["rank_pattern"]

@@ -185,7 +185,29 @@ class PeftMethod:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        from ..checkpoint import METHOD_STATE
+
+        full = os.path.join(in_dir, METHOD_STATE)
+        if self.name == "adalora" and os.path.exists(full):  # a checkpoint: the uncut matrices (peft_defaults)
+            import torch
+
+            model.load_state_dict(torch.load(full, weights_only=False)["weights"], strict=False)
+            return
         set_peft_model_state_dict(model, load_file(os.path.join(in_dir, "adapter_model.safetensors")))
+
+    def train_state(self, model) -> dict | None:
+        """State besides weights and optimizer that a checkpoint must keep to resume exactly (AdaLoRA's rank
+        schedule), or None."""
+        from .peft_defaults import adalora_state
+
+        return adalora_state(model) if self.name == "adalora" else None
+
+    def load_train_state(self, model, state) -> None:
+        """Put `train_state` back into a resumed model."""
+        from .peft_defaults import load_adalora_state
+
+        if self.name == "adalora":
+            load_adalora_state(model, state)
 
     def load(self, base_model, in_dir, is_trainable=False):
         from peft import PeftModel

@@ -146,3 +146,24 @@ def test_resume_explains_what_it_cannot_do(tiny_llama, workdir):
     run.release()
     with pytest.raises(ConfigError, match="holds no model to continue.*--resume"):
         run.resume(display="none")
+
+
+def test_adalora_resumes_its_rank_schedule(tiny_llama, workdir, created):
+    """AdaLoRA re-allocates ranks from importance averages it accumulates step by step: a resumed run must get
+    them (and the step count) back, or it prunes different ranks than the uninterrupted run."""
+
+    def adalora(out):
+        cfg = config(tiny_llama, out, max_steps=10)
+        cfg["method"] = {"name": "adalora", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 1}
+        return cfg
+
+    reference = peft_magic.train(adalora(workdir / "ref"), display="none")
+    stopped = peft_magic.train(adalora(workdir / "stop"), display="none",
+                               callbacks=[StopAt(4, lambda s: created[-1].stop())])  # fmt: skip
+    assert stopped.state.step == 4 and os.path.exists(workdir / "stop" / "checkpoint-4" / "method_state.pt")
+    resumed = peft_magic.train(adalora(workdir / "stop"), display="none", resume=True)
+    assert resumed.model._peft_magic_adalora["step"] == reference.model._peft_magic_adalora["step"] == 10
+    ref_w, w = lora_weights(reference.model), lora_weights(resumed.model)
+    assert ref_w.keys() == w.keys()
+    for k in ref_w:  # lora_E carries the pruned ranks as zeros: the same ones in both
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=k)
