@@ -19,17 +19,20 @@ Measured per run:
 - time from cell start to the end of the first optimizer step (the clock starts before torch is imported, so
   imports, tokenization, model loading and LoRA setup are inside).
 
-Sides: ``trainer`` (Trainer defaults: dynamic padding, random batches), ``ours`` (peft_magic defaults: the same),
-``ours+packing`` (causal-lm: ``data.packing: true``) and ``ours+grouped`` (``train.group_by_length: true``);
-``trainer+grouped`` (Trainer's own ``train_sampling_strategy="group_by_length"``: what the baseline gets from
-the same idea; run for seq-cls, and for any model with ``--sides``).
+Sides: ``trainer`` (Trainer defaults: dynamic padding, random batches), ``ours`` (peft_magic defaults, which
+include ``train.group_by_length: auto``), ``ours+shuffled`` (``group_by_length: false``: Trainer's random
+batches, so the loop alone), ``ours+packing`` (causal-lm: ``data.packing: true``) and ``trainer+grouped``
+(Trainer's own ``train_sampling_strategy="group_by_length"``: what the baseline gets from the same idea).
+
+Also per run: useful GFLOP/s, the counted FLOPs of a training step on unpadded tokens (`peft_magic.flops`) times
+tokens/s, and on a GPU listed in `peft_magic.devices.KNOWN_GPUS` the model FLOPs utilisation against its peak.
 
 Data: synthetic text from a first-order Markov chain over 8,000 pseudo-words (one token each with the benchmark's
 word-level tokenizer), lengths spread uniformly between 16 and max_length tokens; the classifier's four labels
 each bias the text towards their own topic words.
 
-Run: ``python benchmarks/throughput.py`` (about 6 CPU-minutes: 5 on an idle 2-core machine, longer on a shared
-one); ``--quick`` for a smoke run (one seed, the small causal LM only).
+Run: ``python benchmarks/throughput.py`` (about 15 CPU-minutes on a 2-core machine, longer on a shared one);
+``--quick`` for a smoke run (one seed, the small causal LM only).
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ MODELS = {
                     "max_length": 64, "batch": 8, "rows": 96, "lr": 3e-3},
     # A BERT-like encoder with a 4-way classification head, hidden 256 / 4 layers.
     # Three epochs: one leaves the classifier's loss mid-descent, where it depends mostly on the batch order.
+    # A weak topic signal (10% of words) and 10% flipped labels keep the final loss well above zero, where a 2%
+    # difference means something (with a strong signal the loss ends near 0.05 and moves +-50% between seeds).
     "bert-256x4": {"task": "seq-cls", "arch": "bert", "hidden": 256, "layers": 4, "heads": 4, "ffn": 1024,
-                   "max_length": 128, "batch": 8, "rows": 192, "lr": 2e-3, "epochs": 3, "num_labels": 4},
+                   "max_length": 128, "batch": 8, "rows": 512, "lr": 2e-3, "epochs": 3, "num_labels": 4,
+                   "topic_p": 0.25, "label_noise": 0.1, "eval_rows": 256},
 }  # fmt: skip
 COMMON = {"seed": 0, "epochs": 1, "logging_steps": 10, "eval_rows": 64, "vocab_words": 8000}
 SIDES = {
-    "causal-lm": ("trainer", "ours", "ours+packing"),
-    "seq-cls": ("trainer", "ours", "ours+grouped", "trainer+grouped"),
+    "causal-lm": ("trainer", "ours", "ours+shuffled", "ours+packing"),
+    "seq-cls": ("trainer", "ours", "ours+shuffled", "trainer+grouped"),
 }
 
 
@@ -81,7 +87,7 @@ def pseudo_words(n: int, rng: random.Random) -> list[str]:
 class Corpus:
     """A first-order Markov chain over pseudo-words: each word has 8 likely successors (Zipf-weighted), so the
     text has learnable structure and realistic token frequencies. A labelled text draws 40% of its words from
-    its label's 8 topic words."""
+    its label's 8 topic words (`topic_p`, 40% unless the model's spec says otherwise)."""
 
     def __init__(self, n_words: int, seed: int = 0):
         rng = random.Random(seed)
@@ -91,12 +97,12 @@ class Corpus:
         self.next = [[rng.randrange(n) for _ in range(8)] for _ in range(n)]
         self.topics = [rng.sample(range(n), 8) for _ in range(4)]
 
-    def text(self, length: int, rng: random.Random, label: int | None = None) -> str:
+    def text(self, length: int, rng: random.Random, label: int | None = None, topic_p: float = 0.4) -> str:
         w = rng.choices(range(len(self.words)), weights=self.zipf)[0]
         out = []
         for _ in range(length):
             out.append(self.words[w])
-            if label is not None and rng.random() < 0.4:
+            if label is not None and rng.random() < topic_p:
                 w = rng.choice(self.topics[label])
             elif rng.random() < 0.1:
                 w = rng.choices(range(len(self.words)), weights=self.zipf)[0]
@@ -104,15 +110,17 @@ class Corpus:
                 w = rng.choices(self.next[w], weights=(8, 4, 3, 2, 2, 1, 1, 1))[0]
         return " ".join(out)
 
-    def rows(self, n: int, max_length: int, seed: int, classes: int = 0) -> list[dict]:
+    def rows(self, n: int, max_length: int, seed: int, classes: int = 0, topic_p: float = 0.4,
+             label_noise: float = 0.0) -> list[dict]:  # fmt: skip
         rng = random.Random(seed)
         rows = []
         for i in range(n):
             length = rng.randint(16, max_length - 1)  # -1: room for the EOS appended to causal-lm texts
             label = i % classes if classes else None
-            row = {"text": self.text(length, rng, label)}
+            row = {"text": self.text(length, rng, label, topic_p)}
             if classes:
-                row["label"] = label
+                flip = rng.random() < label_noise  # a wrong label: the loss cannot reach zero
+                row["label"] = rng.choice([c for c in range(classes) if c != label]) if flip else label
             rows.append(row)
         return rows
 
@@ -167,9 +175,10 @@ def build_assets(workdir: str, names: list[str]) -> None:
         if os.path.isfile(os.path.join(folder, "rows.json")):
             continue
         build_model(spec, tok, os.path.join(folder, "model"))
-        classes = spec.get("num_labels", 0)
-        rows = {"train": corpus.rows(spec["rows"], spec["max_length"], seed=1, classes=classes),
-                "eval": corpus.rows(spec["eval_rows"], spec["max_length"], seed=2, classes=classes)}  # fmt: skip
+        task = {"classes": spec.get("num_labels", 0), "topic_p": spec.get("topic_p", 0.4),
+                "label_noise": spec.get("label_noise", 0.0)}
+        rows = {"train": corpus.rows(spec["rows"], spec["max_length"], seed=1, **task),
+                "eval": corpus.rows(spec["eval_rows"], spec["max_length"], seed=2, **task)}  # fmt: skip
         with open(os.path.join(folder, "rows.json"), "w") as fh:
             json.dump(rows, fh)
 
@@ -230,7 +239,7 @@ def train_ours(spec: dict, model_dir: str, train_rows: list, out_dir: str, clock
         "train": {"num_train_epochs": spec["epochs"], "per_device_train_batch_size": spec["batch"], "learning_rate": spec["lr"],
                   "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "logging_steps": spec["logging_steps"], "eval_steps": 0, "save_steps": 0, "seed": spec["seed"],
-                  "group_by_length": variant == "grouped", "output_dir": out_dir},
+                  "group_by_length": "false" if variant == "shuffled" else "auto", "output_dir": out_dir},
     }  # fmt: skip
     if variant == "bf16":
         config["train"]["mixed_precision"] = "bf16"
@@ -275,8 +284,14 @@ def worker(side: str, name: str, workdir: str, seed: int = 0) -> dict:
     seconds = steps[-1][0] - clock["begin"][0]
     cpu_seconds = steps[-1][1] - clock["begin"][1]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    tokens = spec["epochs"] * sum(min(len(tok(r["text"])["input_ids"]) + (spec["task"] == "causal-lm"), spec["max_length"])
-                                  for r in rows["train"])  # fmt: skip
+    lengths = [min(len(tok(r["text"])["input_ids"]) + (spec["task"] == "causal-lm"), spec["max_length"])
+               for r in rows["train"]]  # fmt: skip
+    tokens = spec["epochs"] * sum(lengths)
+    sys.path.insert(0, str(ROOT))
+    from peft_magic.flops import mfu, peak_tflops, train_flops_per_token
+
+    # useful work: the counted FLOPs of an unpadded sequence of the mean length, per real token
+    per_token = train_flops_per_token(model, seq_len=round(statistics.mean(lengths)))
     return {
         "side": side,
         "model": name,
@@ -286,6 +301,8 @@ def worker(side: str, name: str, workdir: str, seed: int = 0) -> dict:
         "steps_per_s": len(steps) / seconds,
         "tokens_per_s": tokens / seconds,
         "tokens_per_cpu_s": tokens / cpu_seconds,
+        "gflops": per_token * tokens / seconds / 1e9,  # useful (non-padding) FLOP/s achieved
+        "mfu": mfu(per_token, tokens / seconds, peak_tflops()),  # None off a known GPU
         "peak_gb": peak_gb,
         "eval_loss": eval_loss(model, tok, rows["eval"], spec),
         "first_step_s": steps[0][0] - cell_start,
@@ -326,7 +343,7 @@ def machine() -> str:
             f"transformers {transformers.__version__}, peft {peft.__version__}")  # fmt: skip
 
 
-FIELDS = ("steps_per_s", "tokens_per_s", "tokens_per_cpu_s", "peak_gb", "eval_loss", "first_step_s")
+FIELDS = ("steps_per_s", "tokens_per_s", "tokens_per_cpu_s", "gflops", "peak_gb", "eval_loss", "first_step_s")
 
 
 def table(results: list[dict]) -> str:
@@ -335,9 +352,12 @@ def table(results: list[dict]) -> str:
     for r in results:
         by.setdefault((r["model"], r["side"]), []).append(r)
     mean = {k: {f: statistics.mean(x[f] for x in v) for f in FIELDS} for k, v in by.items()}
-    header = ("| model | side | steps/s | tokens/s | tokens per CPU-s | peak memory (GB) | final eval loss "
-              "| cell start → 1st step (s) | speed vs trainer (wall / CPU) | eval loss vs trainer |")  # fmt: skip
-    lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    sd = {k: statistics.stdev(x["eval_loss"] for x in v) if len(v) > 1 else 0.0 for k, v in by.items()}
+    mfus = {k: [x["mfu"] for x in v if x.get("mfu") is not None] for k, v in by.items()}
+    header = ("| model | side | steps/s | tokens/s | tokens per CPU-s | useful GFLOP/s (MFU) | peak memory (GB) "
+              "| final eval loss (± sd over seeds) | cell start → 1st step (s) | speed vs trainer (wall / CPU) "
+              "| eval loss vs trainer |")  # fmt: skip
+    lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (model, side), m in mean.items():
         base = mean.get((model, "trainer"))
         speed = dloss = "—"
@@ -346,8 +366,10 @@ def table(results: list[dict]) -> str:
             dloss = (
                 f"{(m['eval_loss'] / base['eval_loss'] - 1) * 100:+.1f}% ({m['eval_loss'] - base['eval_loss']:+.3f})"
             )
+        util = f" ({statistics.mean(mfus[(model, side)]):.1%})" if mfus[(model, side)] else ""
         lines.append(f"| {model} | {side} | {m['steps_per_s']:.2f} | {m['tokens_per_s']:,.0f} | {m['tokens_per_cpu_s']:,.0f} "
-                     f"| {m['peak_gb']:.2f} | {m['eval_loss']:.4f} | {m['first_step_s']:.1f} | {speed} | {dloss} |")  # fmt: skip
+                     f"| {m['gflops']:,.1f}{util} | {m['peak_gb']:.2f} | {m['eval_loss']:.4f} ± {sd[(model, side)]:.4f} "
+                     f"| {m['first_step_s']:.1f} | {speed} | {dloss} |")  # fmt: skip
     return "\n".join(lines)
 
 
