@@ -89,6 +89,9 @@ def check(accelerator, method, model, resume=None) -> None:
     if "state_dict" not in inspect.signature(method.save).parameters:
         raise ConfigError(f"'{name}' cannot save its weights from FSDP or ZeRO-3 shards yet. Fix: use a peft "
                           "method (lora, dora, ...), or train with DDP or ZeRO-1/2.", key="method.name")  # fmt: skip
+    if name == "adalora":  # its rank allocator reads and masks whole matrices each step
+        raise ConfigError("AdaLoRA re-allocates ranks over whole matrices, which FSDP and ZeRO-3 split over the "
+                          "processes. Fix: train it with DDP or ZeRO-1/2, or use lora/dora.", key="method.name")  # fmt: skip
     configs = getattr(model, "peft_config", {}) or {}
     if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
         raise ConfigError(f"'{name}' computes its saved prompt with a forward pass, which FSDP and ZeRO-3 do not "

@@ -49,6 +49,27 @@ def test_resume_refuses_a_checkpoint_of_another_layout():
     assert e.value.key == "--resume"
 
 
+@pytest.mark.parametrize("name", ["adalora", "prompt-tuning", "bitfit", "full"])
+def test_methods_that_cannot_run_sharded_are_refused_before_training(name, tiny_llama, monkeypatch):
+    from accelerate import Accelerator
+
+    from peft_magic import sharding
+    from peft_magic.methods import get_method
+
+    monkeypatch.setattr(sharding, "kind", lambda accelerator: "fsdp")  # as under FSDP on GPUs
+    model = None
+    if name in ("adalora", "prompt-tuning"):
+        from peft import AdaLoraConfig, PromptTuningConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        config = AdaLoraConfig(total_step=10) if name == "adalora" else PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config)
+    with pytest.raises(ConfigError, match="DDP") as e:
+        sharding.check(Accelerator(cpu=True), get_method(name), model)
+    assert e.value.key == "method.name"
+    sharding.check(Accelerator(cpu=True), get_method("lora"), None)  # LoRA is fine
+
+
 def test_a_4bit_base_stores_its_blocks_in_the_compute_dtype_only_when_sharded(monkeypatch):
     import torch
     from transformers import BitsAndBytesConfig
