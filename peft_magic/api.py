@@ -342,8 +342,11 @@ def evaluate(run: Run, data=None, namespace=None) -> dict:
             if unknown:
                 raise ConfigError(f"labels {unknown[:5]} were not seen in training.", key="data")
         ds = tokenize(raw, run.tokenizer, cfg.data, kind, cfg.task, run.labels)
+    from .packing import example_lengths
+    from .sampling import longest_first
+
     dl = DataLoader(ds.with_format("python"), batch_size=cfg.train.per_device_eval_batch_size,
-                    collate_fn=run.data.collator if run.data else _collator(run))  # fmt: skip
+                    sampler=longest_first(example_lengths(ds)), collate_fn=run.data.collator if run.data else _collator(run))  # fmt: skip
     from .report import EvalMetrics
 
     metrics = EvalMetrics(evaluate_model(run.model, dl, None, task=cfg.task, labels=run.labels))  # shows itself

@@ -96,8 +96,11 @@ def make_loaders(data, cfg, accelerator):
                           shuffle=sampler is None, sampler=sampler, generator=gen, collate_fn=collate, pin_memory=pin)  # fmt: skip
     eval_dl = None
     if data.eval is not None and len(data.eval):
+        from .packing import example_lengths
+        from .sampling import longest_first
+
         eval_dl = DataLoader(data.eval.with_format("python"), batch_size=t.per_device_eval_batch_size,
-                             shuffle=False, collate_fn=data.collator)  # fmt: skip
+                             sampler=longest_first(example_lengths(data.eval)), collate_fn=data.collator)  # fmt: skip
     return train_dl, eval_dl
 
 

@@ -121,3 +121,9 @@ def decide(cfg, train) -> tuple[bool, str]:
     labels = train["labels"] if cfg.task == "seq-cls" and "labels" in train.column_names else None
     t = cfg.train
     return grouping_decision(t.group_by_length, example_lengths(train), t.per_device_train_batch_size, labels, t.seed)
+
+
+def longest_first(lengths) -> list[int]:
+    """Evaluation order: examples by decreasing length, so each batch pads to a near-equal length (metrics are
+    sums over examples, so the order does not change them) and a batch too long for memory fails first."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])

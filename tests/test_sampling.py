@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import torch
 
 from peft_magic.sampling import ShuffledLengthGroupedSampler
@@ -92,8 +94,6 @@ def test_auto_does_not_bother_when_there_is_little_padding():
 
 
 def test_the_setting_takes_yaml_booleans_and_names_the_key_when_wrong():
-    import pytest
-
     from peft_magic.config import parse_config
     from peft_magic.errors import ConfigError
 
@@ -115,3 +115,20 @@ def test_a_run_and_its_dry_run_say_how_batches_were_made(tiny_llama, workdir):
     plan = peft_magic.dry_run(config)
     run = peft_magic.train(config, display="none")
     assert run.data.grouping.startswith("auto: ") and run.data.grouping in plan.rows["batches"]
+
+
+def test_evaluation_runs_longest_first_and_gets_the_same_metrics(tiny_bert, sentiment, workdir):
+    import peft_magic
+    from torch.utils.data import DataLoader
+
+    from peft_magic.evaluation import evaluate_model
+
+    config = {"model": tiny_bert, "task": "seq-cls", "data": {"train": sentiment, "eval": sentiment},
+              "train": {"max_steps": 3, "per_device_eval_batch_size": 4, "output_dir": str(workdir / "o")}}  # fmt: skip
+    run = peft_magic.train(config, display="none")
+    sorted_metrics = run.evaluate()  # longest first
+    plain = DataLoader(run.data.eval.with_format("python"), batch_size=4, collate_fn=run.data.collator)
+    in_order = evaluate_model(run.model, plain, None, task="seq-cls", labels=run.labels)
+    assert sorted_metrics["loss"] == pytest.approx(in_order["loss"], rel=1e-6)
+    assert sorted_metrics["accuracy"] == in_order["accuracy"]
+    assert sorted_metrics["confusion_matrix"] == in_order["confusion_matrix"]
