@@ -273,6 +273,10 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         continue
                     step += 1
                     state.step, state.epoch = step, step / per_epoch
+                    if step == start_step + 1:  # after a real step (a Stop during the first one stops it)
+                        from .flops import probe
+
+                        state.flops_per_token, state.peak_tflops = probe(accelerator, model, cfg, data.train)
                     state.samples_seen = samples
                     bus.emit("on_step_end", state)
                     if step % t.logging_steps == 0 or step == max_steps:

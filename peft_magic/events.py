@@ -44,6 +44,9 @@ class TrainState:
         log_history: Every ``on_log``/``on_evaluate`` row so far (the same rows as ``Run.history``).
         checkpoint_dir: Latest saved checkpoint, if any.
         output_dir: Where the run writes its files.
+        flops_per_token: Counted FLOPs of one training step per real token (`flops.probe`), None when not counted
+            (several processes, a quantized base).
+        peak_tflops: The GPU's dense 16-bit peak, for the model FLOPs utilisation; None off a known GPU.
     """
 
     max_steps: int = 0
@@ -65,6 +68,8 @@ class TrainState:
     memory: dict[str, float] = field(default_factory=dict)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_dir: str | None = None
+    flops_per_token: float | None = None
+    peak_tflops: float | None = None
     output_dir: str | None = None
 
     @property

@@ -48,6 +48,31 @@ def train_flops_per_token(model, seq_len: int, batch_size: int = 1, vocab_size: 
     return counter.get_total_flops() / (batch_size * seq_len)
 
 
+def probe(accelerator, model, cfg, train) -> tuple[float | None, float | None]:
+    """(FLOPs per real token of a training step, the GPU's peak TFLOP/s) for the live throughput line, or Nones.
+
+    Counted with one extra forward + backward on a single unpadded sequence of the data's mean length, after the
+    first optimizer step (its gradients are gone by then). The RNG state is restored afterwards, so the run trains
+    exactly as without the probe. Not counted with
+    several processes (a collective inside the forward would need every rank) nor on a quantized base (its matmuls
+    are bitsandbytes kernels the counter does not know, so the figure would be wrong).
+    """
+    import torch
+
+    from .packing import example_lengths
+
+    if accelerator.num_processes > 1 or cfg.model.quantization != "none" or not len(train):
+        return None, None
+    lengths = example_lengths(train)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            per_token = train_flops_per_token(accelerator.unwrap_model(model), max(round(sum(lengths) / len(lengths)), 2))
+    except Exception:  # noqa: BLE001 - a display figure: a model the probe cannot run just shows no FLOP/s
+        return None, None
+    return per_token, peak_tflops()
+
+
 def peak_tflops(info=None) -> float | None:
     """The chip's dense 16-bit peak in TFLOP/s from `devices.KNOWN_GPUS`, or None (CPU, or a GPU not listed)."""
     from .devices import device_info, match_gpu

@@ -8,6 +8,8 @@ sorted by length, the longest batch first so an out-of-memory shows at step 1, n
 visits each mega-batch from its longest batch to its shortest, a length curriculum repeated every mega-batch. We
 keep its grouping and shuffle the *batches*: every batch still holds similar lengths, but the sequence of
 batches is random, as with plain shuffling (benchmarks/throughput.py measures the speed and the final loss).
+Grouping by length is common practice for instruction tuning (the QLoRA paper's scripts turn it on by default);
+`grouping_decision` says when we do it on our own.
 """
 
 from __future__ import annotations

@@ -42,3 +42,37 @@ def test_mfu_needs_a_known_peak():
     assert mfu(6e9, 1e3, peak_tflops(t4)) == pytest.approx(6e12 / 65e12)
     cpu = DeviceInfo(kind="cpu", name="AMD EPYC", total_memory=2**34, free_memory=2**33)
     assert peak_tflops(cpu) is None and mfu(6e9, 1e3, None) is None
+
+
+def test_the_live_line_shows_flops_and_mfu():
+    from peft_magic.events import TrainState
+    from peft_magic.ui.lines import compute_text, throughput_text
+
+    assert compute_text(5.3e10) == "53 GFLOP/s"
+    assert compute_text(6.1e13, 312.0) == "61 TFLOP/s (MFU 20%)"
+    assert compute_text(0) == ""
+    state = TrainState(samples_seen=100, tokens_seen=10_000, start_time=0.0, flops_per_token=4e6)
+    state.start_time = __import__("time").time() - 10  # 1,000 tokens/s for 10 s
+    assert "GFLOP/s" in throughput_text(state)
+    state.flops_per_token = None
+    assert "FLOP/s" not in throughput_text(state)
+
+
+def test_a_run_counts_its_flops_without_changing_its_training(tiny_llama, workdir, monkeypatch):
+    from conftest import lm_rows
+
+    import peft_magic
+    from peft_magic import flops
+
+    def run():
+        config = {"model": tiny_llama, "method": {"name": "lora", "lora_dropout": 0.1},  # dropout: RNG matters
+                  "data": {"train": lm_rows(24)},
+                  "train": {"max_steps": 4, "logging_steps": 1, "eval_steps": 0, "per_device_train_batch_size": 4,
+                            "output_dir": str(workdir / "o")}}  # fmt: skip
+        return peft_magic.train(config, display="none")
+
+    counted = run()
+    assert counted.state.flops_per_token > 0 and counted.state.peak_tflops is None  # CPU: no MFU
+    monkeypatch.setattr(flops, "probe", lambda *a: (None, None))
+    plain = run()
+    assert [r["loss"] for r in counted.history] == [r["loss"] for r in plain.history]  # bit for bit

@@ -70,11 +70,27 @@ def tokens_per_second(state) -> float | None:
 
 
 def throughput_text(state) -> str:
-    """``38.2 samples/s · 4.9k tokens/s`` (tokens left out when the engine does not count them)."""
+    """``38.2 samples/s · 4.9k tokens/s · 61 TFLOP/s (MFU 31%)`` (tokens left out when the engine does not count
+    them; FLOP/s when it counted the FLOPs of a step; MFU on a GPU with a known peak)."""
     text = format_rate(samples_per_second(state), "samples")
     tokens = tokens_per_second(state)
     if tokens:
         text += f" · {format_rate(tokens, 'tokens')}"
+        flops = compute_text(tokens * (getattr(state, "flops_per_token", None) or 0), getattr(state, "peak_tflops", None))  # fmt: skip
+        if flops:
+            text += f" · {flops}"
+    return text
+
+
+def compute_text(flops_per_second: float, peak_tflops: float | None = None) -> str:
+    """``61 TFLOP/s (MFU 31%)``, ``53 GFLOP/s``; empty for 0."""
+    if not flops_per_second:
+        return ""
+    scaled, unit = next(((flops_per_second / f, u) for f, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"))
+                         if flops_per_second >= f), (flops_per_second, ""))  # fmt: skip
+    text = f"{scaled:.3g} {unit}FLOP/s"
+    if peak_tflops:
+        text += f" (MFU {flops_per_second / (peak_tflops * 1e12):.0%})"
     return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import traceback
 import weakref
 
 import pytest
@@ -38,6 +39,8 @@ def fault(monkeypatch):
     real = models.load_model
 
     def hook(module, args, output):
+        if any(f.name == "train_flops_per_token" for f in traceback.extract_stack()):
+            return None  # the FLOP count's probe pass (peft_magic.flops) is not a training step
         spec["calls"] += 1
         if spec["calls"] != spec["at"]:
             return None
