@@ -90,7 +90,11 @@ def lab(tmp_path, tiny_llama):
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
            "IPYTHONDIR": str(home / "ipython"), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(home / "hf-datasets")}  # fmt: skip
+           "HF_DATASETS_CACHE": str(home / "hf-datasets"),
+           # a venv over system packages: the widgets' lab extension sits in the base prefix, which jupyter's own
+           # search path (the venv's prefix, user and system folders) leaves out
+           "JUPYTER_PATH": os.pathsep.join(filter(None, [os.path.join(sys.base_prefix, "share", "jupyter"),
+                                                         os.environ.get("JUPYTER_PATH")]))}  # fmt: skip
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
            f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={home / 'settings'}",
