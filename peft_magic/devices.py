@@ -232,3 +232,24 @@ def resolve_dtype(setting: str, info: DeviceInfo) -> str:
     if info.kind == "cuda":
         return "bfloat16" if info.bf16 else "float16"
     return "float32"
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's start-up line out of the cell on a machine without an accelerator.
+
+    When DeepSpeed is installed, Accelerate imports it as soon as a model is unwrapped (every run does), and on a
+    CPU-only machine DeepSpeed then logs "Setting accelerator to CPU. If you have GPU...". `DS_ACCELERATOR=cpu`,
+    its own setting, says the CPU is meant, which is what it would pick anyway; nothing is set when a GPU (or MPS)
+    is there, when DeepSpeed is already imported or absent, or when the user chose a value.
+    """
+    import importlib.util
+    import sys
+
+    if "deepspeed" in sys.modules or os.environ.get("DS_ACCELERATOR") or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or (mps is not None and mps.is_available()):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"

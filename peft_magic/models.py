@@ -194,6 +194,10 @@ def quiet_loading(record: list | None = None):
 
     import datasets
 
+    from .devices import quiet_deepspeed
+
+    quiet_deepspeed()
+
     verbosity = tlog.get_verbosity()
     bars = tlog.is_progress_bar_enabled()
     ds_bars = datasets.is_progress_bar_enabled()

@@ -1,5 +1,6 @@
 """The memory pre-flight: counts from the meta device, the activation model, fitting, devices."""
 
+import os
 import subprocess
 import sys
 
@@ -248,3 +249,27 @@ def test_estimate_for_config_maps_the_config_keys(tmp_path):
                            seq_len=64, gradient_checkpointing=True, device=t4)  # fmt: skip
     assert (est.device, est.total, est.trainable_params) == ("cuda", same.total, same.trainable_params)
     assert est.trainable_params < estimate_memory(config).trainable_params  # r=4 against the default r=8
+
+
+def test_deepspeed_is_told_the_cpu_is_meant_only_on_a_machine_without_an_accelerator(monkeypatch):
+    import importlib.util
+    import sys
+
+    import torch
+
+    from peft_magic.devices import quiet_deepspeed
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else found(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    quiet_deepspeed()
+    assert "DS_ACCELERATOR" not in os.environ  # a GPU: DeepSpeed finds it and says nothing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    quiet_deepspeed()
+    assert os.environ["DS_ACCELERATOR"] == "xpu"  # the user's choice stays
+    monkeypatch.delenv("DS_ACCELERATOR")
+    quiet_deepspeed()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
