@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Extra tools for the real-browser test (tests/test_browser.py): JupyterLab, Playwright for Python, and Debian's
-# Chromium. Playwright drives /usr/bin/chromium (its `executable_path`): never `playwright install`, which
+# Chromium; and DeepSpeed for the ZeRO tests on CPU ranks (tests/test_sharded.py skips them without it). Playwright drives /usr/bin/chromium (its `executable_path`): never `playwright install`, which
 # downloads browsers, and downloads are impossible on the CI machines.
 #   scripts/setup.sh --test runs this when it is present.
 set -euo pipefail
@@ -13,4 +13,6 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
+# DeepSpeed's pure-Python install (no compiled ops, torch already here): best effort, a failure only skips its tests
+DS_BUILD_OPS=0 $PIP deepspeed || echo "deepspeed not installed: the DeepSpeed tests will be skipped"
 echo "browser test tools installed ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"

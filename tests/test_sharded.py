@@ -12,6 +12,7 @@ The 2-process runs take tens of seconds on a loaded 2-core machine (marked slow)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -190,6 +191,60 @@ def test_fsdp_resumes_where_the_uninterrupted_run_ended(fsdp_job, tmp_path):
     again = trainer_state(job / "resumed" / "checkpoint-8")["log_history"]
     before = trainer_state(straight / "peft_runs" / "job" / "checkpoint-8")["log_history"]
     assert_resumed_exactly(again, before, job / "adapter", straight / "adapter")
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO on 2 ranks (slow)
+
+
+def deepspeed_launch(job, *args):
+    env = {**child_env(FSDP_ON_CPU), "PEFT_MAGIC_TEST_DEEPSPEED_ON_CPU": "1", "DS_ACCELERATOR": "cpu",
+           "NUM_PROCESSES": "2"}  # fmt: skip
+    return subprocess.run(["bash", str(job / "launch.sh"), *args], check=False, capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (scripts/setup_extra.sh installs it)")  # fmt: skip
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_and_exports_like_one_process(stage, tiny_llama, tmp_path, monkeypatch):
+    """The exported launch.sh with its DeepSpeed block switched on (ZeRO-2, or ZeRO-3 which shards the weights and
+    gathers the adapter with zero3_save_16bit_model), 2 CPU ranks x batch 4, against one process x batch 8."""
+    import torch
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from peft_magic.api import resolve_config
+
+    job = tmp_path / "job"
+    cfg = resolve_config({"model": tiny_llama, "data": {"train": "$rows"}, "method": {"name": "lora", "r": 4},
+                          "train": TRAIN}, name="job")  # fmt: skip
+    export_script(Run("job", cfg), str(job), namespace={"rows": lm_rows(64)}, num_processes=2)
+    config = job / "accelerate_config.yaml"
+    block = with_block(config.read_text(), "distributed_type: DEEPSPEED")
+    config.write_text(block.replace("zero_stage: 2", f"zero_stage: {stage}"))
+    proc = deepspeed_launch(job)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = job / "peft_runs" / "job" / "checkpoint-8"
+    state = trainer_state(final)
+    assert state["sharded"] == "deepspeed" and not (final / "optimizer.pt").exists()  # ZeRO keeps it partitioned
+
+    monkeypatch.chdir(job)
+    single = peft_magic.train("config.yaml", overrides=["train.per_device_train_batch_size=8",
+                              f"train.output_dir={tmp_path / 'single'}"], display="none")  # fmt: skip
+    single.export(str(tmp_path / "single-adapter"))
+    two, one = adapter_tensors(job / "adapter"), adapter_tensors(tmp_path / "single-adapter")
+    assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in one.items()}  # whole, even under ZeRO-3
+    base = AutoModelForCausalLM.from_pretrained(single.config.model.name_or_path)
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, str(job / "adapter")))
+    assert all(torch.equal(loaded[k], two[k]) for k in two)
+    last2, last1 = assert_trains_like_one(state["log_history"], single.history)
+    print(f"\nDeepSpeed ZeRO-{stage} final loss: 2 ranks x batch 4 = {last2:.4f}, 1 process x batch 8 = {last1:.4f}")
+
+    if stage == 2:  # resume is refused with the fix, before anything trains
+        proc = deepspeed_launch(job, "--resume")
+        assert proc.returncode != 0 and "resuming under DeepSpeed is not supported" in proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------- a failed save, agreed (slow)
