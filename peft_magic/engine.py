@@ -81,24 +81,19 @@ def make_loaders(data, cfg, accelerator):
 
     t = cfg.train
     gen = torch.Generator().manual_seed(t.seed)
-    sampler = None
-    from .sampling import ShuffledLengthGroupedSampler, decide
+    from .packing import example_lengths
+    from .sampling import ShuffledLengthGroupedSampler, decide, longest_first
 
     # packed batches have no padding, but take the batches padded ones would (the same training either way)
-    group, data.grouping = decide(cfg, data.train)
-    if group:
-        from .packing import example_lengths
-
-        sampler = ShuffledLengthGroupedSampler(example_lengths(data.train), t.per_device_train_batch_size, gen)
+    lengths = example_lengths(data.train)
+    group, data.grouping = decide(cfg, data.train, lengths)
+    sampler = ShuffledLengthGroupedSampler(lengths, t.per_device_train_batch_size, gen) if group else None
     collate = getattr(data, "train_collator", None) or data.collator  # packing collates training batches apart
     pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU can overlap the previous step
     train_dl = DataLoader(data.train.with_format("python"), batch_size=t.per_device_train_batch_size,
                           shuffle=sampler is None, sampler=sampler, generator=gen, collate_fn=collate, pin_memory=pin)  # fmt: skip
     eval_dl = None
     if data.eval is not None and len(data.eval):
-        from .packing import example_lengths
-        from .sampling import longest_first
-
         eval_dl = DataLoader(data.eval.with_format("python"), batch_size=t.per_device_eval_batch_size,
                              sampler=longest_first(example_lengths(data.eval)), collate_fn=data.collator)  # fmt: skip
     return train_dl, eval_dl
@@ -276,7 +271,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                     if step == start_step + 1:  # after a real step (a Stop during the first one stops it)
                         from .flops import probe
 
-                        state.flops_per_token, state.peak_tflops = probe(accelerator, model, cfg, data.train)
+                        state.flops_per_token, state.peak_tflops = probe(accelerator, model, cfg, data)
                     state.samples_seen = samples
                     bus.emit("on_step_end", state)
                     if step % t.logging_steps == 0 or step == max_steps:

@@ -10,7 +10,7 @@ divides the FLOPs of the *real* tokens by the time; a run that computes padding 
 from __future__ import annotations
 
 
-def train_flops_per_token(model, seq_len: int, batch_size: int = 1, vocab_size: int | None = None) -> float:
+def train_flops_per_token(model, seq_len: int, batch_size: int = 1) -> float:
     """FLOPs of one training forward + backward, per token, on a batch of `batch_size` unpadded sequences of
     `seq_len` tokens. The model's gradients are cleared again afterwards.
 
@@ -18,13 +18,11 @@ def train_flops_per_token(model, seq_len: int, batch_size: int = 1, vocab_size: 
         model: The model as it trains (a PeftModel, or a selectively unfrozen model).
         seq_len: Tokens per sequence (the data's mean length is a good choice).
         batch_size: Sequences in the probe batch.
-        vocab_size: Token ids are drawn below it (default: the model's `config.vocab_size`).
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = getattr(model, "config", None)
-    vocab = vocab_size or getattr(config, "vocab_size", None) or 1000
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1000
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, seq_len), generator=gen).to(device)
@@ -48,26 +46,24 @@ def train_flops_per_token(model, seq_len: int, batch_size: int = 1, vocab_size: 
     return counter.get_total_flops() / (batch_size * seq_len)
 
 
-def probe(accelerator, model, cfg, train) -> tuple[float | None, float | None]:
+def probe(accelerator, model, cfg, data) -> tuple[float | None, float | None]:
     """(FLOPs per real token of a training step, the GPU's peak TFLOP/s) for the live throughput line, or Nones.
 
-    Counted with one extra forward + backward on a single unpadded sequence of the data's mean length, after the
-    first optimizer step (its gradients are gone by then). The RNG state is restored afterwards, so the run trains
-    exactly as without the probe. Not counted with
-    several processes (a collective inside the forward would need every rank) nor on a quantized base (its matmuls
-    are bitsandbytes kernels the counter does not know, so the figure would be wrong).
+    Counted with one extra forward + backward on a single unpadded sequence of the data's mean length (`data` is
+    the run's `PreparedData`), after the first optimizer step (its gradients are gone by then). The RNG state is
+    restored afterwards, so the run trains exactly as without the probe. Not counted with several processes (a
+    collective inside the forward would need every rank) nor on a quantized base (its matmuls are bitsandbytes
+    kernels the counter does not know, so the figure would be wrong).
     """
     import torch
 
-    from .packing import example_lengths
-
-    if accelerator.num_processes > 1 or cfg.model.quantization != "none" or not len(train):
+    if accelerator.num_processes > 1 or cfg.model.quantization != "none" or not data.train_rows:
         return None, None
-    lengths = example_lengths(train)
+    mean_length = max(round(data.train_tokens / data.train_rows), 2)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            per_token = train_flops_per_token(accelerator.unwrap_model(model), max(round(sum(lengths) / len(lengths)), 2))
+            per_token = train_flops_per_token(accelerator.unwrap_model(model), mean_length)
     except Exception:  # noqa: BLE001 - a display figure: a model the probe cannot run just shows no FLOP/s
         return None, None
     return per_token, peak_tflops()

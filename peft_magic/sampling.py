@@ -116,13 +116,15 @@ def length_signal(lengths, labels) -> float:
     return between / total
 
 
-def decide(cfg, train) -> tuple[bool, str]:
-    """`grouping_decision` for a run: `train` is the tokenized training set (a `datasets.Dataset`)."""
+def decide(cfg, train, lengths=None) -> tuple[bool, str]:
+    """`grouping_decision` for a run: `train` is the tokenized training set (a `datasets.Dataset`), `lengths` its
+    example lengths when the caller already has them."""
     from .packing import example_lengths
 
     labels = train["labels"] if cfg.task == "seq-cls" and "labels" in train.column_names else None
+    lengths = example_lengths(train) if lengths is None else lengths
     t = cfg.train
-    return grouping_decision(t.group_by_length, example_lengths(train), t.per_device_train_batch_size, labels, t.seed)
+    return grouping_decision(t.group_by_length, lengths, t.per_device_train_batch_size, labels, t.seed)
 
 
 def longest_first(lengths) -> list[int]:

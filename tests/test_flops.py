@@ -48,9 +48,9 @@ def test_the_live_line_shows_flops_and_mfu():
     from peft_magic.events import TrainState
     from peft_magic.ui.lines import compute_text, throughput_text
 
-    assert compute_text(5.3e10) == "53 GFLOP/s"
-    assert compute_text(6.1e13, 312.0) == "61 TFLOP/s (MFU 20%)"
-    assert compute_text(0) == ""
+    assert compute_text(5.3e7, 1e3) == "53 GFLOP/s"
+    assert compute_text(6.1e10, 1e3, 312.0) == "61 TFLOP/s (MFU 20%)"
+    assert compute_text(0, 1e3) == ""
     state = TrainState(samples_seen=100, tokens_seen=10_000, start_time=0.0, flops_per_token=4e6)
     state.start_time = __import__("time").time() - 10  # 1,000 tokens/s for 10 s
     assert "GFLOP/s" in throughput_text(state)

@@ -76,21 +76,24 @@ def throughput_text(state) -> str:
     tokens = tokens_per_second(state)
     if tokens:
         text += f" · {format_rate(tokens, 'tokens')}"
-        flops = compute_text(tokens * (getattr(state, "flops_per_token", None) or 0), getattr(state, "peak_tflops", None))  # fmt: skip
+        flops = compute_text(getattr(state, "flops_per_token", None) or 0, tokens, getattr(state, "peak_tflops", None))
         if flops:
             text += f" · {flops}"
     return text
 
 
-def compute_text(flops_per_second: float, peak_tflops: float | None = None) -> str:
-    """``61 TFLOP/s (MFU 31%)``, ``53 GFLOP/s``; empty for 0."""
+def compute_text(flops_per_token: float, tokens_per_second: float, peak_tflops: float | None = None) -> str:
+    """``61 TFLOP/s (MFU 31%)``, ``53 GFLOP/s``; empty when no FLOPs were counted."""
+    from ..flops import mfu  # a light module: torch is imported inside its functions
+
+    flops_per_second = flops_per_token * tokens_per_second
     if not flops_per_second:
         return ""
     scaled, unit = next(((flops_per_second / f, u) for f, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"))
                          if flops_per_second >= f), (flops_per_second, ""))  # fmt: skip
     text = f"{scaled:.3g} {unit}FLOP/s"
     if peak_tflops:
-        text += f" (MFU {flops_per_second / (peak_tflops * 1e12):.0%})"
+        text += f" (MFU {mfu(flops_per_token, tokens_per_second, peak_tflops):.0%})"
     return text
 
 
