@@ -108,6 +108,11 @@ def environment() -> list:
     return [md("## Environment check"), code(ENVIRONMENT)]
 
 
+def opening(params: str, extra: str = "") -> list:
+    """The cells every notebook starts with after its title: install, parameters, environment check."""
+    return install(extra) + parameters(params) + environment()
+
+
 LOAD_WITH_PEFT = """
 ### Load the adapter without peft_magic
 
@@ -138,12 +143,10 @@ def quickstart() -> list:
         "answers in free-form sentences; after a few dozen LoRA steps the tuned one answers in the house style, "
         "also for questions it never saw. Runs on a CPU in a few minutes, in seconds on a GPU.",
     )
-    cells += install()
-    cells += parameters(f'''
+    cells += opening(f'''
 MODEL = "{SMOLLM2}"  # a hub id, a local folder or a .gguf file
 STEPS = 30  # optimizer steps of 8 examples: ~1.5 passes over the demo data (a few minutes on CPU)
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
-    cells += environment()
     cells += [
         md(
             "## Load the extension and the data\n\n`%load_ext peft_magic` imports nothing heavy; the demo data is "
@@ -210,12 +213,10 @@ def classification() -> list:
         "`billing`, `delivery` or `account`. The classification head is built from the label set and trained "
         "with the adapter.",
     )
-    cells += install()
-    cells += parameters(f'''
+    cells += opening(f'''
 MODEL = "{MINILM}"
 STEPS = 80
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
-    cells += environment()
     cells += [
         md(
             "## Data\n\n300 short messages written by the project (`peft_magic.demo_data`); 20% are held out as a "
@@ -282,13 +283,11 @@ def qlora() -> list:
         "on top, so a model several times larger than the GPU's memory in 16-bit fits. `--dry-run` shows the "
         "plan and the memory estimate before anything loads.",
     )
-    cells += install(extra="bitsandbytes")
-    cells += parameters(f'''
+    cells += opening(f'''
 MODEL = "{SMOLLM2}"
 QUANTIZATION = "4bit"  # 4bit (NF4, QLoRA) | 8bit (LLM.int8()) | none
 STEPS = 40
-USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
-    cells += environment()
+USE_DRIVE = False  # Colab: keep outputs in Google Drive''', extra="bitsandbytes")
     cells += [
         code("""
 %load_ext peft_magic
@@ -361,12 +360,10 @@ def compare_methods() -> list:
         "table (trainable %, peak memory, time, final metrics) and the loss curves overlaid. Here: LoRA "
         "(reparameterized), IA3 (additive) and BitFit (selective) on the support-ticket classifier of notebook 02.",
     )
-    cells += install()
-    cells += parameters(f'''
+    cells += opening(f'''
 MODEL = "{MINILM}"
 STEPS = 60
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
-    cells += environment()
     cells += [
         *classification_setup(),
         md(
@@ -415,12 +412,10 @@ def widget_form() -> list:
         "live panel below the form, **Stop** ends the run after the current step (keeping everything), "
         "**Export** writes the adapter, **Copy as cell** gives the `%%peft_train` cell of the current form.",
     )
-    cells += install()
-    cells += parameters(f'''
+    cells += opening(f'''
 MODEL = "{MINILM}"
 STEPS = 60
 USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
-    cells += environment()
     cells += [
         *classification_setup(),
         md(
@@ -473,11 +468,9 @@ def full_vs_peft() -> list:
         "Full fine-tuning vs PEFT: task quality, forgetting, memory, time and data efficiency",
         "People choose PEFT over full fine-tuning for four claims: far fewer trainable parameters and less memory, comparable task quality, less forgetting of what the model knew, and better results with little data. This notebook checks them on one small model and one task, instead of taking them on faith: `method: full` (every parameter trains), LoRA (reparameterized) and `layers` (selective: the last two blocks), with `forgetting: default` measuring each model's loss on general English text before and after training.",
     )
-    cells += install()
-    cells += parameters(
+    cells += opening(
         '\nMODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"\nSTEPS = 40  # optimizer steps per variant (x 8 examples)\nUSE_DRIVE = False  # Colab: keep outputs in Google Drive'
     )
-    cells += environment()
     cells += [
         code(
             '%load_ext peft_magic\nfrom peft_magic.demo_data import instruction_data\n\ndf = instruction_data()\ntest_df = df.sample(frac=0.15, random_state=0)\ntrain_df = df.drop(test_df.index)\nprint(len(train_df), "train rows,", len(test_df), "held out")'
