@@ -102,6 +102,22 @@ def tiny_bert(tmp_path_factory):
     return _save(BertModel(cfg), tok, tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="session")
+def separable_bert(tmp_path_factory):
+    """A 2-layer BERT body without dropout and with initializer_range 0.2: with the default 0.02 the random
+    features of different sentences are so alike that a few steps cannot lower a fixed batch's loss, so the
+    classifier tests use this one."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                     initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    return _save(BertModel(cfg), tok, tmp_path_factory.mktemp("bert"))
+
+
 def sentiment_rows(n=64, seed=0):
     rng = random.Random(seed)
     rows = []
@@ -169,3 +185,19 @@ def publishing_shell():
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def panels(monkeypatch):
+    """Every display that `train()` makes, so a test can press its Stop button like a user."""
+    from peft_magic import ui
+
+    made = []
+    original = ui.make_display
+
+    def recording(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(ui, "make_display", recording)
+    return made

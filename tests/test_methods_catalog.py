@@ -58,24 +58,6 @@ SEQ_CLS = {
 }
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    """A 2-layer BERT body without dropout and with initializer_range 0.2: with the default 0.02 the random
-    features of different sentences are so alike that 8 steps cannot lower a fixed batch's loss."""
-    from conftest import make_tokenizer
-    from transformers import BertConfig, BertModel
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                        initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    path = tmp_path_factory.mktemp("bert")
-    BertModel(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def spec(name):
     return FOURIERFT if name == "fourierft" else name
 
@@ -171,12 +153,12 @@ def test_causal_lm_method_trains_changes_only_its_parameters_and_reloads(method,
 
 
 @pytest.mark.parametrize("method", list(SEQ_CLS))
-def test_seq_cls_method_trains_its_parameters_and_the_head(method, bert, tmp_path):
+def test_seq_cls_method_trains_its_parameters_and_the_head(method, separable_bert, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     lr, claims = SEQ_CLS[method]
-    observed = observed_run(train_config(bert, "seq-cls", method, lr, tmp_path / "out", sentiment_rows()))
-    base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    observed = observed_run(train_config(separable_bert, "seq-cls", method, lr, tmp_path / "out", sentiment_rows()))
+    base = AutoModelForSequenceClassification.from_pretrained(separable_bert, num_labels=2)
     check_method(*observed, claims, base, tmp_path)
 
 

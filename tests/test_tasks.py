@@ -93,26 +93,8 @@ def test_instruction_tuning_learns_the_answers(tiny_llama, tmp_path):
 # ---------------------------------------------------------------- seq-cls
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    """A 2-layer BERT body, no dropout, initializer_range 0.2 (at 0.02 random features of different sentences
-    are too alike for a few steps to separate them)."""
-    from transformers import BertConfig, BertModel
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                        initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    path = tmp_path_factory.mktemp("bert")
-    BertModel(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-
-def test_seq_cls_reports_classification_metrics(bert, tmp_path):
-    run = peft_magic.train(cfg_of(bert, "seq-cls", {"train": sentiment_rows(), "eval": sentiment_rows(20, seed=5)},
+def test_seq_cls_reports_classification_metrics(separable_bert, tmp_path):
+    run = peft_magic.train(cfg_of(separable_bert, "seq-cls", {"train": sentiment_rows(), "eval": sentiment_rows(20, seed=5)},
                                   output_dir=str(tmp_path)), display="none")  # fmt: skip
     m = run.metrics
     assert {"loss", "accuracy", "precision", "recall", "f1", "f1_per_class", "confusion_matrix"} <= set(m)
@@ -266,8 +248,8 @@ def shell():
 
 
 @pytest.fixture(scope="module")
-def classifier(bert, tmp_path_factory):
-    return peft_magic.train(cfg_of(bert, "seq-cls", {"train": sentiment_rows(), "eval": sentiment_rows(12, seed=4)},
+def classifier(separable_bert, tmp_path_factory):
+    return peft_magic.train(cfg_of(separable_bert, "seq-cls", {"train": sentiment_rows(), "eval": sentiment_rows(12, seed=4)},
                                    max_steps=4, output_dir=str(tmp_path_factory.mktemp("cls"))), display="none")  # fmt: skip
 
 

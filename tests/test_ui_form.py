@@ -9,7 +9,6 @@ import re
 import time
 
 import ipywidgets as widgets
-import pytest
 import yaml
 from conftest import lm_rows, sentiment_rows
 from hypothesis import HealthCheck, given, settings
@@ -376,19 +375,6 @@ def test_peft_ui_magic_shows_a_form_filled_from_peft_model_or_a_file(tiny_llama,
     assert made[-1].fields["method.name"].get() == "ia3" and made[-1].fields["train.max_steps"].get() == 9
     result = shell.run_cell("%peft_ui --config missing.yaml")
     assert "missing.yaml' does not exist" in str(result.error_in_exec)
-
-
-@pytest.fixture
-def panels(monkeypatch):
-    made = []
-    original = ui.make_display
-
-    def recording(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(ui, "make_display", recording)
-    return made
 
 
 def test_background_cell_returns_at_once_and_is_steered_from_the_namespace(tiny_llama, shell, panels):

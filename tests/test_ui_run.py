@@ -7,27 +7,11 @@ import re
 import threading
 import xml.etree.ElementTree as ET
 
-import pytest
 from conftest import lm_rows, sentiment_rows
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import peft_magic
-from peft_magic import ui
-
-
-@pytest.fixture
-def panels(monkeypatch):
-    """Every display that `train()` makes, so a test can press its Stop button like a user."""
-    made = []
-    original = ui.make_display
-
-    def recording(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(ui, "make_display", recording)
-    return made
 
 
 def curve_of(summary: str) -> ET.Element:

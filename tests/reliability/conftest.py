@@ -5,6 +5,20 @@ from __future__ import annotations
 import os
 
 
+def lora_config(model, out, max_steps=6, **train) -> dict:
+    """A short LoRA run on 16 rows of the tiny model, logging every step; `train` overrides train keys."""
+    from conftest import lm_rows
+
+    settings = {"max_steps": max_steps, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
+                "eval_steps": 0}  # fmt: skip
+    return {
+        "model": model,
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": lm_rows(16)},
+        "train": {**settings, "output_dir": str(out), **train},
+    }
+
+
 class StopAt:
     """Calls `action(state)` once, at the end of optimizer step `step`."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import types
 
@@ -14,16 +15,9 @@ import peft_magic
 from peft_magic import checkpoint
 from peft_magic.errors import ConfigError, TrainingFailed
 
+from .conftest import lora_config
 
-def config(model, out, **train):
-    settings = {"max_steps": 7, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                "eval_steps": 0}  # fmt: skip
-    return {
-        "model": model,
-        "method": {"name": "lora", "r": 4},
-        "data": {"train": lm_rows(16)},
-        "train": {**settings, "output_dir": str(out), **train},
-    }
+config = functools.partial(lora_config, max_steps=7)
 
 
 class Saves:

@@ -17,18 +17,7 @@ import peft_magic
 from peft_magic import models
 from peft_magic.errors import TrainingFailed
 
-from .conftest import lora_weights, saved_adapter
-
-
-def config(model, out, **train):
-    settings = {"max_steps": 6, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                "eval_steps": 0}  # fmt: skip
-    return {
-        "model": model,
-        "method": {"name": "lora", "r": 4},
-        "data": {"train": lm_rows(16)},
-        "train": {**settings, "output_dir": str(out), **train},
-    }
+from .conftest import lora_config, lora_weights, saved_adapter
 
 
 @pytest.fixture
@@ -62,7 +51,7 @@ def fault(monkeypatch):
 
 def test_nan_loss_stops_in_that_step_and_keeps_the_last_good_weights(tiny_llama, workdir, fault):
     with pytest.raises(TrainingFailed) as info:
-        peft_magic.train(config(tiny_llama, workdir / "out", save_steps=2), display="none")
+        peft_magic.train(lora_config(tiny_llama, workdir / "out", save_steps=2), display="none")
     msg = str(info.value)
     assert "loss became nan at step 3" in msg and "learning rate" in msg and "fp16" in msg
     assert "checkpoint-2" in msg
@@ -91,7 +80,7 @@ def test_nan_in_a_cell_is_one_line_and_the_run_is_kept(tiny_llama, shell, fault)
 def test_out_of_memory_frees_the_model_and_suggests_next_settings(tiny_llama, workdir, fault, kind):
     fault["kind"] = kind
     with pytest.raises(TrainingFailed) as info:
-        peft_magic.train(config(tiny_llama, workdir / "out", max_steps=4), display="none")
+        peft_magic.train(lora_config(tiny_llama, workdir / "out", max_steps=4), display="none")
     msg = str(info.value)
     assert msg.startswith("out of memory at step 3 (batch 4 x accum 1, max_length 256)")
     assert "--set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=2" in msg
@@ -107,7 +96,7 @@ def test_out_of_memory_while_loading_is_caught_too(tiny_llama, workdir, monkeypa
 
     monkeypatch.setattr(models, "load_model", too_big)
     with pytest.raises(TrainingFailed, match="out of memory while loading the model"):
-        peft_magic.train(config(tiny_llama, workdir / "out"), display="none")
+        peft_magic.train(lora_config(tiny_llama, workdir / "out"), display="none")
 
 
 def test_after_out_of_memory_in_a_cell_the_kernel_is_usable_and_other_runs_untouched(tiny_llama, shell, fault):
