@@ -15,4 +15,11 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 # DeepSpeed's pure-Python install (no compiled ops, torch already here): best effort, a failure only skips its tests
 DS_BUILD_OPS=0 $PIP deepspeed || echo "deepspeed not installed: the DeepSpeed tests will be skipped"
+# llama-cpp-python for the GGUF parity tests (tests/test_gguf.py, the real-model one too). It compiles llama.cpp;
+# AMX off because some CI CPUs advertise AMX that the build then uses and the machine cannot run. Best effort: a
+# failure only skips those tests.
+if ! python3 -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
+    $PIP "llama-cpp-python>=0.3" || echo "llama-cpp-python not installed: the GGUF parity tests will be skipped"
+fi
 echo "browser test tools installed ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
