@@ -35,9 +35,9 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     import peft_magic
-    from peft_magic.evaluation import evaluate_model
-    from peft_magic.packing import example_lengths
-    from peft_magic.sampling import longest_first
+    from peft_magic.training.evaluation import evaluate_model
+    from peft_magic.training.packing import example_lengths
+    from peft_magic.training.sampling import longest_first
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="eval-order-")
     build_assets(workdir, ["bert-256x4"])

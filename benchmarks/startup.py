@@ -127,7 +127,7 @@ def _mark_first_step(marks: dict) -> None:
 
 def _time_tokenization(marks: dict) -> None:
     """Time `tokcache.cached_tokenize` (tokenization, or the cache read on a hit) for the report."""
-    from peft_magic import tokcache
+    from peft_magic.data import cache as tokcache
 
     inner = tokcache.cached_tokenize
 

@@ -24,7 +24,7 @@ include ``train.group_by_length: auto``), ``ours+shuffled`` (``group_by_length: 
 batches, so the loop alone), ``ours+packing`` (causal-lm: ``data.packing: true``) and ``trainer+grouped``
 (Trainer's own ``train_sampling_strategy="group_by_length"``: what the baseline gets from the same idea).
 
-Also per run: useful GFLOP/s, the counted FLOPs of a training step on unpadded tokens (`peft_magic.flops`) times
+Also per run: useful GFLOP/s, the counted FLOPs of a training step on unpadded tokens (`peft_magic.training.flops`) times
 tokens/s, and on a GPU listed in `peft_magic.devices.KNOWN_GPUS` the model FLOPs utilisation against its peak.
 
 Data: synthetic text from a first-order Markov chain over 8,000 pseudo-words (one token each with the benchmark's
@@ -288,7 +288,7 @@ def worker(side: str, name: str, workdir: str, seed: int = 0) -> dict:
                for r in rows["train"]]  # fmt: skip
     tokens = spec["epochs"] * sum(lengths)
     sys.path.insert(0, str(ROOT))
-    from peft_magic.flops import mfu, peak_tflops, train_flops_per_token
+    from peft_magic.training.flops import mfu, peak_tflops, train_flops_per_token
 
     # useful work: the counted FLOPs of an unpadded sequence of the mean length, per real token
     per_token = train_flops_per_token(model, seq_len=round(statistics.mean(lengths)))
@@ -387,7 +387,7 @@ def equivalence(workdir: str, name: str = "bert-256x4", n_rows: int = 64) -> lis
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     import peft_magic
-    from peft_magic import engine
+    from peft_magic.training import engine
 
     spec = {**COMMON, **MODELS[name], "epochs": 1, "logging_steps": 1, "lora_dropout": 0.0}
     folder = os.path.join(workdir, name)

@@ -14,10 +14,10 @@ __all__ = ["train", "dry_run", "load", "compare", "parse_config", "Config", "Run
 _LAZY = {
     "train": ("api", "train"),
     "load": ("api", "load"),
-    "dry_run": ("plan", "dry_run"),
-    "compare": ("compare", "compare"),
-    "parse_config": ("config", "parse_config"),
-    "Config": ("config", "Config"),
+    "dry_run": ("dryrun", "dry_run"),
+    "compare": ("comparison.run", "compare"),
+    "parse_config": ("config.schema", "parse_config"),
+    "Config": ("config.schema", "Config"),
     "Run": ("run", "Run"),
     "ConfigError": ("errors", "ConfigError"),
 }

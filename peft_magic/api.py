@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .config import Config, parse_config
+from .config.schema import Config, parse_config
 from .errors import ConfigError, TrainingFailed
 from .events import EventBus
 from .run import Run
@@ -30,7 +30,7 @@ def default_output_dir(name: str) -> str:
 def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Config:
     cfg = parse_config(config, overrides=overrides or (), defaults=defaults)
     if not cfg.train.output_dir:
-        from .faults import check_run_name
+        from .training.faults import check_run_name
 
         check_run_name(name)  # the default folder is peft_runs/NAME: no '..' or separators
         cfg.train.output_dir = default_output_dir(name)
@@ -57,7 +57,7 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
         **kw: Also overrides, with ``__`` for dots: ``train__max_steps=10``.
     """
     overrides = _merge_overrides(overrides, kw)
-    from . import launch
+    from .distributed import launch
 
     if launch.requested_processes(config, overrides, defaults) > 1:  # fork workers; this process relays (launch.py)
         return launch.train_processes(config, overrides=overrides, defaults=defaults, namespace=namespace,
@@ -91,7 +91,7 @@ def _merge_overrides(overrides, kw) -> list | dict:
 
 
 def _pairs(items):
-    from .config import _iter_overrides
+    from .config.schema import _iter_overrides
 
     return list(_iter_overrides(items))
 
@@ -112,7 +112,7 @@ def _make_display(display, run, background):
 def _find_resume(resume, cfg):
     if not resume:
         return None
-    from . import checkpoint
+    from .training import checkpoint
 
     path = resume if isinstance(resume, str) else checkpoint.latest_checkpoint(cfg.train.output_dir)
     if not path or not os.path.isfile(os.path.join(path, checkpoint.STATE_FILE)):
@@ -122,7 +122,7 @@ def _find_resume(resume, cfg):
 
 
 def _setup_guarded(run, namespace, bus, replaces):
-    from .faults import is_out_of_memory, out_of_memory_failure
+    from .training.faults import is_out_of_memory, out_of_memory_failure
 
     try:
         setup(run, namespace, bus, replaces=replaces)
@@ -137,9 +137,10 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     """Everything before the first step, cheapest checks first, so mistakes fail fast."""
     from accelerate.utils import set_seed
 
-    from . import forgetting, models
-    from .data import prepare
-    from .launch import main_process_first
+    from .training import forgetting
+    from . import models
+    from .data.prepare import prepare
+    from .distributed.launch import main_process_first
     from .methods import get_method
 
     cfg, state = run.config, run.state
@@ -153,7 +154,8 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
         data = prepare(cfg, tokenizer, namespace)
         probe = forgetting.attach(run, tokenizer, namespace, bus)  # None unless data.forgetting; bad text fails here
     if replaces is not None and replaces.model is not None:  # free the previous run's model for the new one,
-        from .faults import check_on_meta  # once every mistake that can be found without weights was looked for
+        # once every mistake that can be found without weights was looked for
+        from .training.faults import check_on_meta
 
         check_on_meta(cfg, data.labels)
         replaces.release()
@@ -254,7 +256,7 @@ def resume(run: Run, *, callbacks=(), background=False, display="auto", checkpoi
         sub = _make_display(display, run, background)
         if sub is not None:
             bus.add(sub)
-    from .forgetting import reattach
+    from .training.forgetting import reattach
 
     reattach(run, bus)  # the resumed run's end is measured too
     return _start(run, bus, meta, background)
@@ -284,10 +286,10 @@ def _fit_safely(run, bus, resume_meta):
 def _fit(run: Run, bus: EventBus, resume_meta=None) -> None:
     from functools import partial
 
-    from .checkpoint import Checkpointer
-    from .engine import fit
-    from .evaluation import evaluate_model
-    from .faults import is_out_of_memory, out_of_memory_failure
+    from .training.checkpoint import Checkpointer
+    from .training.engine import fit
+    from .training.evaluation import evaluate_model
+    from .training.faults import is_out_of_memory, out_of_memory_failure
 
     cfg = run.config
     ckpt = Checkpointer(cfg.train.output_dir, run.method, cfg, cfg.train.save_steps, cfg.train.save_total_limit,
@@ -312,7 +314,7 @@ def _fit(run: Run, bus: EventBus, resume_meta=None) -> None:
 
 
 def _eval_fn(model, dl, accelerator, task, labels):
-    from .evaluation import evaluate_model
+    from .training.evaluation import evaluate_model
 
     return evaluate_model(model, dl, accelerator, task=task, labels=labels)
 
@@ -321,8 +323,8 @@ def evaluate(run: Run, data=None, namespace=None) -> dict:
     """Evaluate `run.model` on its eval split or on another source; the result lands in history and metrics."""
     from torch.utils.data import DataLoader
 
-    from .data import check_rows, detect_kind, resolve, tokenize
-    from .evaluation import evaluate_model
+    from .data.prepare import check_rows, detect_kind, resolve, tokenize
+    from .training.evaluation import evaluate_model
 
     if run.model is None:
         raise ConfigError("this run has no model to evaluate.", key=run.name)
@@ -336,14 +338,14 @@ def evaluate(run: Run, data=None, namespace=None) -> dict:
         kind = detect_kind(raw, cfg.data, cfg.task, key="data")
         check_rows(raw, kind, cfg.data, "data")
         if run.labels is not None:
-            from .data import unseen_labels
+            from .data.prepare import unseen_labels
 
             unknown = unseen_labels(raw, kind, cfg.data, run.labels)
             if unknown:
                 raise ConfigError(f"labels {unknown[:5]} were not seen in training.", key="data")
         ds = tokenize(raw, run.tokenizer, cfg.data, kind, cfg.task, run.labels)
-    from .packing import example_lengths
-    from .sampling import longest_first
+    from .training.packing import example_lengths
+    from .training.sampling import longest_first
 
     dl = DataLoader(ds.with_format("python"), batch_size=cfg.train.per_device_eval_batch_size,
                     sampler=longest_first(example_lengths(ds)), collate_fn=run.data.collator if run.data else _collator(run))  # fmt: skip
@@ -357,14 +359,14 @@ def evaluate(run: Run, data=None, namespace=None) -> dict:
 
 
 def _collator(run):
-    from .data import make_collator
+    from .data.prepare import make_collator
 
     return make_collator(run.tokenizer, run.config.task)
 
 
 def load(path: str, device=None) -> Run:
     """Load an exported folder (peft adapter, peft_magic delta, or merged model) onto its base; returns a Run."""
-    from .export import load_export
+    from .export.folder import load_export
     from .models import quiet_loading
 
     with quiet_loading():

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         return quickstart(args)
     try:
         if args.dry_run:
-            from .plan import dry_run
+            from .dryrun import dry_run
 
             print(dry_run(args.config, overrides=args.overrides, name=args.name).text())
             return 0
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
 
 def _is_main_process() -> bool:
-    from .launch import is_main_process  # from the launcher's environment: works before and after training
+    from .distributed.launch import is_main_process  # from the launcher's environment: works before and after training
 
     return is_main_process()
 

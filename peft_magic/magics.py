@@ -19,7 +19,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Unicode
 
-from .faults import usage_errors
+from .training.faults import usage_errors
 
 
 @magics_class
@@ -44,7 +44,7 @@ class PeftMagics(Magics):
     def peft_model(self, line):
         """Set the session's base model (cells may then omit `model:`) and print what it is."""
         args = parse_argstring(self.peft_model, line)
-        from .config import ModelConfig, _build_section
+        from .config.schema import ModelConfig, _build_section
 
         raw = {"name_or_path": _unquote(args.name_or_path), "quantization": args.quantization, "dtype": args.dtype,
                "trust_remote_code": args.trust_remote_code}  # fmt: skip
@@ -73,7 +73,7 @@ class PeftMagics(Magics):
     @cell_magic
     @usage_errors
     def peft_train(self, line, cell):
-        """Fine-tune with the YAML config in the cell body. See `peft_magic.config` for every key."""
+        """Fine-tune with the YAML config in the cell body. See `peft_magic.config.schema` for every key."""
         args = parse_argstring(self.peft_train, line)
         if not args.name.isidentifier():
             raise UsageError(f"'{args.name}' is not a valid variable name. Fix: %%peft_train my_run")
@@ -84,7 +84,7 @@ class PeftMagics(Magics):
         if args.processes is not None:
             overrides.append(f"train.num_processes={args.processes}")
         if args.dry_run:
-            from .plan import dry_run
+            from .dryrun import dry_run
 
             plan = dry_run(raw, namespace=ns, defaults=defaults, name=args.name, overrides=overrides)
             print(plan.text())
@@ -92,7 +92,7 @@ class PeftMagics(Magics):
         from . import api
 
         previous = ns.get(args.name)
-        from .launch import requested_processes
+        from .distributed.launch import requested_processes
 
         # several processes: the workers check the config (checking it here imports peft, and a kernel that did
         # cannot fork them: see launch.py); one process: fail fast, before touching the old run
@@ -135,7 +135,7 @@ class PeftMagics(Magics):
         if args.script:
             if len(words) > 1:
                 raise UsageError("usage: %peft_export [NAME] --script DIR [--processes N] [--overwrite]")
-            from .launch import export_script
+            from .distributed.launch import export_script
 
             run = self._run(words[0] if words else None)
             path = export_script(run, _unquote(args.script), namespace=self.shell.user_ns,
@@ -165,7 +165,7 @@ class PeftMagics(Magics):
         args = parse_argstring(self.peft_compare, line)
         if not args.name.isidentifier():
             raise UsageError(f"'{args.name}' is not a valid variable name. Fix: %%peft_compare my_comparison")
-        from .compare import check, compare, plan, plan_text
+        from .comparison.run import check, compare, plan, plan_text
 
         raw = _merge_sources(args.config, cell)
         defaults = {"model": dict(self.default_model)} if self.default_model else None
@@ -285,7 +285,7 @@ def _unquote(text):
 
 
 def _merge_sources(config_path, cell):
-    from .config import load_mapping
+    from .config.schema import load_mapping
 
     base = load_mapping(config_path) if config_path else {}
     body = load_mapping(cell) if cell and cell.strip() else {}

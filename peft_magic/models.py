@@ -143,7 +143,7 @@ def _bnb_config(quantization: str, dtype, task: str = "causal-lm"):
     # a fresh classification head must stay in floating point: it is trained (modules_to_save), not adapted
     skip = ["classifier", "score"] if task in ("seq-cls", "token-cls") else None
     if quantization == "4bit":
-        from .sharding import quant_storage
+        from .distributed.sharding import quant_storage
 
         return BitsAndBytesConfig(
             load_in_4bit=True,

@@ -466,7 +466,7 @@ def _build_adapter(config, task: str, method: str, params: dict, an: _Anatomy) -
         from accelerate import init_empty_weights
         from peft import get_peft_model
 
-        from .config import Config, MethodConfig
+        from .config.schema import Config, MethodConfig
         from .methods import get_method
 
         impl = get_method(method)

@@ -78,7 +78,7 @@ def run_quickstart(model: str | None = None, steps: int = DEFAULT_STEPS, out: st
     """
     from . import api
     from .demo_data import DEMO_PROMPTS, instruction_data
-    from .export import CONFIG_FILE, check_target
+    from .export.folder import CONFIG_FILE, check_target
     from .report import generate_both
 
     if model is None:

@@ -109,7 +109,7 @@ class Run:
 
     def export(self, out_dir, merge: bool = False, overwrite: bool = False) -> str:
         """Write the adapter (peft format) or, with merge, a full merged model; returns the folder."""
-        from .export import export_run
+        from .export.folder import export_run
 
         if self.running:
             raise ConfigError("the run is still training. Fix: `run.stop()` or `run.wait()` first.", key="export")

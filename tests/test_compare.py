@@ -11,8 +11,8 @@ import torch
 from conftest import lm_rows, publishing_shell, sentiment_rows
 
 import peft_magic
-from peft_magic import compare as compare_module
-from peft_magic.compare import Comparison, compare, curves_svg, plan, register_column
+from peft_magic.comparison import run as compare_module
+from peft_magic.comparison.run import Comparison, compare, curves_svg, plan, register_column
 from peft_magic.errors import ConfigError
 from peft_magic.events import Callback
 

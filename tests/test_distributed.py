@@ -21,9 +21,9 @@ import pytest
 from conftest import lm_rows
 
 import peft_magic
-from peft_magic.config import parse_config
+from peft_magic.config.schema import parse_config
 from peft_magic.errors import ConfigError
-from peft_magic.launch import export_script, make_job, requested_processes
+from peft_magic.distributed.launch import export_script, make_job, requested_processes
 from peft_magic.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

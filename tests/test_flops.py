@@ -1,4 +1,4 @@
-"""Counted training FLOPs and model FLOPs utilisation (peft_magic.flops, used by benchmarks/throughput.py)."""
+"""Counted training FLOPs and model FLOPs utilisation (peft_magic.training.flops, used by benchmarks/throughput.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_magic.devices import DeviceInfo, known_device
-from peft_magic.flops import mfu, peak_tflops, train_flops_per_token
+from peft_magic.training.flops import mfu, peak_tflops, train_flops_per_token
 
 CFG = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4)  # fmt: skip
@@ -62,7 +62,7 @@ def test_a_run_counts_its_flops_without_changing_its_training(tiny_llama, workdi
     from conftest import lm_rows
 
     import peft_magic
-    from peft_magic import flops
+    from peft_magic.training import flops
 
     def run():
         config = {"model": tiny_llama, "method": {"name": "lora", "lora_dropout": 0.1},  # dropout: RNG matters

@@ -22,7 +22,7 @@ from conftest import lm_rows
 
 import peft_magic
 from peft_magic import devices
-from peft_magic.compare import compare, plan
+from peft_magic.comparison.run import compare, plan
 from peft_magic.errors import ConfigError
 
 torch.set_num_threads(1)  # two shared CPU cores: one intra-op thread is much faster for tiny matmuls
@@ -177,8 +177,8 @@ def test_forgetting_equals_a_direct_computation_on_base_and_tuned_models(method,
 
 
 def test_forgetting_reads_the_source_it_is_given(tiny_llama, tokenizer, workdir):
-    from peft_magic.forgetting import load_texts, tokenized
-    from peft_magic.general_text import PARAGRAPHS
+    from peft_magic.training.forgetting import load_texts, tokenized
+    from peft_magic.data.general_text import PARAGRAPHS
 
     spelled = peft_magic.parse_config(
         {"model": tiny_llama, "data": {"train": lm_rows(4)}, "eval": {"forgetting": True}}
@@ -219,7 +219,7 @@ def test_a_source_without_text_fails_before_the_model_loads(tiny_llama, workdir)
 
 
 def test_forgetting_shows_in_summary_printer_panel_and_model_card(lora_run):
-    from peft_magic.modelcard import model_card
+    from peft_magic.export.modelcard import model_card
     from peft_magic.ui.panel import LivePanel
     from peft_magic.ui.summary import summary_html
     from peft_magic.ui.terminal import TerminalPrinter

@@ -304,7 +304,7 @@ def test_config_reference_is_up_to_date():
 def test_config_reference_lists_every_field():
     import dataclasses
 
-    from peft_magic.config import SECTIONS, Config
+    from peft_magic.config.schema import SECTIONS, Config
 
     text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
     for name, cls in SECTIONS.items():

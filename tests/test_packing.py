@@ -34,8 +34,8 @@ def _loss_and_grads(model, batch):
 def test_packed_batch_has_the_padded_batch_loss_and_gradients(tiny_llama, tokenizer):
     import torch
 
-    from peft_magic.data import make_collator
-    from peft_magic.packing import PackingCollator, batch_examples, batch_tokens
+    from peft_magic.data.prepare import make_collator
+    from peft_magic.training.packing import PackingCollator, batch_examples, batch_tokens
 
     texts = ["the cat sat on the mat", "hello world", "what is a good movie why not the film", "yes"]
     feats = _features(tokenizer, texts)
@@ -55,7 +55,7 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(tiny_llama, tokeni
 def test_each_packed_example_is_scored_as_if_alone(tiny_llama, tokenizer):
     import torch
 
-    from peft_magic.packing import PackingCollator
+    from peft_magic.training.packing import PackingCollator
 
     feats = _features(tokenizer, ["the movie was very good", "say hello world", "the dog sat"])
     model = _lora_llama(tiny_llama).eval()
@@ -73,7 +73,7 @@ def test_check_packing_accepts_llama_and_rejects_a_model_that_mixes_examples(tin
     from transformers import AutoModelForCausalLM
 
     from peft_magic.errors import ConfigError
-    from peft_magic.packing import check_packing
+    from peft_magic.training.packing import check_packing
 
     check_packing(_lora_llama(tiny_llama))  # passes: sdpa + position_ids resets keep examples apart
     prompt = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
@@ -102,7 +102,7 @@ def test_training_with_packing_follows_the_padded_run(tiny_llama, workdir):
 
 
 def test_packing_is_refused_outside_causal_lm(tiny_bert, sentiment):
-    from peft_magic.config import parse_config
+    from peft_magic.config.schema import parse_config
     from peft_magic.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:

@@ -232,7 +232,7 @@ def test_importing_preflight_imports_no_torch():
 
 
 def test_estimate_for_config_maps_the_config_keys(tmp_path):
-    from peft_magic.config import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
+    from peft_magic.config.schema import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
     from peft_magic.preflight import estimate_for_config
 
     config = llama_config()

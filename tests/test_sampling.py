@@ -8,7 +8,7 @@ import pytest
 
 import torch
 
-from peft_magic.sampling import ShuffledLengthGroupedSampler
+from peft_magic.training.sampling import ShuffledLengthGroupedSampler
 
 
 def batches(lengths, batch_size, seed):
@@ -62,7 +62,7 @@ def test_tiny_data_still_works():
 
 
 def test_auto_groups_when_padding_is_large_and_lengths_say_nothing_about_labels():
-    from peft_magic.sampling import grouping_decision
+    from peft_magic.training.sampling import grouping_decision
 
     rng = random.Random(0)
     lengths = [rng.randint(16, 128) for _ in range(400)]
@@ -73,7 +73,7 @@ def test_auto_groups_when_padding_is_large_and_lengths_say_nothing_about_labels(
 
 
 def test_auto_keeps_shuffling_when_lengths_tell_the_labels_apart():
-    from peft_magic.sampling import grouping_decision, length_signal
+    from peft_magic.training.sampling import grouping_decision, length_signal
 
     rng = random.Random(0)
     labels = [i % 2 for i in range(400)]
@@ -85,7 +85,7 @@ def test_auto_keeps_shuffling_when_lengths_tell_the_labels_apart():
 
 
 def test_auto_does_not_bother_when_there_is_little_padding():
-    from peft_magic.sampling import grouping_decision, padding_share
+    from peft_magic.training.sampling import grouping_decision, padding_share
 
     lengths = [60 + i % 4 for i in range(400)]
     assert padding_share(lengths, 8) < 0.1
@@ -94,7 +94,7 @@ def test_auto_does_not_bother_when_there_is_little_padding():
 
 
 def test_the_setting_takes_yaml_booleans_and_names_the_key_when_wrong():
-    from peft_magic.config import parse_config
+    from peft_magic.config.schema import parse_config
     from peft_magic.errors import ConfigError
 
     base = {"model": "org/model", "data": {"train": "rows.jsonl"}}
@@ -121,7 +121,7 @@ def test_evaluation_runs_longest_first_and_gets_the_same_metrics(tiny_bert, sent
     import peft_magic
     from torch.utils.data import DataLoader
 
-    from peft_magic.evaluation import evaluate_model
+    from peft_magic.training.evaluation import evaluate_model
 
     config = {"model": tiny_bert, "task": "seq-cls", "data": {"train": sentiment, "eval": sentiment},
               "train": {"max_steps": 3, "per_device_eval_batch_size": 4, "output_dir": str(workdir / "o")}}  # fmt: skip

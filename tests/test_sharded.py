@@ -27,7 +27,7 @@ from test_distributed import ROOT, TRAIN, adapter_tensors, assert_resumed_exactl
 
 import peft_magic
 from peft_magic.errors import ConfigError
-from peft_magic.launch import export_script
+from peft_magic.distributed.launch import export_script
 from peft_magic.run import Run
 
 FSDP_ON_CPU = os.path.join(ROOT, "tests", "fsdp_on_cpu")
@@ -39,7 +39,7 @@ FSDP_ON_CPU = os.path.join(ROOT, "tests", "fsdp_on_cpu")
 def test_resume_refuses_a_checkpoint_of_another_layout():
     from accelerate import Accelerator
 
-    from peft_magic import sharding
+    from peft_magic.distributed import sharding
     from peft_magic.methods import get_method
 
     accelerator = Accelerator(cpu=True)  # one process: each rank would hold the whole model
@@ -54,7 +54,7 @@ def test_resume_refuses_a_checkpoint_of_another_layout():
 def test_methods_that_cannot_run_sharded_are_refused_before_training(name, tiny_llama, monkeypatch):
     from accelerate import Accelerator
 
-    from peft_magic import sharding
+    from peft_magic.distributed import sharding
     from peft_magic.methods import get_method
 
     monkeypatch.setattr(sharding, "kind", lambda accelerator: "fsdp")  # as under FSDP on GPUs
@@ -75,7 +75,7 @@ def test_a_4bit_base_stores_its_blocks_in_the_compute_dtype_only_when_sharded(mo
     import torch
     from transformers import BitsAndBytesConfig
 
-    from peft_magic.sharding import quant_storage
+    from peft_magic.distributed.sharding import quant_storage
 
     for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(key, raising=False)
@@ -281,7 +281,7 @@ WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_checkpoint_rank_0_cannot_write_fails_every_rank_with_its_message(tiny_llama, tmp_path):
-    from peft_magic.launch import _free_port
+    from peft_magic.distributed.launch import _free_port
 
     out = tmp_path / "out"
     base = {**child_env(), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

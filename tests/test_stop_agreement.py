@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from peft_magic.launch import StopSignal
+from peft_magic.distributed.launch import StopSignal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ RANK_SCRIPT = """
 import json, os, sys, threading
 from types import SimpleNamespace
 import torch, torch.distributed as dist
-from peft_magic.launch import StopSignal
+from peft_magic.distributed.launch import StopSignal
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", rank=rank, world_size=2)

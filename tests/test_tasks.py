@@ -11,8 +11,8 @@ import torch
 from conftest import instruction_rows, lm_rows, make_tokenizer, publishing_shell, sentiment_rows
 
 import peft_magic
-from peft_magic.config import parse_config
-from peft_magic.data import prepare
+from peft_magic.config.schema import parse_config
+from peft_magic.data.prepare import prepare
 from peft_magic.errors import ConfigError
 
 torch.set_num_threads(1)  # two shared CPU cores: one intra-op thread is much faster for tiny matmuls

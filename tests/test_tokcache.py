@@ -17,7 +17,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts real tokenizations (cache misses)."""
-    from peft_magic import data
+    from peft_magic.data import prepare as data
 
     seen = []
     real = data.tokenize
@@ -31,7 +31,7 @@ def calls(monkeypatch):
 
 
 def _dcfg(**kw):
-    from peft_magic.config import DataConfig
+    from peft_magic.config.schema import DataConfig
 
     return DataConfig(train="x", **kw)
 
@@ -43,7 +43,7 @@ def _ds(rows):
 
 
 def test_second_identical_call_reads_the_cache(cache, calls):
-    from peft_magic.tokcache import cached_tokenize
+    from peft_magic.data.cache import cached_tokenize
 
     first = cached_tokenize(_ds(lm_rows()), make_tokenizer(), _dcfg(), "text", "causal-lm")
     # a new kernel rebuilds equal objects: a fresh dataset and tokenizer must give the same key
@@ -56,7 +56,7 @@ def test_second_identical_call_reads_the_cache(cache, calls):
 
 @pytest.mark.parametrize("change", ["rows", "max_length", "tokenizer", "labels", "column"])
 def test_any_change_that_shapes_the_tokens_misses(cache, calls, change):
-    from peft_magic.tokcache import cached_tokenize
+    from peft_magic.data.cache import cached_tokenize
 
     rows, tok, dcfg, labels = sentiment_rows(), make_tokenizer(), _dcfg(), ["neg", "pos"]
     cached_tokenize(_ds(rows), tok, dcfg, "classification", "seq-cls", labels)
@@ -74,12 +74,12 @@ def test_any_change_that_shapes_the_tokens_misses(cache, calls, change):
         dcfg = _dcfg(text_column="review")
     out = cached_tokenize(_ds(rows), tok, dcfg, "classification", "seq-cls", labels)
     assert len(calls) == 2
-    fresh = __import__("peft_magic.data", fromlist=["tokenize"])
+    fresh = __import__("peft_magic.data.prepare", fromlist=["tokenize"])
     assert out["input_ids"] == fresh.tokenize(_ds(rows), tok, dcfg, "classification", "seq-cls", labels)["input_ids"]
 
 
 def test_disabled_cache_writes_nothing(cache, calls):
-    from peft_magic.tokcache import cached_tokenize
+    from peft_magic.data.cache import cached_tokenize
 
     for _ in range(2):
         cached_tokenize(_ds(lm_rows()), make_tokenizer(), _dcfg(), "text", "causal-lm", enabled=False)
@@ -87,7 +87,7 @@ def test_disabled_cache_writes_nothing(cache, calls):
 
 
 def test_an_interrupted_write_is_ignored(cache, calls):
-    from peft_magic.tokcache import _READY, cached_tokenize
+    from peft_magic.data.cache import _READY, cached_tokenize
 
     cached_tokenize(_ds(lm_rows()), make_tokenizer(), _dcfg(), "text", "causal-lm")
     (entry,) = cache.iterdir()
@@ -98,7 +98,7 @@ def test_an_interrupted_write_is_ignored(cache, calls):
 
 
 def test_prune_keeps_the_most_recently_used(cache):
-    from peft_magic.tokcache import cached_tokenize, prune
+    from peft_magic.data.cache import cached_tokenize, prune
 
     for n in (10, 11, 12):
         cached_tokenize(_ds(lm_rows(n)), make_tokenizer(), _dcfg(), "text", "causal-lm")
@@ -109,8 +109,8 @@ def test_prune_keeps_the_most_recently_used(cache):
 
 
 def test_a_rerun_of_prepare_skips_tokenization(cache, calls, tiny_llama):
-    from peft_magic.config import parse_config
-    from peft_magic.data import prepare
+    from peft_magic.config.schema import parse_config
+    from peft_magic.data.prepare import prepare
 
     cfg = parse_config({"model": tiny_llama, "data": {"train": lm_rows(), "eval": 0.25}})
     one = prepare(cfg, make_tokenizer())

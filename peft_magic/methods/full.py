@@ -55,7 +55,7 @@ class FullFineTune:
 
     # ------------------------------------------------------------------ parse time
     def check_params(self, params: dict) -> None:
-        from ..config import _coerce
+        from ..config.schema import _coerce
 
         for key in params:
             if key not in self.params_help:
@@ -178,7 +178,7 @@ def planned_seq_len(cfg, dataset=None) -> int:
     when the lengths are unknown."""
     if dataset is None or "input_ids" not in getattr(dataset, "column_names", ()) or not len(dataset):
         return cfg.data.max_length
-    from ..packing import example_lengths
+    from ..training.packing import example_lengths
 
     lengths = example_lengths(dataset)
     return min(cfg.data.max_length, max(int(1.5 * sum(lengths) / len(lengths)), 8))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..config import coerce_typed
+from ..config.schema import coerce_typed
 from ..errors import ConfigError, did_you_mean
 from . import register
 
@@ -172,7 +172,7 @@ class PeftMethod:
         """
         import warnings
 
-        from ..sharding import gathered
+        from ..distributed.sharding import gathered
 
         if state_dict is None:
             state_dict = gathered(model)  # None for a model that holds its weights whole
@@ -185,7 +185,7 @@ class PeftMethod:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from ..checkpoint import METHOD_STATE
+        from ..training.checkpoint import METHOD_STATE
 
         full = os.path.join(in_dir, METHOD_STATE)
         if self.name == "adalora" and os.path.exists(full):  # a checkpoint: the uncut matrices (peft_defaults)

@@ -1,6 +1,6 @@
 """`%peft_ui`: a form over the config dataclasses that sets up, starts, stops and exports a run.
 
-Every widget is generated from a dataclass field of `peft_magic.config` (its type picks the widget, its
+Every widget is generated from a dataclass field of `peft_magic.config.schema` (its type picks the widget, its
 ``metadata["help"]`` is the tooltip), and the method's parameters from what the chosen method accepts (peft's
 config dataclass fields, or a selective method's ``params_help``). The form never holds a second idea of the
 config: `Form.values` is the same mapping a ``%%peft_train`` cell body gives, `Form.config` is `parse_config` of it,
@@ -19,7 +19,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..config import SECTIONS, Config, MethodConfig, _build_method, _build_section, parse_config, raw_config
+from ..config.schema import SECTIONS, Config, MethodConfig, _build_method, _build_section, parse_config, raw_config
 from ..errors import ConfigError, TrainingFailed
 from .format import format_count, format_params
 
@@ -179,7 +179,7 @@ class ParamsField:
         if self.method is None:
             return {}
         if self.method in self.yaml_areas:
-            from ..config import load_mapping
+            from ..config.schema import load_mapping
 
             text = self.yaml_areas[self.method].value
             return load_mapping(text) if text.strip() else {}
@@ -801,7 +801,7 @@ def _differs(value, default) -> bool:
 
 
 def _canonical(section: str, key: str) -> str:
-    from ..config import ALIASES
+    from ..config.schema import ALIASES
 
     return ALIASES.get(section, {}).get(key, key)
 

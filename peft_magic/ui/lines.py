@@ -84,7 +84,7 @@ def throughput_text(state) -> str:
 
 def compute_text(flops_per_token: float, tokens_per_second: float, peak_tflops: float | None = None) -> str:
     """``61 TFLOP/s (MFU 31%)``, ``53 GFLOP/s``; empty when no FLOPs were counted."""
-    from ..flops import mfu  # a light module: torch is imported inside its functions
+    from ..training.flops import mfu  # a light module: torch is imported inside its functions
 
     flops_per_second = flops_per_token * tokens_per_second
     if not flops_per_second:
@@ -129,7 +129,8 @@ def last_value(history: Iterable[Mapping[str, Any]], key: str) -> Any:
 
 def forgetting_text(history: Iterable[Mapping[str, Any]] | None) -> str | None:
     """``3.69 base → 3.78 tuned (+0.084) · perplexity ×1.09``: the loss on general text before and after training,
-    from the run's latest ``forgetting_*`` row (see `peft_magic.forgetting`); None when forgetting was not measured."""
+    from the run's latest ``forgetting_*`` row (see `peft_magic.training.forgetting`); None when forgetting was not
+    measured."""
     row = next((r for r in reversed(list(history or ())) if "forgetting_loss_delta" in r), None)
     if row is None:
         return None

@@ -46,7 +46,7 @@ def tradeoff_svg(rows: Sequence[Mapping[str, Any]], metric: str | None = None, w
     coloured by method.
 
     Args:
-        rows: `Comparison.rows` (needs ``forgetting_loss_delta``; see `peft_magic.forgetting`).
+        rows: `Comparison.rows` (needs ``forgetting_loss_delta``; see `peft_magic.training.forgetting`).
         metric: The y column (default: `task_metric`).
         width, height: Size in pixels.
     """

@@ -12,7 +12,7 @@ import torch
 from conftest import lm_rows
 
 import peft_magic
-from peft_magic import checkpoint
+from peft_magic.training import checkpoint
 from peft_magic.errors import ConfigError, TrainingFailed
 
 from .conftest import lora_config

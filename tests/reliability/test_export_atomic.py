@@ -11,7 +11,7 @@ from conftest import lm_rows
 from IPython.core.error import UsageError
 
 import peft_magic
-from peft_magic import export
+from peft_magic.export import folder as export
 from peft_magic.errors import ConfigError
 
 

@@ -29,7 +29,7 @@ def fault(monkeypatch):
 
     def hook(module, args, output):
         if any(f.name == "train_flops_per_token" for f in traceback.extract_stack()):
-            return None  # the FLOP count's probe pass (peft_magic.flops) is not a training step
+            return None  # the FLOP count's probe pass (peft_magic.training.flops) is not a training step
         spec["calls"] += 1
         if spec["calls"] != spec["at"]:
             return None

@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, TrainingFailed, did_you_mean
-from .run import Run
+from ..errors import ConfigError, TrainingFailed, did_you_mean
+from ..run import Run
 
 # torchrun, accelerate launch (multi-process), deepspeed and notebook_launcher's workers set LOCAL_RANK/RANK;
 # a single-process `accelerate launch` sets only its ACCELERATE_* variables.
@@ -172,7 +172,7 @@ def requested_processes(config=None, overrides=(), defaults=None) -> int:
     """
     if launched():
         return 1
-    from .config import _coerce, raw_config
+    from ..config.schema import _coerce, raw_config
 
     section = raw_config(config, overrides, defaults).get("train")
     value = section.get("num_processes", 1) if isinstance(section, dict) else 1
@@ -241,7 +241,7 @@ def make_job(config=None, *, overrides=(), defaults=None, namespace=None, name="
     and everything pickles."""
     import pickle
 
-    from .config import raw_config
+    from ..config.schema import raw_config
 
     mapping = raw_config(config, overrides, defaults)
     ns = namespace or {}
@@ -283,9 +283,9 @@ def train_processes(config=None, n=None, *, overrides=(), defaults=None, namespa
         n: Number of processes (default: `requested_processes(config, overrides, defaults)`).
         replaces: A previous Run to release once the checks passed.
     """
-    from .api import _ACTIVE, _make_display, default_output_dir
-    from .config import Config
-    from .events import EventBus
+    from ..api import _ACTIVE, _make_display, default_output_dir
+    from ..config.schema import Config
+    from ..events import EventBus
 
     n = n or requested_processes(config, overrides, defaults)
     if _ACTIVE:
@@ -312,7 +312,7 @@ def train_processes(config=None, n=None, *, overrides=(), defaults=None, namespa
         run._thread = threading.Thread(target=launch.follow_safely, daemon=True, name=f"peft_magic:{name}")
         run._thread.start()
         return run
-    from .engine import SigintAsStop
+    from ..training.engine import SigintAsStop
 
     try:
         with SigintAsStop(run._stop):  # first Ctrl-C: a graceful stop of every worker, like the Stop button
@@ -378,7 +378,7 @@ class _Launch:
         self._finish()
 
     def follow_safely(self):
-        from .api import _ACTIVE
+        from ..api import _ACTIVE
 
         try:
             self.follow()
@@ -459,9 +459,9 @@ def _copy_state(state, snapshot) -> None:
 
 def _worker(job: Job, events, stop) -> None:
     """What every forked process runs: the ordinary setup + fit; rank 0 also reports to the kernel."""
-    from . import api
-    from .events import EventBus
-    from .run import Run
+    from .. import api
+    from ..events import EventBus
+    from ..run import Run
 
     rank = process_index()
     try:
@@ -587,7 +587,7 @@ def export_script(run, out_dir, namespace=None, num_processes=None, overwrite=Fa
     """
     import yaml
 
-    from .export import check_target
+    from ..export.folder import check_target
 
     path = check_target(out_dir, overwrite)
     os.makedirs(path, exist_ok=True)
@@ -618,8 +618,8 @@ def _portable_source(src, namespace, folder, split):
     if isinstance(src, str) and not src.strip().startswith("$"):
         local = os.path.expanduser(src)
         return os.path.abspath(local) if os.path.exists(local) else src  # a hub dataset id stays as it is
-    from .data import resolve
-    from .models import quiet_loading
+    from ..data.prepare import resolve
+    from ..models import quiet_loading
 
     ds = resolve(src, namespace, f"data.{split}", "train" if split == "train" else "validation")
     with quiet_loading():
@@ -632,7 +632,7 @@ def _decoder_layer(cfg) -> str:
     try:
         import transformers
 
-        from .models import load_config
+        from ..models import load_config
 
         arch = (load_config(cfg.model).architectures or [""])[0]
         layers = getattr(getattr(transformers, arch, None), "_no_split_modules", None) or []
@@ -754,7 +754,7 @@ class LaunchedRun(Run):
     @property
     def method(self):
         if self._method is None and self.adapter_dir:
-            from .methods import get_method
+            from ..methods import get_method
 
             self._method = get_method(self.config.method.name)
         return self._method
@@ -764,7 +764,7 @@ class LaunchedRun(Run):
         self._method = value
 
     def _load(self, model: bool) -> None:
-        from . import models
+        from .. import models
 
         cfg = self.config
         with models.quiet_loading(self.warnings):

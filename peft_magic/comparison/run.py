@@ -23,8 +23,8 @@ import time
 import types
 from html import escape
 
-from .errors import ConfigError
-from .events import Callback
+from ..errors import ConfigError
+from ..events import Callback
 
 COLUMNS: list = []  # hooks fn(run, row) -> dict of extra columns, for every comparison (see register_column)
 # matplotlib's tab10, as ui.chart uses: the curves look like the user's own plots
@@ -69,8 +69,8 @@ def plan(config=None, methods=None, sweep=None, overrides=None, defaults=None, n
         defaults: Values used where the config is silent (e.g. the `%peft_model` base model).
         name: The comparison's name (default output folders ``peft_runs/NAME/NN-variant``).
     """
-    from .api import default_output_dir
-    from .config import _deepcopy_plain, _set_dotted, raw_config
+    from ..api import default_output_dir
+    from ..config.schema import _deepcopy_plain, _set_dotted, raw_config
 
     raw = raw_config(config, overrides or (), defaults)
     methods = [*_as_list(raw.pop("compare", None), "compare"), *_as_list(methods, "methods")]
@@ -179,7 +179,7 @@ def _slug(label: str) -> str:
 
 def check(variants, name="compare") -> list:
     """Resolve and validate every variant's config before anything trains; a mistake names its variant."""
-    from .api import resolve_config
+    from ..api import resolve_config
 
     configs = []
     for v in variants:
@@ -242,7 +242,7 @@ def compare(config=None, *, methods=None, sweep=None, namespace=None, name="comp
     Raises:
         ConfigError: For a mistake in any variant's config, before anything trains.
     """
-    from .api import _ACTIVE
+    from ..api import _ACTIVE
 
     if _ACTIVE:
         raise ConfigError(f"run '{next(iter(_ACTIVE)).name}' is still training in the background. Fix: `.stop()` or "
@@ -261,7 +261,7 @@ def compare(config=None, *, methods=None, sweep=None, namespace=None, name="comp
 
 
 def _train_variant(result, variant, cfg, namespace, run_name, display, callbacks, columns, keep_models):
-    from . import api
+    from .. import api
 
     measure = _Measure()
     _reset_peak_memory()
@@ -283,7 +283,7 @@ def _train_variant(result, variant, cfg, namespace, run_name, display, callbacks
 
 
 def _method_text(cfg) -> str:
-    from .methods import describe
+    from ..methods import describe
 
     return describe(cfg.method)
 
@@ -317,7 +317,7 @@ def _row(variant, cfg, run, measure) -> dict:
 
 
 def _forgetting(run):
-    from .forgetting import last
+    from ..training.forgetting import last
 
     return last(run.history)
 
@@ -396,15 +396,15 @@ class Comparison:
 
     def tradeoff_svg(self, metric: str | None = None, width: int = 560, height: int = 300) -> str:
         """Task metric against forgetting (the loss change on general text), one point per variant, as an SVG
-        string; needs ``data.forgetting`` (see `peft_magic.forgetting`). `metric` defaults to eval F1 / accuracy
-        for classifiers, the eval loss for language models."""
-        from .ui.scatter import tradeoff_svg
+        string; needs ``data.forgetting`` (see `peft_magic.training.forgetting`). `metric` defaults to eval F1 /
+        accuracy for classifiers, the eval loss for language models."""
+        from ..ui.scatter import tradeoff_svg
 
         return tradeoff_svg(self.rows, metric, width, height)
 
     def size_svg(self, metric: str | None = None, width: int = 560, height: int = 300) -> str:
         """Task metric against the training rows, one line per method (a ``train_samples`` sweep), as SVG."""
-        from .ui.scatter import size_svg
+        from ..ui.scatter import size_svg
 
         return size_svg(self.rows, metric, width, height)
 
@@ -420,7 +420,7 @@ class Comparison:
         p.text(self.text())
 
     def _repr_html_(self) -> str:
-        from .ui.summary import svg_data_uri
+        from ..ui.summary import svg_data_uri
 
         img = f'<img src="{svg_data_uri(self.plot_svg())}" alt="loss curves"/>' if self.histories() else ""
         img += self._pictures_html()
@@ -429,8 +429,8 @@ class Comparison:
 
 
     def _pictures_html(self) -> str:
-        from .ui.scatter import has_sizes
-        from .ui.summary import svg_data_uri
+        from ..ui.scatter import has_sizes
+        from ..ui.summary import svg_data_uri
 
         out = ""
         if any("forgetting_loss_delta" in r for r in self.rows):
@@ -450,7 +450,7 @@ def column_order(rows) -> list:
 
 def table_html(rows) -> str:
     """The comparison table as plain HTML (numbers formatted for reading, not for copying)."""
-    from .ui.format import format_count, format_duration, format_number
+    from ..ui.format import format_count, format_duration, format_number
 
     if not rows:
         return ""
@@ -488,7 +488,7 @@ def curves_svg(series: dict, *, title="loss", width=560, height=240, smoothing=0
         width, height: Size in pixels; the legend takes a column on the right.
         smoothing: EMA weight applied to each curve (0: raw values).
     """
-    from .ui.chart import AXIS_COLOR, FONT, downsample, ema, nice_ticks
+    from ..ui.chart import AXIS_COLOR, FONT, downsample, ema, nice_ticks
 
     series = {k: [(float(x), float(y)) for x, y in v if _finite(x) and _finite(y)] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
@@ -504,7 +504,7 @@ def curves_svg(series: dict, *, title="loss", width=560, height=240, smoothing=0
         parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" {FONT} fill="{AXIS_COLOR}" '
                      'text-anchor="middle">no curves yet</text></svg>')  # fmt: skip
         return "".join(parts)
-    from .ui.chart import axis_ranges
+    from ..ui.chart import axis_ranges
 
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]

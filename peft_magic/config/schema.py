@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from .errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean
 
 TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -100,7 +100,7 @@ class MethodConfig:
     )
 
     def validate(self) -> None:
-        from .methods import get_method  # light: the registry imports peft only when a method is applied
+        from ..methods import get_method  # light: the registry imports peft only when a method is applied
 
         self.name = str(self.name).strip().lower().replace("_", "-")
         get_method(self.name).check_params(self.params)
@@ -244,13 +244,13 @@ class Config:
         self.method.validate()
         self.data.validate()
         self.train.validate()
-        from .methods import get_method
+        from ..methods import get_method
 
         get_method(self.method.name).check_compatible(self)
         if self.data.packing and self.task != "causal-lm":
             raise ConfigError(f"packing joins examples for causal-lm only, not {self.task}. Fix: remove "
                               "`data.packing` (`train.group_by_length`, on by default, already cuts padding).", key="data.packing")  # fmt: skip
-        from .forgetting import check_config
+        from ..training.forgetting import check_config
 
         check_config(self)
         return self
@@ -321,7 +321,7 @@ def parse_config(source=None, overrides=(), defaults: dict | None = None) -> Con
 
 def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
     """`parse_config` before validation: the merged mapping (validating a method imports peft; a notebook that
-    forks worker processes must not, see `launch.py`)."""
+    forks worker processes must not, see `distributed/launch.py`)."""
     if isinstance(source, Config):
         raw = source.to_dict()
         raw["data"].update({"train": source.data.train, "eval": source.data.eval, "forgetting": source.data.forgetting})
@@ -379,7 +379,7 @@ def build_config(raw: dict) -> Config:
     _check_acyclic(raw, "yaml")
     raw = dict(raw)
     if "eval" in raw:
-        from .forgetting import fold_eval_section
+        from ..training.forgetting import fold_eval_section
 
         raw = fold_eval_section(raw)  # `eval: {forgetting: SOURCE}` is `data: {forgetting: SOURCE}`
     top = {f.name for f in fields(Config)}

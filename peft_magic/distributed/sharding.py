@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LABELS = {None: "a one-process or DDP", "fsdp": "an FSDP", "deepspeed": "a DeepSpeed"}
 GATHERED = "_peft_magic_gathered"  # rank 0's copy of the weights gathered at the latest checkpoint, on the model
@@ -187,7 +187,7 @@ def gathered(model) -> dict | None:
         return None
     kept = getattr(model, GATHERED, None)
     if kept is None:  # e.g. on another rank than 0, or a sharded model that never reached a checkpoint
-        from .errors import TrainingFailed
+        from ..errors import TrainingFailed
 
         raise TrainingFailed("this model is sharded over several processes (FSDP or ZeRO-3) and no checkpoint "
                              "gathered its weights on this process. Fix: export from rank 0 after training (its "

@@ -22,7 +22,7 @@ import functools
 import math
 import os
 
-from .errors import ConfigError, TrainingFailed
+from ..errors import ConfigError, TrainingFailed
 
 # ---------------------------------------------------------------- non-finite loss
 
@@ -184,8 +184,8 @@ def check_on_meta(cfg, labels=None) -> None:
     """Build the architecture on the meta device (no weights, no memory) and apply the method to it, so that the
     mistakes only a model reveals (a task the architecture cannot do, target modules it does not have) raise their
     `ConfigError` *before* a re-run frees the previous run's model. Anything else is left for the real load."""
-    from . import models
-    from .methods import get_method
+    from .. import models
+    from ..methods import get_method
 
     try:
         empty = models.build_empty(cfg.model, cfg.task, labels)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -310,7 +310,7 @@ def _ids(out):
 
 
 def _packing_collator():
-    from .packing import PackingCollator
+    from ..training.packing import PackingCollator
 
     return PackingCollator()
 
@@ -350,8 +350,8 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
     labels = label_names(train, eval_, dcfg) if kind == "classification" else None
     if kind == "tokens":
         labels = tag_names(train, eval_, dcfg)
-    from .packing import example_lengths
-    from .tokcache import cached_tokenize
+    from ..training.packing import example_lengths
+    from .cache import cached_tokenize
 
     train_tok = cached_tokenize(train, tokenizer, dcfg, kind, task, labels, enabled=dcfg.cache_tokenized)
     if len(train_tok) == 0:

@@ -17,7 +17,7 @@ What the collator alone does not give, and this module adds:
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class PackingCollator:

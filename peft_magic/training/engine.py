@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
-from .events import EventBus, TrainState
-from .launch import StopSignal
+from ..events import EventBus, TrainState
+from ..distributed.launch import StopSignal
 from .faults import LossGuard
 
 
@@ -29,8 +29,8 @@ def make_accelerator(cfg):
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, PartialState
 
-    from .devices import device_info, resolve_mixed_precision
-    from .launch import needs_cpu
+    from ..devices import device_info, resolve_mixed_precision
+    from ..distributed.launch import needs_cpu
 
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info())
     if PartialState._shared_state and PartialState().num_processes == 1:
@@ -325,7 +325,7 @@ def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, s
     """The one host sync per `logging_steps`: read the averaged loss back and publish a history row."""
     loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(micro, 1)
     if not math.isfinite(loss):
-        from .errors import TrainingFailed
+        from ..errors import TrainingFailed
 
         raise TrainingFailed(
             f"the loss became {loss} at step {step}. Likely causes: learning rate too high, or fp16 overflow "

@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import time
 
-from .errors import ConfigError
-from .events import Callback
+from ..errors import ConfigError
+from ..events import Callback
 
 DEFAULT = "default"
 MAX_ROWS = 1000  # texts read from a source; enough for a stable mean, cheap next to training
@@ -78,10 +78,10 @@ def check_config(cfg) -> None:
 def describe(src) -> str:
     """How the source is named in the docs, the model card and the summary (never its contents)."""
     if isinstance(src, str) and src == DEFAULT:
-        from .general_text import NAME
+        from ..data.general_text import NAME
 
         return NAME
-    from .data import describe_source
+    from ..data.prepare import describe_source
 
     return describe_source(src)
 
@@ -99,11 +99,11 @@ def load_texts(src, namespace=None, text_column: str = "text"):
     """
     import datasets
 
-    from .data import resolve
+    from ..data.prepare import resolve
 
     key = "data.forgetting"
     if isinstance(src, str) and src == DEFAULT:
-        from .general_text import PARAGRAPHS
+        from ..data.general_text import PARAGRAPHS
 
         return datasets.Dataset.from_dict({"text": list(PARAGRAPHS)})
     ds = resolve(src, namespace, key, split="train")
@@ -126,7 +126,7 @@ def tokenized(cfg, tokenizer, namespace=None):
     """The general text tokenized like the run's plain-text data (same max_length, EOS appended)."""
     from dataclasses import replace
 
-    from .data import tokenize
+    from ..data.prepare import tokenize
 
     texts = load_texts(cfg.data.forgetting, namespace, cfg.data.text_column)
     ds = tokenize(texts, tokenizer, replace(cfg.data, text_column="text"), "text", "causal-lm")
@@ -159,7 +159,7 @@ def measure(model, dataset, collator, batch_size: int = 16, mixed_precision: str
     import torch
     from torch.utils.data import DataLoader
 
-    from .methods.peft_defaults import evaluation_loss
+    from ..methods.peft_defaults import evaluation_loss
     from .metrics import perplexity
 
     device = next(model.parameters()).device
@@ -277,13 +277,13 @@ def attach(run, tokenizer, namespace, bus):
     Reads and tokenizes the source now, so a bad source fails before the model loads. Call `ForgettingProbe.
     measure_base` on the loaded model before the method is applied.
     """
-    from .launch import is_main_process
+    from ..distributed.launch import is_main_process
 
     cfg = run.config
     if cfg.data.forgetting is None or not is_main_process():  # under a launcher, rank 0 measures and reports
         return None
-    from .data import make_collator
-    from .devices import device_info, resolve_mixed_precision
+    from ..data.prepare import make_collator
+    from ..devices import device_info, resolve_mixed_precision
 
     probe = ForgettingProbe(run, tokenized(cfg, tokenizer, namespace), make_collator(tokenizer, "causal-lm"),
                             cfg.train.per_device_eval_batch_size,

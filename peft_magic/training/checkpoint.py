@@ -78,7 +78,7 @@ class Checkpointer:
         Every rank calls it: the per-process RNG states, and under FSDP/ZeRO-3 the weights and optimizer state,
         are gathered for rank 0, which writes. If writing fails, every rank raises the same error.
         """
-        from . import sharding
+        from ..distributed import sharding
 
         accelerator.wait_for_everyone()
         ranks = _per_process(accelerator, extra)  # a collective: every rank's RNG state and running sums
@@ -102,7 +102,7 @@ class Checkpointer:
         if error is not None:
             raise error
         if failure is not None:
-            from .errors import TrainingFailed
+            from ..errors import TrainingFailed
 
             raise (TrainingFailed if failure[0] == "TrainingFailed" else RuntimeError)(failure[1])
         self._last_save = time.time()
@@ -212,7 +212,7 @@ def before_prepare(accelerator, model, method, resume=None) -> None:
         method: The run's method.
         resume: A loaded checkpoint dict from `load` (with its ``method``), or None.
     """
-    from .sharding import check
+    from ..distributed.sharding import check
 
     check(accelerator, method, model, resume)
     if resume is not None:
@@ -227,7 +227,7 @@ def restore(resume: dict, accelerator, model, optimizer, scheduler, state, histo
     import numpy as np
     import torch
 
-    from .sharding import load_optimizer
+    from ..distributed.sharding import load_optimizer
 
     path = resume["path"]
     load_optimizer(accelerator, model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))

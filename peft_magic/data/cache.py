@@ -10,7 +10,7 @@ key is datasets' own `Hasher` over:
 - the tokenizer (datasets hashes its full serialised state: vocabulary, normaliser, special tokens, chat
   template, truncation side);
 - the settings that shape the tokens (task, data kind, max_length, the columns read, the label list);
-- the source of `peft_magic/data.py`, so a change to the tokenizing code never reuses stale tokens.
+- the source of `peft_magic/data/prepare.py`, so a change to the tokenizing code never reuses stale tokens.
 
 Where: ``$PEFT_MAGIC_CACHE/tokenized`` (default ``~/.cache/peft_magic/tokenized``). The newest `KEEP` entries
 are kept; older ones are deleted when a new one is written. `data.cache_tokenized: false` turns it off.
@@ -39,7 +39,7 @@ def fingerprint(ds, tokenizer, dcfg, kind: str, task: str, labels=None) -> str |
     source = getattr(ds, "_fingerprint", None)
     if not source:
         return None
-    from . import data
+    from . import prepare as data
 
     columns = (dcfg.text_column, dcfg.label_column, dcfg.prompt_column, dcfg.response_column, dcfg.messages_column)
     settings = {"kind": kind, "task": task, "max_length": dcfg.max_length, "columns": columns,
@@ -63,7 +63,7 @@ def cached_tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, enab
     Returns:
         The tokenized `datasets.Dataset`, memory-mapped from the cache when an earlier call stored it.
     """
-    from .data import tokenize
+    from .prepare import tokenize
 
     key = fingerprint(ds, tokenizer, dcfg, kind, task, labels) if enabled else None
     if key is None:

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CONFIG_FILE = "peft_magic.yaml"
 
@@ -97,7 +97,7 @@ def _write_merged(run, out: str) -> None:
     merged model is dequantized (what `AutoModel.from_pretrained` users expect)."""
     import copy
 
-    from . import models
+    from .. import models
 
     cfg = run.config
     if cfg.model.quantization != "none" and run.method.is_peft:
@@ -115,10 +115,10 @@ def load_export(path: str, device=None):
     """Load what `export_run` wrote. Returns a `Run` (model in eval mode, tokenizer, config, no history)."""
     import json
 
-    from . import models
-    from .config import parse_config
-    from .methods import get_method
-    from .run import Run
+    from .. import models
+    from ..config.schema import parse_config
+    from ..methods import get_method
+    from ..run import Run
 
     if not os.path.isdir(path):
         raise ConfigError(f"'{path}' is not a folder.", key="load")

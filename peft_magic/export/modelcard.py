@@ -18,9 +18,9 @@ def _version(name: str) -> str:
 
 
 def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR") -> str:
-    from .data import describe_source
-    from .methods import describe
-    from .ui.format import format_params
+    from ..data.prepare import describe_source
+    from ..methods import describe
+    from ..ui.format import format_params
 
     cfg, s = run.config, run.state
     full = getattr(run.method, "exports_full_model", False)  # full fine-tuning: the export is a whole model
@@ -64,7 +64,7 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR") -> str:
 
 
 def _load_snippet(run, merged, folder):
-    from .models import AUTO_CLASSES
+    from ..models import AUTO_CLASSES
 
     cls = AUTO_CLASSES[run.config.task]
     if merged or getattr(run.method, "exports_full_model", False):
@@ -82,8 +82,8 @@ def _load_snippet(run, merged, folder):
 
 
 def _forgetting_section(run) -> list:
-    """What the run measured on general text (see `peft_magic.forgetting`), or nothing."""
-    from .forgetting import describe, last
+    """What the run measured on general text (see `peft_magic.training.forgetting`), or nothing."""
+    from ..training.forgetting import describe, last
 
     row = last(run.history)
     if row is None:

@@ -27,7 +27,7 @@ def evaluate_model(model, dataloader, accelerator=None, task="causal-lm", labels
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     weight = torch.zeros((), dtype=torch.float64, device=device)
     preds, refs = [], []
-    from .methods.peft_defaults import evaluation_loss
+    from ..methods.peft_defaults import evaluation_loss
 
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     with torch.no_grad(), evaluation_loss(unwrapped):  # the task loss alone, without train-only terms

@@ -71,7 +71,7 @@ def probe(accelerator, model, cfg, data) -> tuple[float | None, float | None]:
 
 def peak_tflops(info=None) -> float | None:
     """The chip's dense 16-bit peak in TFLOP/s from `devices.KNOWN_GPUS`, or None (CPU, or a GPU not listed)."""
-    from .devices import device_info, match_gpu
+    from ..devices import device_info, match_gpu
 
     info = info or device_info()
     if info.kind != "cuda":

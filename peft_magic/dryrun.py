@@ -36,8 +36,8 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     plan the steps. Trains nothing and loads no weights."""
     from . import models
     from .api import resolve_config
-    from .data import prepare
-    from .engine import plan_steps
+    from .data.prepare import prepare
+    from .training.engine import plan_steps
     from .methods import describe, get_method
     from .ui.format import format_count, format_params
 
@@ -64,7 +64,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         cfg.model.quantization = quant
     t = cfg.train
     max_steps, per_epoch = plan_steps(cfg, data.train_rows)
-    from .sampling import decide
+    from .training.sampling import decide
 
     grouped, why = decide(cfg, data.train)
     plan = Plan(config=cfg, trainable=trainable or 0, total=total, max_steps=max_steps)
@@ -83,7 +83,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
     }
     if cfg.data.forgetting is not None:
-        from .forgetting import describe as describe_forgetting
+        from .training.forgetting import describe as describe_forgetting
 
         plan.rows["forgetting"] = f"base vs tuned loss on {describe_forgetting(cfg.data.forgetting)}"
     _add_memory(plan, cfg, model, trainable, data)

@@ -1,0 +1,1 @@
+"""The config: one set of dataclasses (`schema`), the single source of truth for every key."""

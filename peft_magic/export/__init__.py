@@ -1,0 +1,1 @@
+"""Export: the exported folder (adapter or merged model, loadable again) and its model card."""

@@ -1,0 +1,1 @@
+"""The training loop and what runs inside it: steps, checkpoints, sampling, packing, guards, evaluation."""
