@@ -254,7 +254,7 @@ WORKER = textwrap.dedent(
     """
     import errno, json, os, sys, time
     import peft_magic
-    from peft_magic import checkpoint
+    from peft_magic.training import checkpoint
     from peft_magic.errors import TrainingFailed
 
     model, out, rows = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
