@@ -19,6 +19,7 @@ class Plan:
     rows: dict = field(default_factory=dict)
     memory: object = None  # preflight.MemoryEstimate, when available
     fit: object = None  # preflight.FitReport
+    preview: object = None  # data.preview.Preview: the first training example, trained tokens highlighted
 
     def text(self) -> str:
         width = max(len(k) for k in self.rows)
@@ -82,12 +83,32 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         f"eval every {t.eval_steps or '-'} · output {t.output_dir}",
         "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
     }
+    _add_data_rows(plan, data)
     if cfg.data.forgetting is not None:
         from .training.forgetting import describe as describe_forgetting
 
         plan.rows["forgetting"] = f"base vs tuned loss on {describe_forgetting(cfg.data.forgetting)}"
     _add_memory(plan, cfg, model, trainable, data)
     return plan
+
+
+def _add_data_rows(plan, data) -> None:
+    """What the data is and what of it is trained: its format, chat template, lengths and cuts (data/preview.py)."""
+    from .data.preview import describe
+
+    rows = describe(data, "train")
+    warning = data.stats["train"].warning() if data.stats.get("train") else None
+    if warning:
+        rows["warning"] = warning
+    ordered = {}
+    for k, v in plan.rows.items():  # right under the `data` row
+        ordered[k] = v
+        if k == "data":
+            ordered.update(rows)
+    plan.rows = ordered
+    if data.kind in ("instruction", "chat", "completion"):
+        plan.preview = data.preview(0)
+        plan.preview.lines, plan.preview.warning = {}, None  # the plan's rows already say them
 
 
 def _add_memory(plan, cfg, model, trainable, data) -> None:

@@ -5,6 +5,7 @@
     %%peft_train run [--dry-run] [--set train.max_steps=10] [--config FILE] [--background] [--resume]
     %peft_export run ./my-adapter [--merge] [--overwrite]
     %peft_eval run [--data $df]        %peft_generate run "prompt"
+    %peft_data run [-i 3] [-n 2]       the tokenized examples, trained tokens highlighted
     %peft_ui [run]                     a form over every key: Start / Stop / Export / Copy as cell
 
 No training logic lives here. User mistakes surface as `UsageError` (one red line, no traceback).
@@ -88,6 +89,10 @@ class PeftMagics(Magics):
 
             plan = dry_run(raw, namespace=ns, defaults=defaults, name=args.name, overrides=overrides)
             print(plan.text())
+            if plan.preview is not None:  # what is trained: HTML colours in a notebook, colours in a terminal
+                from IPython.display import display
+
+                display(plan.preview)
             return None
         from . import api
 
@@ -199,6 +204,26 @@ class PeftMagics(Magics):
 
         display(metrics)  # a table + confusion matrix picture in a notebook, one line in a terminal
         return None  # the values are in run.metrics (and the last row of run.history)
+
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="The run (default: the last one).")
+    @argument("--example", "-i", type=int, default=0, help="Which tokenized example to show first (default 0).")
+    @argument("-n", type=int, default=1, help="How many examples to show (default 1).")
+    @argument("--eval", action="store_true", help="Show the eval split instead of train.")
+    @line_magic
+    @usage_errors
+    def peft_data(self, line):
+        """What a run trains on: its data format, chat template, lengths and cuts, and tokenized examples with the
+        trained tokens highlighted (`run.data.preview(i)` in Python)."""
+        args = parse_argstring(self.peft_data, line)
+        run = self._run(args.name)
+        if run.data is None:
+            raise UsageError(f"'{run.name}' holds no prepared data (it was loaded from an export or failed before "
+                             "tokenizing). Fix: `%%peft_train NAME --dry-run` shows the data of a cell.")  # fmt: skip
+        from IPython.display import display
+
+        display(run.data.preview(args.example, max(args.n, 1), "eval" if args.eval else "train"))
+        return None
 
     @line_magic
     @usage_errors

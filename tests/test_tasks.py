@@ -60,13 +60,15 @@ def test_instruction_rows_mask_exactly_the_prompt(tiny_llama, tokenizer):
         assert tokenizer.decode(row["labels"][n:]) == f"{source['response']} </s>"
 
 
-def test_chat_messages_mask_everything_before_the_last_answer(tiny_llama, tokenizer):
+def test_chat_messages_train_every_answer_or_only_the_last(tiny_llama, tokenizer):
     chat = [{"messages": [{"role": "system", "content": "say yes"}, {"role": "user", "content": "hello"},
                           {"role": "assistant", "content": "yes"}, {"role": "user", "content": "say no"},
                           {"role": "assistant", "content": "no ok"}]}]  # fmt: skip
     data = prepared(tiny_llama, "causal-lm", {"train": chat})
     assert data.kind == "chat"
-    row = data.train[0]
+    kept = [t for t in data.train[0]["labels"] if t != -100]
+    assert tokenizer.decode(kept) == "yes </s> no ok </s>"  # data.train_on: assistant (the default)
+    row = prepared(tiny_llama, "causal-lm", {"train": chat, "train_on": "last"}).train[0]
     kept = [t for t in row["labels"] if t != -100]
     assert tokenizer.decode(kept) == "no ok </s>"  # the earlier answer "yes" is context, not target
     n = row["labels"].index(kept[0])

@@ -34,6 +34,17 @@ SCHEDULERS = (
 )
 
 
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "prompt_response", "text")
+DATA_FORMAT_ALIASES = {"openai": "messages", "chat": "messages", "conversations": "sharegpt",
+                       "instruction": "prompt_response", "completion": "prompt_completion", "plain": "text"}  # fmt: skip
+TRAIN_ON = ("assistant", "last", "all")
+
+
+def _name(value) -> str:
+    """A choice as written (``Prompt-Completion``) -> its spelling here (``prompt_completion``)."""
+    return str(value).strip().lower().replace("-", "_")
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -143,8 +154,30 @@ class DataConfig:
         metadata=_help("General text unrelated to the task (`default`: the offline text shipped with peft_magic; or "
                        "a $variable, file or hub dataset): the base and tuned models' loss on it measures forgetting."),
     )  # fmt: skip
+    # ---- data shapes and what is trained (issue 16)
+    format: str = field(
+        default="auto",
+        metadata=_help("causal-lm data shape: auto (detected from the columns), messages (role/content lists), "
+                       "sharegpt (conversations of from/value), alpaca (instruction/input/output), "
+                       "prompt_completion (TRL), prompt_response, text. Set it when two fit.", choices=DATA_FORMATS),
+    )  # fmt: skip
+    chat_template: Optional[str] = field(
+        default=None,
+        metadata=_help("Chat template for conversations when the tokenizer has none (or to replace its own): "
+                       "chatml, llama3, mistral, gemma, zephyr, a Jinja string or a .jinja file. Saved with the "
+                       "exported tokenizer and used by %peft_generate."),
+    )  # fmt: skip
+    train_on: str = field(
+        default="assistant",
+        metadata=_help("What a conversation trains: assistant (every assistant turn), last (the final assistant "
+                       "turn) or all (every token, prompts included).", choices=TRAIN_ON),
+    )  # fmt: skip
 
     def validate(self) -> None:
+        self.format = DATA_FORMAT_ALIASES.get(_name(self.format), _name(self.format))
+        _check_choice(self.format, DATA_FORMATS, "data.format")
+        self.train_on = _name(self.train_on)
+        _check_choice(self.train_on, TRAIN_ON, "data.train_on")
         if self.train is None or (isinstance(self.train, str) and not self.train.strip()):
             raise ConfigError(
                 "no training data. Fix: add `data: {train: $my_dataframe}` (or a file path / hub dataset id).",

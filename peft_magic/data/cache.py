@@ -10,7 +10,7 @@ key is datasets' own `Hasher` over:
 - the tokenizer (datasets hashes its full serialised state: vocabulary, normaliser, special tokens, chat
   template, truncation side);
 - the settings that shape the tokens (task, data kind, max_length, the columns read, the label list);
-- the source of `peft_magic/data/prepare.py`, so a change to the tokenizing code never reuses stale tokens.
+- the source of the tokenizing modules (`prepare`, `formats`, `chat`), so a change to them never reuses stale tokens.
 
 Where: ``$PEFT_MAGIC_CACHE/tokenized`` (default ``~/.cache/peft_magic/tokenized``). The newest `KEEP` entries
 are kept; older ones are deleted when a new one is written. `data.cache_tokenized: false` turns it off.
@@ -39,41 +39,48 @@ def fingerprint(ds, tokenizer, dcfg, kind: str, task: str, labels=None) -> str |
     source = getattr(ds, "_fingerprint", None)
     if not source:
         return None
-    from . import prepare as data
-
     columns = (dcfg.text_column, dcfg.label_column, dcfg.prompt_column, dcfg.response_column, dcfg.messages_column)
     settings = {"kind": kind, "task": task, "max_length": dcfg.max_length, "columns": columns,
-                "labels": None if labels is None else [repr(x) for x in labels]}  # fmt: skip
-    with open(data.__file__, "rb") as fh:
-        code = fh.read()
+                "labels": None if labels is None else [repr(x) for x in labels], "train_on": dcfg.train_on,
+                "format": dcfg.format}  # fmt: skip
+    code = b"".join(_read(os.path.join(os.path.dirname(__file__), f"{name}.py")) for name in _CODE)
     hasher = Hasher()
     for part in (source, Hasher.hash(tokenizer), repr(sorted(settings.items())), code):
         hasher.update(part)
     return hasher.hexdigest()
 
 
-def cached_tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, enabled: bool = True):
+_CODE = ("prepare", "formats", "chat")  # the modules whose code decides the tokens
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def cached_tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, enabled: bool = True, key="data.train"):
     """`data.tokenize(...)`, reusing the result of an earlier identical call when there is one.
 
     Args:
         ds: The source `datasets.Dataset` (split, filtered and sampled as it will be trained on).
         tokenizer, dcfg, kind, task, labels: As for `data.tokenize`.
         enabled: False: tokenize and store nothing.
+        key: The config key that errors name.
 
     Returns:
         The tokenized `datasets.Dataset`, memory-mapped from the cache when an earlier call stored it.
     """
     from .prepare import tokenize
 
-    key = fingerprint(ds, tokenizer, dcfg, kind, task, labels) if enabled else None
-    if key is None:
-        return tokenize(ds, tokenizer, dcfg, kind, task, labels)
-    hit = lookup(key)
+    found = fingerprint(ds, tokenizer, dcfg, kind, task, labels) if enabled else None
+    if found is None:
+        return tokenize(ds, tokenizer, dcfg, kind, task, labels, keep_stats=True, key=key)
+    hit = lookup(found)
     if hit is not None:
         return hit
-    out = tokenize(ds, tokenizer, dcfg, kind, task, labels)
+    out = tokenize(ds, tokenizer, dcfg, kind, task, labels, keep_stats=True, key=key)
     try:
-        return _store(key, out)
+        return _store(found, out)
     except OSError:  # a full or read-only disk must not fail the run: train from memory
         return out
 

@@ -31,6 +31,22 @@ class PreparedData:
     source_names: dict = field(default_factory=dict)
     train_collator: Any = None  # when training batches collate differently (packing); else `collator`
     grouping: str = ""  # whether and why training batches are length-grouped (sampling.decide), once decided
+    format: str = ""  # the detected data format (data/formats.py), causal-lm only
+    format_note: str = ""  # which format, from which columns, and how to choose another
+    template_note: str = ""  # which chat template, and what is trained
+    stats: dict = field(default_factory=dict)  # split -> preview.LengthStats
+    full_lengths: dict = field(default_factory=dict)  # split -> each kept row's length before max_length's cut
+    tokenizer: Any = None
+
+    def preview(self, i=0, n: int = 1, split: str = "train"):
+        """Example `i` (and the `n - 1` after it) with the trained tokens highlighted, plus the data's figures.
+
+        Shows itself as HTML in a notebook and with colours in a terminal; `str()` marks trained text [[so]].
+        """
+        from .preview import make_preview
+
+        indices = list(i) if isinstance(i, (list, tuple, range)) else list(range(i, i + n))
+        return make_preview(self, indices, split)
 
 
 def describe_source(src) -> str:
@@ -149,12 +165,9 @@ def detect_kind(ds, dcfg, task: str, key="data.train") -> str:
         if dcfg.prompt_column in cols and dcfg.response_column in cols:
             return "instruction"
         _require_column(cols, dcfg.prompt_column, key, "prompt_column")
-    if dcfg.messages_column in cols:
-        return "chat"
-    if dcfg.prompt_column in cols and dcfg.response_column in cols:
-        return "instruction"
-    _require_column(cols, dcfg.text_column, key, "text_column")
-    return "text"
+    from . import formats
+
+    return formats.detect(ds, dcfg, key).kind
 
 
 def _require_column(cols, col, key, setting):
@@ -169,7 +182,7 @@ def check_rows(ds, kind, dcfg, key) -> None:
     if kind == "tokens":
         return _check_tagged_rows(ds, dcfg, key)
     col = {"text": dcfg.text_column, "classification": dcfg.text_column, "instruction": dcfg.response_column}.get(kind)
-    if col is None:
+    if col is None or col not in ds.column_names:  # alpaca / ShareGPT rows are checked by formats.normalize
         return
     values = ds[col]
     if all(not isinstance(v, str) or not v.strip() for v in values):
@@ -233,8 +246,20 @@ def unseen_labels(ds, kind, dcfg, labels) -> list:
 # ---------------------------------------------------------------- tokenizing
 
 
-def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None):
-    """Add input_ids/attention_mask/labels; drop the source columns."""
+def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, keep_stats=False, key="data.train"):
+    """Add input_ids/attention_mask/labels; drop the source columns.
+
+    Causal-LM data goes through `chat.tokenize_rows` (conversations normalised first when they are not yet).
+    With `keep_stats` its per-row length columns stay (`preview.finish` reads and removes them); without, rows
+    that train on nothing are dropped here.
+    """
+    if task == "causal-lm":
+        from . import chat, formats, preview
+
+        if kind != "text" and "source_row" not in ds.column_names and "completion" not in ds.column_names:
+            ds = formats.normalize(ds, formats.detect(ds, dcfg, key), dcfg.train_on, key)
+        out = chat.tokenize_rows(ds, tokenizer, kind, dcfg.train_on, dcfg.max_length, key, dcfg.text_column)
+        return out if keep_stats else preview.finish(out, dcfg.max_length)[0]
     max_len = dcfg.max_length
     label_ids = {lab: i for i, lab in enumerate(labels)} if labels is not None else None
 
@@ -251,18 +276,9 @@ def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None):
             enc = tokenizer(batch[dcfg.text_column], truncation=True, max_length=max_len)
             enc["labels"] = [label_ids[y] for y in batch[dcfg.label_column]]
             return enc
-        if kind == "text" and task != "seq2seq":
-            enc = tokenizer([t + (tokenizer.eos_token or "") for t in batch[dcfg.text_column]],
-                            truncation=True, max_length=max_len)  # fmt: skip
-            enc["labels"] = [list(ids) for ids in enc["input_ids"]]
-            return enc
-        if task == "seq2seq":
-            enc = tokenizer(batch[dcfg.prompt_column], truncation=True, max_length=max_len)
-            enc["labels"] = tokenizer(text_target=batch[dcfg.response_column], truncation=True, max_length=max_len)["input_ids"]  # fmt: skip
-            return enc
-        rows = [_encode_turns(tokenizer, p, kind, dcfg, max_len) for p in _turns(batch, kind, dcfg)]
-        return {"input_ids": [r[0] for r in rows], "attention_mask": [[1] * len(r[0]) for r in rows],
-                "labels": [r[1] for r in rows]}  # fmt: skip
+        enc = tokenizer(batch[dcfg.prompt_column], truncation=True, max_length=max_len)  # seq2seq
+        enc["labels"] = tokenizer(text_target=batch[dcfg.response_column], truncation=True, max_length=max_len)["input_ids"]  # fmt: skip
+        return enc
 
     out = ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None)
     return out.filter(lambda r: len(r["input_ids"]) > 0)
@@ -275,38 +291,6 @@ def _word_labels(word_ids, tags, label_ids) -> list:
         out.append(-100 if w is None or w == previous else label_ids[tags[w]])
         previous = w
     return out
-
-
-def _turns(batch, kind, dcfg):
-    if kind == "chat":
-        return list(batch[dcfg.messages_column])
-    return [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-            for p, r in zip(batch[dcfg.prompt_column], batch[dcfg.response_column])]  # fmt: skip
-
-
-def _encode_turns(tokenizer, messages, kind, dcfg, max_len):
-    """Token ids and labels with everything before the final assistant turn masked out of the loss."""
-    last_is_answer = messages and messages[-1].get("role") == "assistant"
-    context = messages[:-1] if last_is_answer else messages
-    if getattr(tokenizer, "chat_template", None):
-        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
-        prompt = _ids(tokenizer.apply_chat_template(context, tokenize=True, add_generation_prompt=True)) if last_is_answer else []
-    else:  # no template: a plain "prompt\nresponse</s>" layout
-        prompt_text = "\n".join(m["content"] for m in context) + "\n"
-        prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"] if last_is_answer else []
-        answer = (messages[-1]["content"] if last_is_answer else "") + (tokenizer.eos_token or "")
-        full = (prompt if last_is_answer else tokenizer(prompt_text)["input_ids"]) + tokenizer(answer, add_special_tokens=False)["input_ids"]  # fmt: skip
-    full = full[:max_len]
-    n_prompt = len(prompt) if full[: len(prompt)] == prompt else 0
-    labels = [-100] * min(n_prompt, len(full)) + full[n_prompt:]
-    return full, labels
-
-
-def _ids(out):
-    """apply_chat_template(tokenize=True) returns a list or a BatchEncoding depending on the version."""
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
 
 
 def _packing_collator():
@@ -333,9 +317,8 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
     """Resolve, check, split and tokenize the config's data."""
     dcfg, task = cfg.data, cfg.task
     train = resolve(dcfg.train, namespace, "data.train", dcfg.split)
-    kind = detect_kind(train, dcfg, task)
-    check_rows(train, kind, dcfg, "data.train")
-    eval_ = None
+    train, kind, fmt = _shape(train, dcfg, task, "data.train")
+    eval_, eval_kind = None, kind
     if isinstance(dcfg.eval, float):
         if len(train) < 2:
             raise ConfigError("too few rows to hold out an eval split. Fix: add rows or set `eval: null`.", key="data.eval")
@@ -343,20 +326,28 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
         train, eval_ = split["train"], split["test"]
     elif dcfg.eval is not None:
         eval_ = resolve(dcfg.eval, namespace, "data.eval", "validation")
-        detect_kind(eval_, dcfg, task, key="data.eval")
-        check_rows(eval_, kind, dcfg, "data.eval")
+        eval_, eval_kind, _ = _shape(eval_, dcfg, task, "data.eval")
     if dcfg.max_samples is not None and dcfg.max_samples < len(train):
         train = train.shuffle(seed=cfg.train.seed).select(range(dcfg.max_samples))
     labels = label_names(train, eval_, dcfg) if kind == "classification" else None
     if kind == "tokens":
         labels = tag_names(train, eval_, dcfg)
     from ..training.packing import example_lengths
+    from . import chat
     from .cache import cached_tokenize
+    from .preview import finish
 
+    template_note = chat.install(tokenizer, dcfg.chat_template) if task == "causal-lm" else ""
+    stats, full = {}, {}
     train_tok = cached_tokenize(train, tokenizer, dcfg, kind, task, labels, enabled=dcfg.cache_tokenized)
+    train_tok, stats["train"], full["train"] = finish(train_tok, dcfg.max_length)
     if len(train_tok) == 0:
-        raise ConfigError("no example is left after tokenization (all texts empty?).", key="data.train")
-    eval_tok = cached_tokenize(eval_, tokenizer, dcfg, kind, task, labels, enabled=dcfg.cache_tokenized) if eval_ is not None else None  # fmt: skip
+        raise ConfigError("no example is left after tokenization (all texts empty, or every answer cut away by "
+                          "max_length?). Fix: check the data, or raise `data.max_length`.", key="data.train")  # fmt: skip
+    eval_tok = None
+    if eval_ is not None:
+        eval_tok = cached_tokenize(eval_, tokenizer, dcfg, eval_kind, task, labels, enabled=dcfg.cache_tokenized, key="data.eval")  # fmt: skip
+        eval_tok, stats["eval"], full["eval"] = finish(eval_tok, dcfg.max_length)
     return PreparedData(
         train=train_tok,
         eval=eval_tok,
@@ -368,4 +359,36 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
         eval_rows=len(eval_tok) if eval_tok is not None else 0,
         train_tokens=sum(example_lengths(train_tok)),
         source_names={"train": describe_source(dcfg.train), "eval": describe_source(dcfg.eval) if dcfg.eval is not None else None},
+        format=fmt.name if fmt else "",
+        format_note=fmt.note if fmt else "",
+        template_note=_template_note(template_note, kind, dcfg.train_on),
+        stats={k: v for k, v in stats.items() if v is not None},
+        full_lengths={k: v for k, v in full.items() if v is not None},
+        tokenizer=tokenizer,
     )
+
+
+def _shape(ds, dcfg, task, key):
+    """Detect the data's format (causal-lm) or kind, check the rows, and normalise conversations (before any
+    split, so errors name the user's row). Returns (dataset, kind, `formats.Detected` or None)."""
+    fmt = None
+    if task == "causal-lm":
+        from . import formats
+
+        fmt = formats.detect(ds, dcfg, key)
+        kind = fmt.kind
+    else:
+        kind = detect_kind(ds, dcfg, task, key)
+    check_rows(ds, kind, dcfg, key)
+    if fmt is not None:
+        ds = formats.normalize(ds, fmt, dcfg.train_on, key)
+    return ds, kind, fmt
+
+
+def _template_note(note: str, kind: str, train_on: str) -> str:
+    """What the dry run says about the chat template, for the kinds that use one."""
+    if kind not in ("instruction", "chat"):
+        return ""
+    what = {"assistant": "every assistant turn trained", "last": "the last assistant turn trained",
+            "all": "every token trained"}[train_on]  # fmt: skip
+    return f"{note} · {what} (data.train_on)"
