@@ -1,6 +1,7 @@
 """Command line: the same `train()` as the notebook, for terminals, scripts and `accelerate launch`.
 
     peft-magic train CONFIG.yaml [--set train.max_steps=10 ...] [--dry-run] [--export DIR] [--merge]
+                     [--gguf q8_0] [--gguf-adapter] [--push-to-hub USER/NAME [--private]]
     peft-magic quickstart [--model ID] [--steps N]     # the README's offline demo (see quickstart.py)
     accelerate launch -m peft_magic train CONFIG.yaml
 """
@@ -24,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export", default=None, metavar="DIR", help="Export the adapter here after training.")
     t.add_argument("--merge", action="store_true", help="With --export: write a merged full model.")
     t.add_argument("--overwrite", action="store_true", help="With --export: replace DIR if it holds files.")
+    t.add_argument("--gguf", nargs="?", const="q8_0", default=None, metavar="QUANT",
+                   help="With --export: also the merged model as GGUF (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 q4_k_m "
+                        "q5_k_m q6_k; default q8_0), checked against the trained model in llama.cpp.")  # fmt: skip
+    t.add_argument("--gguf-adapter", action="store_true", help="With --export: also the LoRA as a GGUF adapter.")
+    t.add_argument("--no-parity", action="store_true", help="With --gguf: skip the llama.cpp comparison.")
+    t.add_argument("--push-to-hub", default=None, metavar="USER/NAME", help="With --export: upload it to the Hub.")
+    t.add_argument("--private", action="store_true", help="With --push-to-hub: create the repo private.")
     from .quickstart import build_parser as quickstart_parser
 
     quickstart_parser(sub.add_parser("quickstart", help="Fine-tune SmolLM2 with LoRA on demo data, offline; "
@@ -45,17 +53,39 @@ def main(argv=None) -> int:
 
             print(dry_run(args.config, overrides=args.overrides, name=args.name).text())
             return 0
+        _check_export_options(args)  # before training: a typo must not cost a training run
         from .api import train
 
         run = train(args.config, overrides=args.overrides, name=args.name, resume=args.resume, display="auto")
         if args.export and _is_main_process():
-            path = run.export(args.export, merge=args.merge, overwrite=args.overwrite)
+            path = run.export(args.export, merge=args.merge, overwrite=args.overwrite, gguf=args.gguf,
+                              gguf_adapter=args.gguf_adapter, push_to_hub=args.push_to_hub, private=args.private,
+                              parity=not args.no_parity, display="terminal")  # fmt: skip
             print(f"exported to {path}")
+            if run.last_export.hub_url:
+                print(f"pushed to {run.last_export.hub_url}")
         return 0 if run.state.stop_reason in ("completed", "stopped", "interrupted") else 1
     except ConfigError as e:
         if _is_main_process():  # under a launcher every rank hits the same mistake: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_export_options(args) -> None:
+    from .errors import ConfigError
+
+    wanted = [f for f, on in (("--gguf", args.gguf), ("--gguf-adapter", args.gguf_adapter),
+                              ("--push-to-hub", args.push_to_hub)) if on]  # fmt: skip
+    if wanted and not args.export:
+        raise ConfigError(f"{wanted[0]} needs --export DIR (the folder the files go to).", key=wanted[0])
+    if args.gguf:
+        from .gguf.quant import parse_quant
+
+        parse_quant(args.gguf)
+    if args.push_to_hub:
+        from .export.hub import check_push
+
+        check_push(args.push_to_hub)
 
 
 def _is_main_process() -> bool:

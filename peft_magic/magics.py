@@ -3,7 +3,7 @@
     %load_ext peft_magic
     %peft_model org/name --quantization 4bit
     %%peft_train run [--dry-run] [--set train.max_steps=10] [--config FILE] [--background] [--resume]
-    %peft_export run ./my-adapter [--merge] [--overwrite]
+    %peft_export run ./my-adapter [--merge] [--overwrite] [--gguf q8_0] [--gguf-adapter] [--push-to-hub user/name]
     %peft_eval run [--data $df]        %peft_generate run "prompt"
     %peft_data run [-i 3] [-n 2]       the tokenized examples, trained tokens highlighted
     %peft_ui [run]                     a form over every key: Start / Stop / Export / Copy as cell
@@ -126,6 +126,13 @@ class PeftMagics(Magics):
     @argument("words", nargs="*", help="[NAME] DIR")
     @argument("--merge", action="store_true", help="Write a full model with the adapter merged in.")
     @argument("--overwrite", action="store_true", help="Replace DIR if it already holds files.")
+    @argument("--gguf", nargs="?", const="q8_0", default=None, metavar="QUANT",
+              help="Also write the merged model as GGUF for llama.cpp/Ollama: f32 f16 bf16 q8_0 (default) q5_1 q5_0 "
+                   "q4_1 q4_0 q4_k_m q5_k_m q6_k.")  # fmt: skip
+    @argument("--gguf-adapter", action="store_true", help="Also write the LoRA as a GGUF adapter (llama.cpp --lora).")
+    @argument("--no-parity", action="store_true", help="Skip comparing the GGUF with this model in llama.cpp.")
+    @argument("--push-to-hub", default=None, metavar="USER/NAME", help="Upload the export to this Hub repo.")
+    @argument("--private", action="store_true", help="With --push-to-hub: create the repo private.")
     @argument("--script", default=None, metavar="DIR",
               help="Instead: write DIR/config.yaml (+ its data as JSONL) and DIR/launch.sh to train on a cluster.")
     @argument("--processes", type=int, default=None, metavar="N",
@@ -147,12 +154,21 @@ class PeftMagics(Magics):
                                  num_processes=args.processes, overwrite=args.overwrite)  # fmt: skip
             print(f"wrote the cluster job of '{run.name}' to {path}: run `bash {path}/launch.sh` there")
             return None
+        if args.push_to_hub and len(words) == 1 and _is_run(self.shell.user_ns.get(words[0])):
+            words.append("./" + args.push_to_hub.strip().rstrip("/").split("/")[-1])  # NAME --push-to-hub: DIR from it
         if not words or len(words) > 2:
-            raise UsageError("usage: %peft_export [NAME] DIR [--merge] [--overwrite]")
+            raise UsageError("usage: %peft_export [NAME] DIR [--merge] [--overwrite] [--gguf QUANT] [--gguf-adapter] "
+                             "[--push-to-hub USER/NAME [--private]]")  # fmt: skip
         name, out = (words if len(words) == 2 else (None, words[0]))
         run = self._run(name)
-        path = run.export(out, merge=args.merge, overwrite=args.overwrite)
-        print(f"exported {'merged model' if args.merge else 'adapter'} of '{run.name}' to {path}")
+        path = run.export(out, merge=args.merge, overwrite=args.overwrite, gguf=args.gguf, gguf_adapter=args.gguf_adapter,
+                          push_to_hub=args.push_to_hub, private=args.private, parity=not args.no_parity,
+                          display=self.display, namespace=self.shell.user_ns)  # fmt: skip
+        what = "merged model" if args.merge else "adapter"
+        ggufs = [n for n in run.last_export.files if n.endswith(".gguf")]
+        print(f"exported {what} of '{run.name}' to {path}" + (f" (+ {', '.join(ggufs)})" if ggufs else ""))
+        if run.last_export.hub_url:
+            print(f"pushed to {run.last_export.hub_url}")
         return None
 
     # ---------------------------------------------------------------- %%peft_compare

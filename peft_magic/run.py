@@ -21,7 +21,10 @@ class Run:
         metrics: The last evaluation's metrics (empty when there is no eval data).
         state: The live `TrainState` (step, status, stop_reason...).
         output_dir: Where checkpoints are written.
+        last_export: What the last `export` wrote: files, GGUF parity reports, Hub URL.
     """
+
+    last_export = None
 
     def __init__(self, name, config):
         self.name = name
@@ -107,13 +110,24 @@ class Run:
         self._require("seq-cls", what="predict")
         return predict(self.model, self.tokenizer, texts, self.labels, self.config.data.max_length)
 
-    def export(self, out_dir, merge: bool = False, overwrite: bool = False) -> str:
-        """Write the adapter (peft format) or, with merge, a full merged model; returns the folder."""
-        from .export.folder import export_run
+    def export(self, out_dir, merge: bool = False, overwrite: bool = False, *, gguf=None, gguf_adapter: bool = False,
+               push_to_hub: str | None = None, private: bool = False, prompts=None, parity: bool = True,
+               display: str = "auto", namespace=None) -> str:  # fmt: skip
+        """Write the adapter (peft format) or, with merge, a full merged model; returns the folder.
+
+        `gguf="q8_0"` (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q4_k_m, q5_k_m, q6_k) adds the merged model
+        as one GGUF file with an Ollama Modelfile; `gguf_adapter=True` adds the LoRA as a GGUF adapter. Both are
+        then compared with this model in llama.cpp on `prompts` (default: the run's eval prompts) when
+        llama-cpp-python is installed. `push_to_hub="user/name"` uploads the folder. `self.last_export` keeps the
+        files, the parity reports and the Hub URL (see `peft_magic.export.gguf_export`).
+        """
+        from .export.gguf_export import export_with_gguf
 
         if self.running:
             raise ConfigError("the run is still training. Fix: `run.stop()` or `run.wait()` first.", key="export")
-        return export_run(self, out_dir, merge=merge, overwrite=overwrite)
+        return export_with_gguf(self, out_dir, merge=merge, overwrite=overwrite, gguf=gguf, gguf_adapter=gguf_adapter,
+                                push_to_hub=push_to_hub, private=private, parity=parity, prompts=prompts,
+                                display=display, namespace=namespace).folder  # fmt: skip
 
     def release(self) -> None:
         """Drop the model and free its memory (a re-run of the cell calls this on the previous run)."""

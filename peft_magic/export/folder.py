@@ -38,8 +38,9 @@ def check_target(out_dir: str, overwrite: bool) -> str:
     return path
 
 
-def export_run(run, out_dir: str, merge: bool = False, overwrite: bool = False) -> str:
-    """Write `run` to `out_dir`; returns the absolute folder path."""
+def export_run(run, out_dir: str, merge: bool = False, overwrite: bool = False, extra=None) -> str:
+    """Write `run` to `out_dir`; returns the absolute folder path. `extra(tmp)` writes more files into the
+    temporary folder before the model card (the GGUF files) and returns the card's lines about them."""
     if run.model is None:
         raise ConfigError("this run has no model to export (it failed before training).", key=run.name)
     path = check_target(out_dir, overwrite)
@@ -57,10 +58,13 @@ def export_run(run, out_dir: str, merge: bool = False, overwrite: bool = False) 
                 json.dump(list(run.labels), fh)
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
             fh.write(run.config.to_yaml())
+        from .files_section import describe_files, files_lines
         from .modelcard import model_card
 
+        card_extra = list(extra(tmp)) if extra is not None else []
+        card_extra += files_lines(describe_files(tmp), tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write(model_card(run, merged=merge, folder=path))
+            fh.write(model_card(run, merged=merge, folder=path, extra=card_extra))
         _swap_into_place(tmp, path)
     except OSError as e:  # disk full, permission denied: nothing half-written is left, and the user can act
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,20 +99,25 @@ def _swap_into_place(tmp: str, path: str) -> None:
 def _write_merged(run, out: str) -> None:
     """Fold the adapter into the base weights. Quantized bases are reloaded in full precision first, so the
     merged model is dequantized (what `AutoModel.from_pretrained` users expect)."""
+    merged_model(run, scratch=out).save_pretrained(out, safe_serialization=True)
+
+
+def merged_model(run, scratch: str | None = None):
+    """The run's model with its adapter folded in, in full precision (the run's own model is left as it is)."""
     import copy
 
     from .. import models
 
     cfg = run.config
     if cfg.model.quantization != "none" and run.method.is_peft:
-        adapter_dir = tempfile.mkdtemp(prefix=".adapter-", dir=out)
-        run.method.save(run.model, adapter_dir, cfg)
-        base = models.load_model(cfg.model, cfg.task, run.labels, quantization="none", pad_token_id=run.tokenizer.pad_token_id)  # fmt: skip
-        merged = run.method.merge(run.method.load(base, adapter_dir))
-        shutil.rmtree(adapter_dir)
-    else:
-        merged = run.method.merge(copy.deepcopy(run.model))
-    merged.save_pretrained(out, safe_serialization=True)
+        adapter_dir = tempfile.mkdtemp(prefix=".adapter-", dir=scratch)
+        try:
+            run.method.save(run.model, adapter_dir, cfg)
+            base = models.load_model(cfg.model, cfg.task, run.labels, quantization="none", pad_token_id=run.tokenizer.pad_token_id)  # fmt: skip
+            return run.method.merge(run.method.load(base, adapter_dir))
+        finally:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+    return run.method.merge(copy.deepcopy(run.model))
 
 
 def load_export(path: str, device=None):

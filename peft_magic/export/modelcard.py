@@ -17,7 +17,8 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR") -> str:
+def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=()) -> str:
+    """The card's Markdown; `extra` lines (the GGUF files, the list of files) go after "How to load"."""
     from ..data.prepare import describe_source
     from ..methods import describe
     from ..ui.format import format_params
@@ -59,6 +60,7 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR") -> str:
     if run.cell:
         lines += ["## The cell that trained it", "", "```", run.cell.strip(), "```", ""]
     lines += ["## How to load", "", "```python", *_load_snippet(run, merged, folder), "```", ""]
+    lines += list(extra)
     lines += ["## Versions", "", ", ".join(f"{n} {_version(n)}" for n in LIBRARIES), ""]
     return "\n".join(lines)
 

@@ -64,7 +64,7 @@ def ollama_template(tokenizer, chat: bool = True) -> tuple[str, list[str]]:
 
 
 def modelfile(tokenizer, model_file: str, adapter_file: str | None = None, chat: bool = True,
-              name: str = "my-model") -> str:  # fmt: skip
+              name: str = "my-model", file: str = "Modelfile") -> str:  # fmt: skip
     """The Modelfile text. `model_file`/`adapter_file` are written as given (relative to the Modelfile's folder
     when they sit beside it)."""
     template, stops = ollama_template(tokenizer, chat)
@@ -72,7 +72,7 @@ def modelfile(tokenizer, model_file: str, adapter_file: str | None = None, chat:
         template = None
     lines = [
         f"# Ollama Modelfile written by peft_magic ({template_family(tokenizer) if chat else 'plain'} prompt format).",
-        f"# Create the model:  ollama create {name} -f Modelfile",
+        f"# Create the model:  ollama create {name} -f {file}",
         f"# Then run it:       ollama run {name}",
         f"FROM {_quote(model_file)}",
     ]

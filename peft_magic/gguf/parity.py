@@ -9,6 +9,7 @@ differently (template or tokenizer lost on the way), quantization too coarse, or
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.util
 import os
@@ -178,18 +179,26 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, template: str | None):
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"], text
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (dropout off) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
 def notebook_answer(model, tokenizer, ids: list[int], max_new_tokens: int):
     """Greedy answer ids and text of the notebook model (the same decoding as `run.generate`)."""
     import torch
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         out = model.generate(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    if was_training:
-        model.train()
     new = out[0, len(ids):].tolist()
     special = set(tokenizer.all_special_ids)
     while new and new[-1] in special:  # the end-of-turn token: not part of the answer's likelihood
@@ -204,7 +213,7 @@ def notebook_loglik(model, prompt_ids: list[int], answer_ids: list[int]) -> floa
         return float("nan")
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # dropout off, as in generation
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()
     logp = torch.log_softmax(logits, -1)
     return float(logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids, device=device)].mean())

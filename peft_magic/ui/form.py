@@ -466,8 +466,15 @@ class Form:
                                              tooltip="Write a full model with the adapter merged in")  # fmt: skip
         self.export_overwrite = widgets.Checkbox(description="overwrite", indent=True, style=STYLE,
                                                  tooltip="Replace the folder if it already holds files")  # fmt: skip
+        from ..gguf.quant import QUANTS
+
+        self.export_gguf = widgets.Dropdown(description="GGUF", options=["none", *QUANTS], value="none", style=STYLE,
+                                            tooltip="Also write the merged model as GGUF (llama.cpp, Ollama)")  # fmt: skip
+        self.export_gguf_adapter = widgets.Checkbox(description="GGUF adapter", indent=True, style=STYLE,
+                                                    tooltip="Also write the LoRA as a GGUF adapter (llama.cpp --lora)")  # fmt: skip
         note = widgets.HTML("<i>After a run (finished or stopped), press <b>Export</b> below.</i>")
-        return widgets.VBox([self.export_dir, self.export_merge, self.export_overwrite, note])
+        return widgets.VBox([self.export_dir, self.export_merge, self.export_overwrite, self.export_gguf,
+                             self.export_gguf_adapter, note])  # fmt: skip
 
     # ------------------------------------------------------------------ values
     def method_fields(self, method: str | None = None) -> dict[str, Field]:
@@ -730,12 +737,17 @@ class Form:
             return self._fail("no run to export yet. Fix: press Start first.")
         folder = folder or self.export_dir.value.strip() or f"./{self.run.name}-adapter"
         try:
-            path = self.run.export(folder, merge=self.export_merge.value, overwrite=self.export_overwrite.value)
+            gguf = None if self.export_gguf.value == "none" else self.export_gguf.value
+            path = self.run.export(folder, merge=self.export_merge.value, overwrite=self.export_overwrite.value,
+                                   gguf=gguf, gguf_adapter=self.export_gguf_adapter.value, display="none")  # fmt: skip
         except ConfigError as e:
             return self._fail(str(e))
         what = "merged model" if self.export_merge.value else "adapter"
         self.error.value = ""
-        self._say(f"exported the {what} of <code>{escape(self.run.name)}</code> to <code>{escape(str(path))}</code>")
+        ggufs = [n for n in self.run.last_export.files if n.endswith(".gguf")]
+        also = f" (+ {escape(', '.join(ggufs))})" if ggufs else ""
+        self._say(f"exported the {what} of <code>{escape(self.run.name)}</code> to <code>{escape(str(path))}</code>"
+                  f"{also}{self.run.last_export.parity._repr_html_()}")  # fmt: skip
         return path
 
     def _fail(self, text: str) -> None:

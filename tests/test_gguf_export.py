@@ -1,0 +1,245 @@
+"""The GGUF export wired into `run.export`, `%peft_export`, the CLI and the form, and the push to the Hub: the files
+land in the export folder at once (atomic), the model card lists each with how to run it, the parity reports are
+kept in `run.last_export`, and every bad request is refused in one line before anything is written.
+
+The Hub cannot be reached from here: the upload is checked with a fake `HfApi` (which files would go, and that no
+file holds the token) and with the real `HfApi` under HF_HUB_OFFLINE (the failure is one line, the export stays)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+from conftest import instruction_rows
+from test_gguf import bpe_llama, make_bpe_tokenizer, run  # noqa: F401 - the tiny trained Llama fixtures
+
+import peft_magic
+from peft_magic.errors import ConfigError
+
+pytest.importorskip("gguf")
+PROMPTS = ["say hello", "say yes"]
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+FAKE_TOKEN = "hf_peftmagicFAKEtoken0123456789abcdef"
+
+
+def _all_text(folder):
+    out = b""
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out += fh.read()
+    return out
+
+
+def test_export_writes_the_gguf_files_beside_the_adapter_with_a_card_listing_each(run, tmp_path):  # noqa: F811
+    path = run.export(str(tmp_path / "exp"), gguf="f32", gguf_adapter=True, prompts=PROMPTS, display="none")
+    names = set(os.listdir(path))
+    assert {"adapter_model.safetensors", "run-f32.gguf", "run-adapter.gguf", "base-f32.gguf", "Modelfile",
+            "Modelfile.adapter", "README.md"} <= names  # fmt: skip
+    assert os.listdir(tmp_path) == ["exp"]  # no temporary folder or .partial file left beside it
+    assert set(run.last_export.files) == names and run.last_export.folder == path
+    with open(os.path.join(path, "README.md"), encoding="utf-8") as fh:
+        card = fh.read()
+    assert all(f"| `{n}` |" in card for n in names)  # every file, with what it is
+    assert "PeftModel.from_pretrained" in card and "llama-cli -m run-f32.gguf" in card  # peft, llama.cpp
+    assert "llama-cli -m base-f32.gguf --lora run-adapter.gguf" in card and "ollama create run -f Modelfile" in card
+    with open(os.path.join(path, "Modelfile.adapter"), encoding="utf-8") as fh:
+        assert "FROM ./base-f32.gguf\nADAPTER ./run-adapter.gguf\n" in fh.read()
+    reports = run.last_export.parity
+    if not HAS_LLAMA_CPP:
+        assert len(reports) == 1 and "gguf-check" in reports[0].skipped
+        return
+    assert [os.path.basename(r.file) for r in reports] == ["run-f32.gguf", "base-f32.gguf + run-adapter.gguf"]
+    assert reports.ok, reports.text()
+    assert [r.notebook for r in reports[0].rows] == [run.generate(p, max_new_tokens=24) for p in PROMPTS]
+    assert reports[0].max_ll_gap < 1e-3 and f"| {PROMPTS[0]} | {reports[0].rows[0].notebook} |" in card
+
+
+def test_default_parity_prompts_are_the_runs_held_out_prompts(bpe_llama, tmp_path):  # noqa: F811
+    from peft_magic.export.gguf_export import default_prompts
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ("a", "b", "c", "d", "e", "f", "g", "h")]
+    cfg = {"model": bpe_llama, "method": {"name": "lora", "r": 2, "target_modules": ["q_proj"]},
+           "data": {"train": rows, "eval": 0.25}, "train": {"max_steps": 1, "output_dir": str(tmp_path / "o")}}  # fmt: skip
+    tuned = peft_magic.train(cfg, display="none")
+    prompts = default_prompts(tuned)
+    trained = [tuned.tokenizer.decode(ex["input_ids"]) for ex in tuned.data.train]
+    assert len(prompts) == 2 and set(prompts) <= {r["prompt"] for r in rows}
+    assert not any(p + "<" in t or p + "\n" in t for p in prompts for t in trained)  # held out, never trained
+
+
+def test_magic_writes_gguf_and_says_so_in_one_line(shell, run, tmp_path, capsys):  # noqa: F811
+    shell.user_ns["tuned"] = run
+    shell.run_line_magic("peft_export", f"tuned {tmp_path / 'm'} --gguf q8_0 --no-parity")
+    out = capsys.readouterr().out.strip()
+    assert out == f"exported adapter of 'run' to {tmp_path / 'm'} (+ run-q8_0.gguf)"
+    assert run.last_export.parity == [] and os.path.isfile(tmp_path / "m" / "run-q8_0.gguf")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--gguf q4_l", r"unknown GGUF quantization 'q4_l': did you mean 'q4_1'\?"),
+        ("--push-to-hub me/my:model", r"'me/my:model' is not a Hub repo id: use only letters"),
+        ("--push-to-hub just-a-name", r"'just-a-name' is not a Hub repo id: it must be 'user/name'"),
+    ],
+)
+def test_magic_refuses_bad_requests_before_writing(shell, run, tmp_path, flags, message):  # noqa: F811
+    from IPython.core.error import UsageError
+
+    shell.user_ns["tuned"] = run
+    with pytest.raises(UsageError, match=message):
+        shell.run_line_magic("peft_export", f"tuned {tmp_path / 'x'} {flags}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_gguf_adapter_of_an_ia3_run_suggests_the_merged_gguf(bpe_llama, tmp_path):  # noqa: F811
+    cfg = {"model": bpe_llama, "method": {"name": "ia3"}, "data": {"train": instruction_rows(8)},
+           "train": {"max_steps": 1, "output_dir": str(tmp_path / "o")}}  # fmt: skip
+    tuned = peft_magic.train(cfg, display="none")
+    with pytest.raises(ConfigError, match=r"GGUF adapter holds LoRA matrices, and this run's method is ia3.*--gguf q8_0"):
+        tuned.export(str(tmp_path / "x"), gguf_adapter=True, display="none")
+    assert not os.path.exists(tmp_path / "x")
+    path = tuned.export(str(tmp_path / "merged"), gguf="f16", parity=False, display="none")  # what it suggests works
+    assert os.path.isfile(os.path.join(path, "run-f16.gguf"))
+
+
+def test_gguf_of_a_classifier_is_refused_before_work(tiny_bert, sentiment, tmp_path):
+    cfg = {"model": tiny_bert, "task": "seq-cls", "method": {"name": "lora", "r": 2},
+           "data": {"train": sentiment.head(16)}, "train": {"max_steps": 1, "output_dir": str(tmp_path / "o")}}  # fmt: skip
+    tuned = peft_magic.train(cfg, display="none")
+    with pytest.raises(ConfigError, match=r"GGUF export is for causal-lm runs.*seq-cls"):
+        tuned.export(str(tmp_path / "x"), gguf="q8_0", display="none")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_unwritable_folder_is_refused_before_work(run, tmp_path, monkeypatch):  # noqa: F811
+    real = os.access
+    locked = str(tmp_path / "locked")
+    os.makedirs(locked)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == locked else real(p, mode))  # root ignores chmod
+    with pytest.raises(ConfigError, match=r"cannot write in .*locked.* \(permission denied\)"):
+        run.export(os.path.join(locked, "exp"), gguf="q8_0", display="none")
+    assert os.listdir(locked) == []
+
+
+def test_full_disk_mid_gguf_keeps_the_previous_export(run, tmp_path, monkeypatch):  # noqa: F811
+    import gguf
+
+    target = str(tmp_path / "exp")
+    run.export(target, display="none")
+    before = sorted(os.listdir(target))
+    real, written = gguf.GGUFWriter.write_tensor_data, []
+
+    def fill_up(self, tensor, *a, **kw):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(1)
+        return real(self, tensor, *a, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fill_up)
+    with pytest.raises(ConfigError, match=r"could not write .*No space left on device.*previous export there is intact"):
+        run.export(target, overwrite=True, gguf="f32", display="none")
+    assert sorted(os.listdir(target)) == before and os.listdir(tmp_path) == ["exp"]
+
+
+def test_cli_refuses_a_bad_quantization_before_training(tmp_path, capsys):
+    from peft_magic.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: nowhere/not-loaded\ndata: {train: x.jsonl}\n")
+    assert main(["train", str(cfg), "--export", str(tmp_path / "e"), "--gguf", "q8"]) == 2
+    assert "did you mean 'q8_0'?" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--gguf", "q8_0"]) == 2
+    assert "--gguf needs --export DIR" in capsys.readouterr().err
+
+
+def test_form_export_button_writes_the_gguf(run, tmp_path):  # noqa: F811
+    from peft_magic.ui.form import Form
+
+    form = Form({"model": "x"}, name="run", namespace={}, preflight_delay=None)
+    form.run = run
+    form.export_gguf.value = "q8_0"
+    path = form.export(str(tmp_path / "f"))
+    assert path and os.path.isfile(os.path.join(path, "run-q8_0.gguf"))
+    assert "run-q8_0.gguf" in form.message.value and form.error.value == ""
+
+
+# ---------------------------------------------------------------- the Hub, offline
+class FakeHub:
+    """Records what `huggingface_hub.HfApi` would be asked to do."""
+
+    def __init__(self):
+        self.calls, self.uploaded = [], []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw.get("private")))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=(), token=None, **kw):
+        import fnmatch
+
+        assert token == FAKE_TOKEN  # the token reaches huggingface_hub...
+        for root, _dirs, files in os.walk(folder_path):
+            for f in files:
+                rel = os.path.relpath(os.path.join(root, f), folder_path)
+                if not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns):
+                    self.uploaded.append(rel)
+
+
+def test_push_uploads_every_file_and_no_file_holds_the_token(run, tmp_path, monkeypatch):  # noqa: F811
+    from peft_magic.export import hub
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    fake = FakeHub()
+    monkeypatch.setattr(hub, "push_folder", _with_api(hub.push_folder, fake))
+    path = run.export(str(tmp_path / "exp"), gguf="q8_0", gguf_adapter=True, parity=False, display="none",
+                      push_to_hub="me/tiny-model", private=True)  # fmt: skip
+    assert fake.calls == [("create_repo", "me/tiny-model", True)]
+    assert sorted(fake.uploaded) == sorted(os.listdir(path))  # adapter, GGUF files, Modelfiles, card
+    assert run.last_export.hub_url == "https://huggingface.co/me/tiny-model"
+    assert FAKE_TOKEN.encode() not in _all_text(path)
+
+
+def _with_api(push, api):
+    def push_with(folder, repo_id, private=False, api_=None, message=None):
+        return push(folder, repo_id, private=private, api=api, message=message)
+
+    return push_with
+
+
+def test_push_without_a_token_is_refused_before_work(run, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login either
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    with pytest.raises(ConfigError, match=r"no Hugging Face token found.*Fix: set HF_TOKEN .*hf auth login"):
+        run.export(str(tmp_path / "exp"), gguf="q8_0", push_to_hub="me/tiny", display="none")
+    assert not os.path.exists(tmp_path / "exp")
+
+
+def test_failed_upload_is_one_line_and_the_export_stays(run, tmp_path, monkeypatch):  # noqa: F811
+    """The real HfApi, with the Hub switched off (HF_HUB_OFFLINE=1, as on these machines)."""
+    import huggingface_hub.constants
+
+    from peft_magic.export.hub import HubError
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    target = str(tmp_path / "exp")
+    with pytest.raises(HubError) as err:
+        run.export(target, gguf="q8_0", parity=False, push_to_hub="me/tiny", display="none")
+    message = str(err.value)
+    assert "\n" not in message and FAKE_TOKEN not in message
+    assert message.startswith("push_to_hub: the upload to me/tiny failed") and f"the export in '{target}' is intact" in message
+    assert f"hf upload me/tiny {target}" in message
+    assert "run-q8_0.gguf" in os.listdir(target) and run.last_export.folder == target
+
+
+@pytest.mark.parametrize("repo_id", ["me/my model", "me/name/extra", "me/", "-me/x", "me/x--y", "me/x.git"])
+def test_hub_ids_with_a_typo_are_refused(repo_id):
+    from peft_magic.export.hub import HubError, check_repo_id
+
+    with pytest.raises(HubError, match=r"is not a Hub repo id: .*Fix: e.g. --push-to-hub your-name/my-model"):
+        check_repo_id(repo_id)
+    assert check_repo_id(" me/my-model.v2 ") == "me/my-model.v2"
