@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 
+from .config.objectives import OBJECTIVE_TASKS
 from .config.schema import Config, parse_config
 from .errors import ConfigError, TrainingFailed
 from .events import EventBus
@@ -174,6 +175,9 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.quantization == "none" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    from .training.objectives import keep_reference
+
+    data.reference = keep_reference(cfg, model, method)  # dpo/grpo with a method without an adapter to disable
     set_seed(cfg.train.seed)  # adapter initialisation is part of what the seed reproduces
     with models.quiet_loading(run.warnings):
         model = method.apply(model, cfg, calibration=_calibration(data, cfg))
@@ -295,6 +299,10 @@ def _fit(run: Run, bus: EventBus, resume_meta=None) -> None:
     ckpt = Checkpointer(cfg.train.output_dir, run.method, cfg, cfg.train.save_steps, cfg.train.save_total_limit,
                         save_minutes=cfg.train.save_minutes)  # fmt: skip
     evaluate_fn = partial(_eval_fn, task=cfg.task, labels=run.labels)
+    if cfg.task in OBJECTIVE_TASKS:
+        from .training.objectives import evaluate_objective
+
+        evaluate_fn = partial(evaluate_objective, cfg=cfg, data=run.data)
     out_of_memory = False
     try:
         run.model = fit(run.model, cfg, run.data, run.method, run.state, bus, run._stop, run.history,

@@ -19,6 +19,7 @@ AUTO_CLASSES = {
     "seq-cls": "AutoModelForSequenceClassification",
     "token-cls": "AutoModelForTokenClassification",
     "seq2seq": "AutoModelForSeq2SeqLM",
+    **dict.fromkeys(("dpo", "orpo", "grpo"), "AutoModelForCausalLM"),  # preference and reward tuning of an LM
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from ..errors import ConfigError, did_you_mean
+from .objectives import OBJECTIVE_TASKS, SECTIONS as OBJECTIVE_SECTIONS, DPOConfig, GRPOConfig, ORPOConfig
 
-TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
+TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq", *OBJECTIVE_TASKS)
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -270,9 +271,14 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # read for task: dpo only (config/objectives.py), as
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)  # are orpo and grpo for their tasks
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def validate(self) -> "Config":
         _check_choice(self.task, TASKS, "task")
+        if self.task in OBJECTIVE_TASKS:
+            getattr(self, self.task).validate()
         self.model.validate()
         self.method.validate()
         self.data.validate()
@@ -294,6 +300,8 @@ class Config:
         default = Config()
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in OBJECTIVE_SECTIONS and f.name != self.task:
+                continue  # a dpo run saves its dpo section only; supervised runs none
             if dataclasses.is_dataclass(value):
                 section = {}
                 for sf in fields(value):
@@ -321,7 +329,8 @@ class Config:
 
 # ---------------------------------------------------------------- parsing
 
-SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
+            **OBJECTIVE_SECTIONS}  # fmt: skip
 ALIASES = {
     "train": {
         "batch_size": "per_device_train_batch_size",
@@ -358,6 +367,8 @@ def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
     if isinstance(source, Config):
         raw = source.to_dict()
         raw["data"].update({"train": source.data.train, "eval": source.data.eval, "forgetting": source.data.forgetting})
+        if "grpo" in raw:
+            raw["grpo"]["rewards"] = list(source.grpo.rewards)  # functions, not their placeholders
     else:
         raw = load_mapping(source)
     for key, value in (defaults or {}).items():

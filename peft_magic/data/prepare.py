@@ -316,14 +316,15 @@ def make_collator(tokenizer, task: str):
 def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
     """Resolve, check, split and tokenize the config's data."""
     dcfg, task = cfg.data, cfg.task
+    if task in ("dpo", "orpo", "grpo"):  # preference pairs or prompts (data/preference.py)
+        from .preference import prepare_objective_data
+
+        return prepare_objective_data(cfg, tokenizer, namespace)
     train = resolve(dcfg.train, namespace, "data.train", dcfg.split)
     train, kind, fmt = _shape(train, dcfg, task, "data.train")
     eval_, eval_kind = None, kind
     if isinstance(dcfg.eval, float):
-        if len(train) < 2:
-            raise ConfigError("too few rows to hold out an eval split. Fix: add rows or set `eval: null`.", key="data.eval")
-        split = train.train_test_split(test_size=dcfg.eval, seed=cfg.train.seed)
-        train, eval_ = split["train"], split["test"]
+        train, eval_ = hold_out(train, dcfg.eval, cfg.train.seed)
     elif dcfg.eval is not None:
         eval_ = resolve(dcfg.eval, namespace, "data.eval", "validation")
         eval_, eval_kind, _ = _shape(eval_, dcfg, task, "data.eval")
@@ -366,6 +367,14 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
         full_lengths={k: v for k, v in full.items() if v is not None},
         tokenizer=tokenizer,
     )
+
+
+def hold_out(train, fraction: float, seed: int):
+    """(train, eval) with `fraction` of the rows held out (`data.eval: 0.1`)."""
+    if len(train) < 2:
+        raise ConfigError("too few rows to hold out an eval split. Fix: add rows or set `eval: null`.", key="data.eval")
+    split = train.train_test_split(test_size=fraction, seed=seed)
+    return split["train"], split["test"]
 
 
 def _shape(ds, dcfg, task, key):

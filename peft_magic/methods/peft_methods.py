@@ -13,7 +13,8 @@ from ..config.schema import coerce_typed
 from ..errors import ConfigError, did_you_mean
 from . import register
 
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "seq2seq": "SEQ_2_SEQ_LM",
+              "dpo": "CAUSAL_LM", "orpo": "CAUSAL_LM", "grpo": "CAUSAL_LM"}  # fmt: skip
 # Keys peft_magic manages itself; a user giving them would only create conflicts.
 MANAGED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode"}
 # Keys of ours accepted by every peft method.

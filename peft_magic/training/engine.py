@@ -192,6 +192,9 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     if t.report_to:
         accelerator.init_trackers("peft_magic", config=cfg.to_dict())
     regularizer = getattr(method, "regularizer", None)
+    from .objectives import make_objective
+
+    objective = make_objective(cfg, data, accelerator, state)  # dpo/orpo/grpo; None: the model's own loss
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     state.max_steps, state.warmup_steps, state.lr_scheduler_type = max_steps, warmup, t.lr_scheduler_type
@@ -245,7 +248,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         guard.poll(state)
                         raise StopRequested
                     with accelerator.accumulate(model):
-                        task_loss = model(**batch).loss  # the outputs (logits: batch x length x vocab) die here,
+                        task_loss = objective(model, batch) if objective else model(**batch).loss  # the outputs (logits: batch x length x vocab) die here,
                         loss = task_loss  # not after the next step's forward has allocated its own
                         if regularizer is not None:
                             extra = regularizer(accelerator.unwrap_model(model))
@@ -276,7 +279,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                     bus.emit("on_step_end", state)
                     if step % t.logging_steps == 0 or step == max_steps:
                         guard.poll(state)
-                        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step)
+                        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective)
                         loss_sum.zero_()
                         micro = 0
                         last_log = step
@@ -309,7 +312,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=True,
                     pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
     if micro and step > last_log:
-        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step)
+        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective)
     final = run_eval()
     if t.report_to:
         accelerator.end_training()
@@ -321,7 +324,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     return unwrapped
 
 
-def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step):
+def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective=None):
     """The one host sync per `logging_steps`: read the averaged loss back and publish a history row."""
     loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(micro, 1)
     if not math.isfinite(loss):
@@ -336,6 +339,10 @@ def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, s
     state.learning_rate = lr
     state.memory = memory_reading()
     row = {"step": step, "epoch": round(state.epoch, 4), "loss": loss, "learning_rate": lr}
+    extra = objective.flush() if objective else {}  # rewards, margins, KL... of dpo/orpo/grpo (objectives.py)
+    row.update({k: v for k, v in extra.items() if not k.startswith("_")})
+    if "_samples" in extra:
+        state.samples = extra["_samples"]  # GRPO: the last few completions and their rewards, for the panel
     history.append(row)
     state.log_history = history
     if accelerator.trackers:

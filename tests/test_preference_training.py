@@ -1,0 +1,184 @@
+"""DPO, ORPO and GRPO through our own loop on a tiny Llama: they learn, the reference is the base, resume is exact,
+bad input is one clear line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import peft_magic
+from peft_magic.errors import ConfigError, TrainingFailed
+
+PAIRS = [("what was the movie", "good", "bad"), ("what was the film", "great", "awful"),
+         ("how was the plot", "nice", "poor"), ("how was the music", "lovely", "boring"),
+         ("why was the acting", "fun", "dull"), ("what is the cat", "good", "dull")]  # fmt: skip
+
+
+def pairs(n=12):
+    return [{"prompt": PAIRS[i % 6][0] + " ", "chosen": PAIRS[i % 6][1], "rejected": PAIRS[i % 6][2]} for i in range(n)]
+
+
+def chat_pairs(n=12):
+    rows = []
+    for p, c, r in (PAIRS * 2)[:n]:
+        rows.append({"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                     "rejected": [{"role": "assistant", "content": r}]})  # fmt: skip
+    return rows
+
+
+def pref_config(model, out, task="dpo", data=None, steps=20, **section):
+    cfg = {"model": model, "task": task, "method": {"name": "lora", "r": 4},
+           "data": {"train": data if data is not None else pairs(), "eval": None},
+           "train": {"max_steps": steps, "learning_rate": 2e-2, "per_device_train_batch_size": 4, "logging_steps": 5,
+                     "eval_steps": 0, "output_dir": str(out)}}  # fmt: skip
+    if section:
+        cfg[task] = section
+    return cfg
+
+
+def test_dpo_reaches_full_train_preference_accuracy(tiny_llama, workdir):
+    cfg = pref_config(tiny_llama, workdir / "dpo", data=chat_pairs(), beta=0.5)
+    cfg["data"]["eval"] = chat_pairs()  # the training pairs themselves: train preference accuracy
+    run = peft_magic.train(cfg, display="none")
+    rows = [r for r in run.history if "rewards_accuracy" in r]
+    assert rows[0]["rewards_margin"] < rows[-1]["rewards_margin"]
+    assert run.metrics["rewards_accuracy"] == 1.0 and run.metrics["rewards_margin"] > 0
+    assert run.history[-1]["eval_rewards_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_dpo_variants_raise_the_margin(tiny_llama, workdir, loss_type):
+    cfg = pref_config(tiny_llama, workdir / loss_type, beta=0.5, loss_type=loss_type, steps=10)
+    cfg["train"]["learning_rate"] = 5e-3  # IPO's squared loss has large gradients: 2e-2 oscillates
+    run = peft_magic.train(cfg, display="none")
+    rows = [r for r in run.history if "rewards_margin" in r]
+    assert rows[-1]["rewards_margin"] > rows[0]["rewards_margin"]
+
+
+def test_orpo_prefers_chosen_without_a_reference(tiny_llama, workdir):
+    run = peft_magic.train(pref_config(tiny_llama, workdir / "orpo", task="orpo", beta=1.0, steps=30), display="none")
+    rows = [r for r in run.history if "rewards_accuracy" in r]
+    assert rows[-1]["rewards_accuracy"] == 1.0 and rows[-1]["nll_loss"] < rows[0]["nll_loss"]
+
+
+def test_reference_is_the_base_model(tiny_llama, workdir):
+    """The adapter-disabled model gives the base model's log-probs, after training moved the adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from peft_magic.training.objectives import reference_model
+
+    run = peft_magic.train(pref_config(tiny_llama, workdir / "ref", steps=5), display="none")
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    run.model.eval()
+    with torch.no_grad(), reference_model(run.model) as ref:
+        assert torch.allclose(ref(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(run.model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+
+
+def says_good(prompts, completions, **columns):
+    return [float(c.split().count("good")) for c in completions]
+
+
+def grpo_config(model, out, steps=12, rewards=("$says_good",), **section):
+    prompts = [{"prompt": p, "topic": p.split()[-1]} for p, _, _ in PAIRS]
+    return {"model": model, "task": "grpo", "method": {"name": "lora", "r": 8},
+            "data": {"train": prompts, "eval": None},
+            "grpo": {"rewards": list(rewards), "num_generations": 4, "max_new_tokens": 6, "beta": 0.04, **section},
+            "train": {"max_steps": steps, "learning_rate": 3e-2, "per_device_train_batch_size": 2, "logging_steps": 3,
+                      "eval_steps": 0, "output_dir": str(out)}}  # fmt: skip
+
+
+def test_grpo_raises_the_mean_reward(tiny_llama, workdir):
+    run = peft_magic.train(grpo_config(tiny_llama, workdir / "grpo", steps=24), namespace={"says_good": says_good},
+                           display="none")  # fmt: skip
+    rows = [r for r in run.history if "reward" in r]
+    first, last = rows[0]["reward"], (rows[-1]["reward"] + rows[-2]["reward"]) / 2
+    assert last > 3 * first and last > first + 0.2, [r["reward"] for r in rows]  # 0.08 -> 0.40 when written
+    assert rows[-1]["reward_says_good"] == rows[-1]["reward"] and "kl" in rows[-1] and "completion_length" in rows[-1]
+    assert run.state.samples and {"prompt", "completion", "reward"} <= set(run.state.samples[-1])
+
+
+def _weights(run):
+    return {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("task", ["dpo", "grpo"])
+def test_stop_and_resume_equal_an_uninterrupted_run(tiny_llama, workdir, task):
+    ns = {"says_good": says_good}
+
+    def cfg(out):
+        c = grpo_config(tiny_llama, out, steps=6) if task == "grpo" else pref_config(tiny_llama, out, steps=6)
+        c["train"]["save_steps"] = 3
+        return c
+
+    whole = peft_magic.train(cfg(workdir / "a"), namespace=ns, display="none")
+    resumed = peft_magic.train(cfg(workdir / "b"), namespace=ns, display="none",
+                               resume=str(workdir / "a" / "checkpoint-3"))  # fmt: skip
+    assert resumed.state.step == 6
+    a, b = _weights(whole), _weights(resumed)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert [r["loss"] for r in whole.history if "loss" in r][-1] == pytest.approx(
+        [r["loss"] for r in resumed.history if "loss" in r][-1], rel=1e-5)
+
+
+def broken(prompts, completions, **columns):
+    raise ValueError("no score")
+
+
+def short(prompts, completions, **columns):
+    return [1.0]
+
+
+def wordy(prompts, completions, **columns):
+    return ["high"] * len(completions)
+
+
+@pytest.mark.parametrize("fn, fragment", [(broken, "'broken' raised ValueError: no score"),
+                                          (short, "'short' returned 1 values for 8 completions"),
+                                          (wordy, "'wordy' returned 'high' (str)")])  # fmt: skip
+def test_bad_reward_function_stops_with_one_line_keeping_the_checkpoint(tiny_llama, workdir, fn, fragment):
+    good = peft_magic.train(grpo_config(tiny_llama, workdir / "r", steps=2), namespace={"says_good": says_good},
+                            display="none")  # fmt: skip
+    assert os.path.isdir(workdir / "r" / "checkpoint-2")
+    cfg = grpo_config(tiny_llama, workdir / "r", steps=4, rewards=("$says_good", f"${fn.__name__}"))
+    with pytest.raises(TrainingFailed, match=fragment.replace("(", r"\(").replace(")", r"\)")) as e:
+        peft_magic.train(cfg, namespace={"says_good": says_good, fn.__name__: fn}, display="none",
+                         resume=str(workdir / "r" / "checkpoint-2"))  # fmt: skip
+    assert "\n" not in str(e.value) and os.path.isdir(workdir / "r" / "checkpoint-2") and good.model is not None
+
+
+@pytest.mark.parametrize("patch, key, fragment", [
+    ({"task": "dpo", "data": {"train": [{"prompt": "a", "chosen": "b"}]}}, "data.train", "'rejected'"),
+    ({"task": "dpo", "data": {"train": [{"question": "a", "chosen": "b", "rejected": "c"}]}}, "data.train", "'prompt'"),
+    ({"task": "dpo", "dpo": {"beta": 0}}, "dpo.beta", "> 0"),
+    ({"task": "orpo", "orpo": {"beta": -1}}, "orpo.beta", "> 0"),
+    ({"task": "dpo", "dpo": {"loss_type": "sigmod"}}, "dpo.loss_type", "sigmoid"),
+    ({"task": "grpo", "grpo": {"rewards": []}}, "grpo.rewards", "none is given"),
+    ({"task": "grpo", "grpo": {"rewards": ["$says_good"], "num_generations": 1}}, "grpo.num_generations", "at least 2"),
+    ({"task": "grpo", "grpo": {"rewards": ["$nope"]}}, "grpo.rewards", "'$nope' is not defined"),
+    ({"task": "grpo", "grpo": {"rewards": ["$text"]}}, "grpo.rewards", "not a function"),
+    ({"task": "grpo", "grpo": {"rewards": ["$two_args"]}}, "grpo.rewards", "cannot be called"),
+    ({"task": "grpo", "data": {"train": [{"question": "a"}]}, "grpo": {"rewards": ["$says_good"]}}, "data.train", "'prompt'"),
+])  # fmt: skip
+def test_bad_input_is_one_clear_line(tiny_llama, workdir, patch, key, fragment):
+    cfg = pref_config(tiny_llama, workdir / "bad", steps=1)
+    if patch["task"] == "grpo":
+        cfg = grpo_config(tiny_llama, workdir / "bad", steps=1)
+        cfg["grpo"] = patch.get("grpo", {})
+    cfg.update({k: v for k, v in patch.items() if k not in ("data", "grpo")})
+    cfg["data"].update(patch.get("data", {}))
+    ns = {"says_good": says_good, "text": "hello", "two_args": lambda a, b: [0.0]}
+    with pytest.raises(ConfigError) as e:
+        peft_magic.train(cfg, namespace=ns, display="none")
+    assert e.value.key == key and fragment in str(e.value), str(e.value)
+
+
+def test_classifier_model_is_refused_for_dpo(tiny_bert, workdir):
+    with pytest.raises(ConfigError, match="task dpo tunes a language model") as e:
+        peft_magic.train(pref_config(tiny_bert, workdir / "cls", steps=1), display="none")
+    assert e.value.key == "task"
