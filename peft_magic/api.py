@@ -337,6 +337,14 @@ def evaluate(run: Run, data=None, namespace=None) -> dict:
     if run.model is None:
         raise ConfigError("this run has no model to evaluate.", key=run.name)
     cfg = run.config
+    if cfg.task in OBJECTIVE_TASKS:  # preference accuracy and margin, or greedy rewards (training/objectives.py)
+        from .report import EvalMetrics
+        from .training.objectives import evaluate_on
+
+        metrics = EvalMetrics(evaluate_on(run, data, namespace))
+        run.history.append({"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        run.metrics = metrics
+        return metrics
     if data is None:
         if run.data is None or run.data.eval is None:
             raise ConfigError("this run has no eval data. Fix: run.evaluate(data=...) or set `data.eval`.", key="data.eval")

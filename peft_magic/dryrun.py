@@ -84,6 +84,10 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
     }
     _add_data_rows(plan, data)
+    if cfg.task in ("dpo", "orpo", "grpo"):
+        from .training.objectives import plan_rows
+
+        plan.rows.update(plan_rows(cfg, data))
     if cfg.data.forgetting is not None:
         from .training.forgetting import describe as describe_forgetting
 

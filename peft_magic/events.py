@@ -71,6 +71,7 @@ class TrainState:
     flops_per_token: float | None = None
     peak_tflops: float | None = None
     output_dir: str | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)  # GRPO: the last few completions and rewards
 
     @property
     def elapsed(self) -> float:

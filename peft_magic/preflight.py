@@ -246,15 +246,19 @@ def estimate_for_config(
     from .devices import device_info, resolve_dtype, resolve_mixed_precision
     from .models import load_config
 
+    from .training.objectives import OBJECTIVE_TASKS, with_reference_pass, step_tokens
+
     info = info or device_info()
+    seq = seq_len
+    seq_len = step_tokens(config, seq_len or config.data.max_length)  # dpo/orpo/grpo: every sequence of a step
     if config.method.name == "full":  # every parameter trains: gradients and AdamW states for all of them
         from .methods.full import estimate_for_config as full_estimate
 
-        return full_estimate(config, info, seq_len=seq_len)
+        return with_reference_pass(full_estimate(config, info, seq_len=seq_len), config, seq)
     params = {k: v for k, v in config.method.params.items() if k != "from"}
-    return estimate_memory(
+    return with_reference_pass(estimate_memory(
         model_config if model_config is not None else load_config(config.model),
-        task=config.task,
+        task="causal-lm" if config.task in OBJECTIVE_TASKS else config.task,
         quantization=config.model.quantization,
         dtype=resolve_dtype(config.model.dtype, info),
         trainable_params=trainable_params,
@@ -265,7 +269,7 @@ def estimate_for_config(
         gradient_checkpointing=config.train.gradient_checkpointing,
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info),
         device=info,
-    )
+    ), config, seq)
 
 
 # -- what the model is made of (from the meta device)

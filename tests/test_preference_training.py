@@ -182,3 +182,68 @@ def test_classifier_model_is_refused_for_dpo(tiny_bert, workdir):
     with pytest.raises(ConfigError, match="task dpo tunes a language model") as e:
         peft_magic.train(pref_config(tiny_bert, workdir / "cls", steps=1), display="none")
     assert e.value.key == "task"
+
+
+# ---------------------------------------------------------------- what the user sees
+
+
+def test_dry_run_plans_generations_and_counts_the_reference(tiny_llama, workdir):
+    from peft_magic.dryrun import dry_run
+    from peft_magic.preflight import estimate_for_config
+
+    ns = {"says_good": says_good}
+    plan = dry_run(grpo_config(tiny_llama, workdir / "g"), namespace=ns)
+    assert "2 prompts x 4 generations = 8 completions" in plan.rows["per step"] and "says_good" in plan.rows["objective"]
+    plan = dry_run(pref_config(tiny_llama, workdir / "d"))
+    assert "adapter disabled" in plan.rows["objective"] and "8 sequences per forward" in plan.rows["per step"]
+    sft = peft_magic.parse_config({**pref_config(tiny_llama, workdir), "task": "causal-lm", "data": {"train": pairs()}})
+    dpo = peft_magic.parse_config(pref_config(tiny_llama, workdir))
+    est_sft, est_dpo = estimate_for_config(sft, seq_len=16), estimate_for_config(dpo, seq_len=16)
+    assert est_dpo.activations > 2 * est_sft.activations and est_dpo.weights == est_sft.weights
+    full = peft_magic.parse_config({**pref_config(tiny_llama, workdir), "method": "full"})
+    assert estimate_for_config(full, seq_len=16).weights > 1.9 * estimate_for_config(
+        peft_magic.parse_config({**pref_config(tiny_llama, workdir), "method": "full", "task": "orpo"}), seq_len=16).weights
+
+
+def test_eval_summary_card_and_lines_show_the_figures(tiny_llama, workdir):
+    import io
+
+    from peft_magic.ui.objective import objective_facts
+    from peft_magic.ui.summary import summary_html
+    from peft_magic.ui.terminal import TerminalPrinter
+
+    out = io.StringIO()
+    cfg = pref_config(tiny_llama, workdir / "dpo", data=chat_pairs(), beta=0.5, steps=10)
+    run = peft_magic.train(cfg, display=TerminalPrinter(out))
+    assert "accuracy" in out.getvalue() and "margin" in out.getvalue()
+    metrics = run.evaluate(data=chat_pairs())
+    assert metrics["rewards_accuracy"] > 0.5 and run.history[-1]["eval_rewards_accuracy"] == metrics["rewards_accuracy"]
+    html = summary_html(run.state, run.history)
+    assert "preferences" in html and "eval preferences" in html
+    card = open(os.path.join(run.export(workdir / "dpo-adapter"), "README.md")).read()
+    assert "| preferences | accuracy" in card and "| task | dpo |" in card
+
+    ns = {"says_good": says_good}
+    gcfg = grpo_config(tiny_llama, workdir / "grpo", steps=3)
+    gcfg["data"]["eval"] = [{"prompt": "what was the movie", "topic": "movie"}]
+    grun = peft_magic.train(gcfg, namespace=ns, display="none")
+    assert {"eval_reward", "eval_reward_says_good", "eval_completion_length"} <= set(grun.history[-1])
+    facts = dict(objective_facts(grun.history))
+    assert "KL" in facts["reward"] and "eval reward (greedy)" in facts
+    html = summary_html(grun.state, grun.history)
+    assert "recent samples" in html and "peft-samples" in html
+    from peft_magic.ui.panel import LivePanel
+
+    panel = LivePanel(auto_show=False)
+    panel.on_train_begin(grun.state)  # the live panel's stats: reward row and the samples table
+    assert "reward" in panel.stats.value and "recent samples" in panel.stats.value
+    final = grun.history[-1]["eval_reward"]
+    assert grun.evaluate()["reward"] == final  # greedy: the same completions, the same reward
+
+
+def test_compare_sweeps_dpo_beta(tiny_llama, workdir):
+    cfg = pref_config(tiny_llama, workdir / "cmp", steps=4)
+    cfg["data"]["eval"] = pairs(6)
+    del cfg["train"]["output_dir"]
+    cmp = peft_magic.compare(cfg, sweep={"dpo.beta": [0.1, 0.5]}, display="none", name="beta")
+    assert len(cmp.rows) == 2 and all("eval_rewards_accuracy" in r for r in cmp.rows), cmp.rows

@@ -73,7 +73,7 @@ def test_every_config_field_has_a_widget_with_its_help_as_tooltip(tiny_llama):
     assert isinstance(form.fields["train.learning_rate"].widget, widgets.FloatText)
     assert form.fields["train.lr_scheduler_type"].widget.options == SCHEDULERS
     # Sections are tabs in the order a person decides, each field under its own section's tab.
-    assert form.tabs.titles == ("Model", "Method", "Data", "Training", "Export")
+    assert form.tabs.titles == ("Model", "Method", "Data", "Training", "DPO", "ORPO", "GRPO", "Export")
     for index, section in enumerate(("model", "method", "data", "train")):
         page = {id(w) for w in descendants(form.tabs.children[index])}
         assert all(id(f.widget) in page for k, f in form.fields.items() if k.startswith(section + "."))

@@ -54,6 +54,9 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=())
         lines += [f"| {k} | {v:.4g} |" for k, v in scalars.items()]
         lines.append("")
     lines += _forgetting_section(run)
+    from ..ui.objective import card_lines
+
+    lines += card_lines(run.history)  # dpo/orpo/grpo: rewards, margins, accuracy
     last = next((r for r in reversed(run.history) if "loss" in r), None)
     if last:
         lines += [f"Final training loss: {last['loss']:.4f} at step {last['step']}.", ""]

@@ -82,6 +82,10 @@ class _Sums:
         return out
 
 
+def _unwrap(accelerator, model):
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
 def _position_ids(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -113,7 +117,7 @@ class PairObjective:
             return orpo_loss(avg[:n], avg[n:], nll, self.section.beta), nll
         logps, ntok = completion_logps(logits, labels)
         del logits
-        with torch.no_grad(), reference_model(self.accelerator.unwrap_model(model), self.reference) as ref:
+        with torch.no_grad(), reference_model(_unwrap(self.accelerator, model), self.reference) as ref:
             ref_logps, _ = completion_logps(ref(input_ids=ids, attention_mask=mask).logits, labels)
         out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], self.section.beta,
                        self.section.loss_type, ntok[:n], ntok[n:])  # fmt: skip
@@ -246,7 +250,7 @@ class GRPOObjective:
 
         import torch
 
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = _unwrap(self.accelerator, model)
         G = self.g.num_generations
         seqs, width, cmask = self.generate(unwrapped, batch, seed=self._seed())
         completion = seqs[:, width:]
@@ -287,7 +291,7 @@ class GRPOObjective:
         import torch
 
         sums = _Sums()
-        unwrapped = self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+        unwrapped = _unwrap(self.accelerator, model)
         device = next(unwrapped.parameters()).device
         for batch in dataloader:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -305,6 +309,91 @@ def evaluate_objective(model, dataloader, accelerator, cfg, data) -> dict:
     """`evaluate_fn` of dpo/orpo/grpo runs."""
     objective = make_objective(cfg, data, accelerator, None)
     return objective.evaluate(model, dataloader)
+
+
+# ---------------------------------------------------------------- the plan and the pre-flight
+
+
+def step_tokens(cfg, seq_len: int) -> int:
+    """Tokens per example whose activations a step keeps: chosen + rejected for dpo/orpo (one forward of both);
+    the num_generations completions of each prompt, prompt + max_new_tokens long, for grpo."""
+    if cfg.task in PAIR_TASKS:
+        return 2 * seq_len
+    if cfg.task == "grpo":
+        return cfg.grpo.num_generations * (seq_len + cfg.grpo.max_new_tokens)
+    return seq_len
+
+
+def with_reference_pass(est, cfg, seq_len=None):
+    """The pre-flight of a dpo/grpo run: the reference pass (no activations kept, but its fp32 logits live next
+    to the policy's) and, for a method without an adapter to disable, the frozen copy of the weights."""
+    import dataclasses
+
+    if cfg.task not in ("dpo", "grpo") or (cfg.task == "grpo" and cfg.grpo.beta == 0):
+        return est
+    config = est.inputs.get("model_config")
+    vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", 0) or 0
+    tokens = step_tokens(cfg, seq_len or cfg.data.max_length) * cfg.train.per_device_train_batch_size
+    logits = tokens * vocab * 4
+    from ..methods import get_method
+    from ..methods.peft_methods import PeftMethod
+
+    copy = 0 if isinstance(get_method(cfg.method.name), PeftMethod) else est.weights  # see keep_reference
+    return dataclasses.replace(est, activations=est.activations + logits, weights=est.weights + copy,
+                               total=est.total + logits + copy)  # fmt: skip
+
+
+def plan_rows(cfg, data) -> dict:
+    """The dry run's rows for dpo/orpo/grpo: the objective, the reference, what one step computes."""
+    t = cfg.train
+    b = t.per_device_train_batch_size
+    avg = data.train_tokens / max(data.train_rows, 1)
+    if cfg.task in PAIR_TASKS:
+        s = getattr(cfg, cfg.task)
+        what = f"DPO ({s.loss_type}) beta {s.beta:g}" if cfg.task == "dpo" else f"ORPO beta {s.beta:g} (no reference)"
+        ref = "" if cfg.task == "orpo" else " · reference: " + ("the base, adapter disabled (no copy)" if cfg.method.name != "full"
+                                                               else "a frozen copy of the base")  # fmt: skip
+        return {"objective": what + ref,
+                "per step": f"{b} pairs x accum {t.gradient_accumulation_steps}: {2 * b} sequences per forward "
+                            f"(~{format(round(2 * b * avg), ',')} tokens){' + the same through the reference' if cfg.task == 'dpo' else ''}"}  # fmt: skip
+    g = cfg.grpo
+    names = ", ".join(r if isinstance(r, str) else getattr(r, "__name__", "?") for r in g.rewards)
+    n = b * g.num_generations
+    return {"objective": f"GRPO · rewards {names} · beta {g.beta:g} · epsilon {g.epsilon:g}",
+            "per step": f"{b} prompts x {g.num_generations} generations = {n} completions per micro-batch, up to "
+                        f"{g.max_new_tokens} new tokens each (≤ {format(round(n * (avg + g.max_new_tokens)), ',')} "
+                        f"tokens/step through the policy{' and the reference' if g.beta else ''}), temperature "
+                        f"{g.temperature:g}"}  # fmt: skip
+
+
+def evaluate_on(run, data=None, namespace=None) -> dict:
+    """`%peft_eval` / `Run.evaluate` of a dpo/orpo/grpo run: its eval split, or another source of pairs/prompts."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from ..data import preference
+    from ..data.prepare import resolve
+    from ..errors import ConfigError
+
+    cfg, prepared = run.config, run.data
+    if prepared is None:
+        raise ConfigError("this run holds no prepared data (it was loaded from an export). Fix: evaluate the run "
+                          "that trained it, in the same kernel.", key=run.name)  # fmt: skip
+    rows = (getattr(prepared, "objective", None) or {}).get("rows", {}).get("eval")
+    if data is None:
+        if prepared.eval is None:
+            raise ConfigError("this run has no eval data. Fix: run.evaluate(data=...) or set `data.eval`.", key="data.eval")
+        ds = prepared.eval
+    else:
+        rows = resolve(data, namespace, "data")
+        ds = (preference.tokenize_pairs(rows, run.tokenizer, cfg.data, "data")[0] if cfg.task in PAIR_TASKS
+              else preference.tokenize_prompts(rows, run.tokenizer, cfg.data, "data"))  # fmt: skip
+    view = copy.copy(prepared)
+    view.objective = {**(getattr(prepared, "objective", None) or {}), "rows": {"eval": rows}}
+    dl = DataLoader(ds.with_format("python"), batch_size=cfg.train.per_device_eval_batch_size,
+                    collate_fn=prepared.collator)  # fmt: skip
+    return make_objective(cfg, view, None, None).evaluate(run.model, dl)
 
 
 __all__ = ["OBJECTIVE_TASKS", "make_objective", "evaluate_objective", "keep_reference", "RewardError"]

@@ -371,7 +371,8 @@ class Form:
         self.tabs = widgets.Tab()
         pages = []
         # A config section added later gets a tab of its own, before Export.
-        tabs = [*TABS[:-1], *((s.title(), s) for s in SECTIONS if s not in dict(TABS).values()), TABS[-1]]
+        tabs = [*TABS[:-1], *((s.upper() if s in ("dpo", "orpo", "grpo") else s.title(), s)
+                              for s in SECTIONS if s not in dict(TABS).values()), TABS[-1]]  # fmt: skip
         for title, section in tabs:
             pages.append(self._export_page() if section is None else self._section_page(section))
         self.tabs.children, self.tabs.titles = pages, tuple(t for t, _ in tabs)

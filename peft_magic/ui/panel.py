@@ -19,6 +19,7 @@ from IPython import display as ipy_display
 from ..events import Callback, TrainState
 from .chart import CurveBuffer, confusion_matrix_svg, loss_chart_svg, series_from_history
 from .format import format_memory
+from .objective import objective_facts, samples_html
 from .lines import (
     end_text,
     eval_text,
@@ -247,10 +248,11 @@ class LivePanel(Callback):
         forgetting = forgetting_text(state.log_history)
         if forgetting:
             rows.append(("general text", forgetting))
+        rows += objective_facts(state.log_history)  # dpo/orpo/grpo: rewards, margins, accuracy, KL
         cells = "".join(
             f'<tr><td style="color:#666;padding:0 10px 0 0">{k}</td><td>{escape(v)}</td></tr>' for k, v in rows
         )
-        return f'<table style="font-size:12px;border-collapse:collapse">{cells}</table>'
+        return f'<table style="font-size:12px;border-collapse:collapse">{cells}</table>{samples_html(state.samples)}'
 
     def _redraw(self, state: TrainState, force: bool = False) -> None:
         """Push the current state to the widgets (ipywidgets sends only the values that changed)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from .chart import loss_chart_from_history
 from .format import format_duration, format_memory, format_number, metric_name
+from .objective import objective_facts, samples_html
 from .lines import (
     end_text,
     eval_rows,
@@ -88,6 +89,7 @@ def _facts(state, history: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     forgetting = forgetting_text(history)
     if forgetting:
         facts.append(("general-text loss", forgetting))
+    facts += objective_facts(history)
     facts.append(("learning rate", lr_text(state)))
     facts.append(("throughput", throughput_text(state)))
     if state.memory:
@@ -133,6 +135,8 @@ def summary_html(state, history: Iterable[Mapping[str, Any]], extra: Mapping[str
     metrics = metrics_table_html(eval_rows(history))
     if metrics:
         blocks.append(f"<div><b>evaluation</b>{metrics}</div>")
+    if getattr(state, "samples", None):
+        blocks.append(samples_html(state.samples))
     blocks += [
         f"<div><b>{escape(str(k))}</b><div>{v._repr_html_() or ''}</div></div>" for k, v in extra.items() if _is_rich(v)
     ]

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from ..events import Callback, TrainState
 from .format import format_count, format_number, metric_name
 from .lines import end_text, forgetting_text, header_text, log_line, metric_items, throughput_text
+from .objective import objective_facts
 
 
 class TerminalPrinter(Callback):
@@ -47,7 +48,8 @@ class TerminalPrinter(Callback):
 
     def on_log(self, state: TrainState, logs: dict[str, Any]) -> None:
         if "loss" in logs or "learning_rate" in logs:
-            self._print(log_line(state, logs))
+            extra = " · ".join(f"{k} {v}" for k, v in objective_facts([logs]))  # dpo/orpo/grpo figures
+            self._print(log_line(state, logs) + (f" · {extra}" if extra else ""))
 
     def on_evaluate(self, state: TrainState, metrics: dict[str, Any]) -> None:
         items = metric_items(metrics)
