@@ -47,6 +47,10 @@ class TrainState:
         flops_per_token: Counted FLOPs of one training step per real token (`flops.probe`), None when not counted
             (several processes, a quantized base).
         peak_tflops: The GPU's dense 16-bit peak, for the model FLOPs utilisation; None off a known GPU.
+        time_budget: `train.max_time` in seconds (None without one); start_step: the step this process began at
+            (a resumed run's checkpoint step), so rates count this process's steps only.
+        stop_note: Why a stop happened when no one asked for it (``train.max_time``).
+        output_note: Where checkpoints go, when that is a persistent folder chosen by default (Drive, Kaggle).
     """
 
     max_steps: int = 0
@@ -72,6 +76,10 @@ class TrainState:
     peak_tflops: float | None = None
     output_dir: str | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)  # GRPO: the last few completions and rewards
+    time_budget: float | None = None
+    start_step: int = 0
+    stop_note: str | None = None
+    output_note: str | None = None
 
     @property
     def elapsed(self) -> float:
@@ -80,9 +88,10 @@ class TrainState:
     @property
     def eta(self) -> float | None:
         """Seconds left, from the mean time per step so far (None before the first step)."""
-        if self.step <= 0 or self.max_steps <= 0:
+        done = self.step - self.start_step  # a resumed run's clock started at its checkpoint's step
+        if done <= 0 or self.max_steps <= 0:
             return None
-        return self.elapsed / self.step * max(self.max_steps - self.step, 0)
+        return self.elapsed / done * max(self.max_steps - self.step, 0)
 
 
 class Callback:

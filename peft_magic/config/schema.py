@@ -222,6 +222,11 @@ class TrainConfig:
     save_minutes: float = field(
         default=0.0, metadata=_help("Also checkpoint every N minutes (0: off), e.g. 10 on Colab/Kaggle sessions.")
     )
+    max_time: Optional[str] = field(
+        default=None,
+        metadata=_help("Time budget: stop gracefully, with a checkpoint, before it runs out (e.g. 11h30m on a 12-hour "
+                       "Colab session, 90m, 45s); --resume continues in the next session."),
+    )  # fmt: skip
     group_by_length: str = field(
         default="auto",
         metadata=_help("Batch examples of similar length (less padding), batches in random order. auto: when random "
@@ -258,6 +263,9 @@ class TrainConfig:
         _check_choice(self.lr_scheduler_type, SCHEDULERS, "train.lr_scheduler_type")
         _check_choice(self.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
         _check_choice(self.group_by_length, GROUPINGS, "train.group_by_length")
+        from ..training.deadline import parse_duration
+
+        parse_duration(self.max_time)
         if not 0 <= self.seed < 2**32:  # numpy's limit (set_seed seeds numpy too)
             raise ConfigError(f"must be between 0 and 4294967295, got {self.seed}.", key="train.seed")
 

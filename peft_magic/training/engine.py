@@ -204,9 +204,13 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         from .checkpoint import restore
 
         start_step = restore(resume, accelerator, model, optimizer, scheduler, state, history)
-    state.step = start_step
+    state.step = state.start_step = start_step
     state.status = "training"
     state.start_time = time.time()
+    from .deadline import Deadline
+
+    deadline = Deadline.from_config(cfg, state.start_time)  # train.max_time: stop, saved, before the budget ends
+    state.time_budget, state.stop_note = deadline.budget, None
     bus.emit("on_train_begin", state)
 
     def run_eval():
@@ -215,7 +219,8 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         guard.poll(state)  # never evaluate (or report) past a skipped, non-finite step
         state.status = "evaluating"
         bus.emit("on_status", state, "evaluating")
-        metrics = evaluate_fn(model, eval_dl, accelerator)
+        with deadline.timing("eval"):
+            metrics = evaluate_fn(model, eval_dl, accelerator)
         model.train()
         row = {"step": state.step, "epoch": round(state.epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()
                                                                         if isinstance(v, (int, float))}}  # fmt: skip
@@ -285,12 +290,16 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         last_log = step
                     if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
                         run_eval()
+                    if deadline.due(step) and not stop_event.is_set():  # agreed across processes like a Stop
+                        state.stop_note = deadline.note()
+                        stop_event.set()
                     # every rank, every step: the stop flag and the timed-checkpoint flag, agreed across processes
                     stopping, timed = stop.check(checkpointer is not None and checkpointer.time_due())
                     if not stopping and checkpointer is not None and checkpointer.due(step, max_steps, timed):
                         guard.poll(state)
-                        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
-                                    pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
+                        with deadline.timing("save"):
+                            _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
+                                        pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
                     if stopping or step >= max_steps:
                         break
                 epoch_i += 1

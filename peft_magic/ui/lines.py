@@ -42,8 +42,25 @@ def progress_text(state) -> str:
         parts.append(f"epoch {state.epoch:.1f}")
     parts.append(f"{format_duration(state.elapsed)} elapsed")
     if state.stop_reason is None:
-        parts.append(f"~{format_duration(state.eta)} left")
+        parts.append(f"~{format_duration(eta(state))} left" + budget_text(state))
     return " · ".join(parts)
+
+
+def eta(state) -> float | None:
+    """Seconds left: to max_steps, or to the end of the time budget (`train.max_time`) when that comes first."""
+    from ..training.deadline import budget_steps
+
+    if budget_steps(state) is None:
+        return state.eta
+    return max(state.time_budget - state.elapsed, 0.0)
+
+
+def budget_text(state) -> str:
+    """`` (train.max_time ends it near step 340/1000)`` when the time budget ends the run before max_steps."""
+    from ..training.deadline import budget_steps
+
+    last = budget_steps(state)
+    return f" (train.max_time ends it near step {last}/{state.max_steps})" if last is not None else ""
 
 
 def lr_text(state) -> str:
@@ -147,6 +164,8 @@ def end_text(state) -> str:
         return f"completed {steps} steps in {took}"
     if reason in ("stopped", "interrupted"):
         text = f"{reason} at step {steps} after {took}"
+        if getattr(state, "stop_note", None):
+            text += f": {state.stop_note}"
         if state.checkpoint_dir:
             text += f" · checkpoint in {state.checkpoint_dir}"
         return text
@@ -166,7 +185,7 @@ def log_line(state, logs: Mapping[str, Any]) -> str:
     sps = samples_per_second(state)
     if sps:
         parts.append(format_rate(sps, "samples"))
-    parts.append(f"ETA {format_duration(state.eta)}")
+    parts.append(f"ETA {format_duration(eta(state))}{budget_text(state)}")
     return " · ".join(parts)
 
 
