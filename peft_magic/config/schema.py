@@ -24,6 +24,7 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 GROUPINGS = ("auto", "true", "false")
+KERNELS = ("auto", "chunked", "none")
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -233,6 +234,12 @@ class TrainConfig:
                        "batches would be >= 10% padding and, for classifiers, lengths do not differ by label.",
                        choices=GROUPINGS),
     )  # fmt: skip
+    kernels: str = field(
+        default="auto",
+        metadata=_help("Causal-LM loss: auto/chunked computes the output layer and cross-entropy only at trained "
+                       "positions, in chunks (no positions x vocab logits); none: the model's own loss.",
+                       choices=KERNELS),
+    )  # fmt: skip
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
     report_to: list = field(default_factory=list, metadata=_help("Extra trackers (accelerate names), e.g. [tensorboard]."))
     num_processes: int = field(
@@ -263,6 +270,7 @@ class TrainConfig:
         _check_choice(self.lr_scheduler_type, SCHEDULERS, "train.lr_scheduler_type")
         _check_choice(self.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
         _check_choice(self.group_by_length, GROUPINGS, "train.group_by_length")
+        _check_choice(self.kernels, KERNELS, "train.kernels")
         from ..training.deadline import parse_duration
 
         parse_duration(self.max_time)

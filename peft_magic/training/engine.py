@@ -192,9 +192,11 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     if t.report_to:
         accelerator.init_trackers("peft_magic", config=cfg.to_dict())
     regularizer = getattr(method, "regularizer", None)
+    from .chunked_loss import loss_function
     from .objectives import make_objective
 
     objective = make_objective(cfg, data, accelerator, state)  # dpo/orpo/grpo; None: the model's own loss
+    compute_loss = objective if objective else loss_function(model, cfg, accelerator)  # causal LM: trained positions, chunked
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     state.max_steps, state.warmup_steps, state.lr_scheduler_type = max_steps, warmup, t.lr_scheduler_type
@@ -253,7 +255,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
                         guard.poll(state)
                         raise StopRequested
                     with accelerator.accumulate(model):
-                        task_loss = objective(model, batch) if objective else model(**batch).loss  # the outputs (logits: batch x length x vocab) die here,
+                        task_loss = compute_loss(model, batch)  # the outputs (any logits) die here,
                         loss = task_loss  # not after the next step's forward has allocated its own
                         if regularizer is not None:
                             extra = regularizer(accelerator.unwrap_model(model))

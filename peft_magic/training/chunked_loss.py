@@ -1,0 +1,223 @@
+"""The causal-LM training loss computed only where it is trained, in chunks.
+
+`model(**batch).loss` projects every position onto the whole vocabulary (positions x vocab logits in float32,
+plus their gradient: often the largest allocation of a step) and then throws away the prompt and padding
+positions (labels == -100). Here the model runs with `logits_to_keep=1` (one position's logits, for the check
+below), the final hidden states are taken from its backbone, the positions whose next label is trained are
+gathered, and the output layer + cross-entropy run over them `chunk` rows at a time, so at most chunk x vocab
+logits exist at once. The gradient flows through the gathered hidden states.
+
+- Frozen plain output layer (LoRA/QLoRA: the usual case): one fused pass per chunk computes the loss and the
+  hidden states' gradient together (`_FrozenHeadCE`), so nothing is recomputed in backward.
+- Trainable or wrapped output layer (LoRA on lm_head, full fine-tuning of tied embeddings, a quantized head): each
+  chunk calls the module itself under activation checkpointing (its logits are recomputed in backward).
+- Logit scaling and soft-capping from the model's config (Cohere `logit_scale`, Granite `logits_scaling`, Gemma
+  `final_logit_softcapping`) are applied. Whatever else a model does to its logits is caught by a one-time check:
+  the last position's logits computed here must equal the model's own; if not, the plain loss is used (said once).
+
+The loss is the mean over trained tokens, as transformers' `ForCausalLMLoss` (a batch with no trained token
+gives 0 here, NaN there). Evaluation and generation keep `model(...).logits`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+IGNORE_INDEX = -100
+_ELEMENTS = 1 << 25  # logits elements per chunk (128 MB in float32): 682 rows for SmolLM2's 49k vocab
+_WARNED: set = set()
+
+
+def plain_loss(model, batch):
+    return model(**batch).loss
+
+
+def _say_once(key, message):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _unwrap(model):
+    """The transformers model under DDP/accelerate and peft wrappers."""
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def _why_not(model, accelerator=None) -> str | None:
+    """Why the chunked loss cannot run on `model` (None when it can)."""
+    inner = getattr(model, "module", model)
+    peft_config = getattr(inner, "peft_config", None)
+    if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+        return "prompt-learning methods add virtual tokens to the sequence"
+    if accelerator is not None and str(getattr(accelerator, "distributed_type", "")).upper().endswith(
+        ("FSDP", "DEEPSPEED")
+    ):
+        return "the output layer is sharded (FSDP/DeepSpeed)"
+    base = _unwrap(model)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep"
+    backbone = getattr(base, "base_model", None)
+    if backbone is None or backbone is base or base.get_output_embeddings() is None:
+        return f"{type(base).__name__} has no separate backbone and output layer"
+    return None
+
+
+def _logit_transform(config):
+    """(scale, softcap) the model applies to the output layer's result, from its config."""
+    scale = 1.0
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0) and isinstance(config.logit_scale, (int, float)):
+        scale *= float(config.logit_scale)  # Cohere: logits * logit_scale
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        scale /= float(config.logits_scaling)  # Granite: logits / logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None) or None  # Gemma 2/3
+    return scale, softcap
+
+
+class _FrozenHeadCE:
+    """Loss sum and d(loss sum)/d(hidden) in one pass over chunks, for a frozen `F.linear` output layer."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, chunk, scale, softcap):
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, h):
+                need = h.requires_grad
+                grad = torch.empty_like(h) if need else None
+                w = weight.to(h.dtype)
+                b = bias.to(h.dtype) if bias is not None else None
+                total = torch.zeros((), dtype=torch.float32, device=h.device)
+                for s in range(0, h.shape[0], chunk):
+                    z = torch.nn.functional.linear(h[s : s + chunk], w, b).float()
+                    tgt = targets[s : s + chunk, None]
+                    if scale != 1.0:
+                        z.mul_(scale)
+                    if softcap:
+                        t = torch.tanh(z / softcap)
+                        z = t * softcap
+                    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                    total += (lse - z.gather(1, tgt)).sum()
+                    if need:
+                        g = z.sub_(lse).exp_()  # softmax, in place of the logits
+                        g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
+                        if softcap:
+                            g.mul_(1 - t * t)
+                        if scale != 1.0:
+                            g.mul_(scale)
+                        grad[s : s + chunk] = g.to(h.dtype) @ w
+                ctx.save_for_backward(grad)
+                return total
+
+            @staticmethod
+            def backward(ctx, g):
+                (grad,) = ctx.saved_tensors
+                return grad * g.to(grad.dtype)
+
+        return Fn.apply(hidden)
+
+
+def _module_chunks(head, hidden, targets, chunk, scale, softcap):
+    """Loss sum through the output module itself (trainable or wrapped), each chunk recomputed in backward."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, tgt):
+        z = head(h).float()
+        if scale != 1.0:
+            z = z * scale
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        return torch.nn.functional.cross_entropy(z, tgt, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        h, tgt = hidden[s : s + chunk], targets[s : s + chunk]
+        total = total + (checkpoint(piece, h, tgt, use_reentrant=False) if torch.is_grad_enabled() else piece(h, tgt))
+    return total
+
+
+class ChunkedCausalLMLoss:
+    """`loss(model, batch)`: the mean cross-entropy over trained tokens, without full logits (see module doc)."""
+
+    def __init__(self, model, accelerator=None, chunk_elements: int = _ELEMENTS):
+        base = _unwrap(model)
+        self.backbone = base.base_model
+        self.head = base.get_output_embeddings()
+        self.scale, self.softcap = _logit_transform(base.config)
+        vocab = getattr(self.head, "out_features", None) or self.head.weight.shape[0]
+        self.chunk = max(16, chunk_elements // vocab)
+        self.checked = False
+        self.fallback = None  # a reason once the one-time check failed
+        self.name = type(base).__name__
+
+    def _fused(self) -> bool:
+        import torch
+
+        head = self.head
+        return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+    def _loss_sum(self, hidden, targets):
+        if self._fused():
+            return _FrozenHeadCE.apply(hidden, self.head.weight, self.head.bias, targets, self.chunk, self.scale,
+                                       self.softcap)  # fmt: skip
+        return _module_chunks(self.head, hidden, targets, self.chunk, self.scale, self.softcap)
+
+    def __call__(self, model, batch):
+        import torch
+
+        if self.fallback or "labels" not in batch:
+            return plain_loss(model, batch)
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        captured = []
+        handle = self.backbone.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        try:
+            out = model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        hidden = captured[-1]
+        if not self.checked and not self._agrees(hidden[:, -1], out.logits[:, -1]):
+            self.fallback = "its logits differ from the output layer's (the model transforms them in its own way)"
+            _say_once(self.name, f"chunked loss off for {self.name}: {self.fallback}; using the plain loss.")
+            return plain_loss(model, batch)
+        self.checked = True
+        # position t predicts labels[t + 1]; the last position predicts nothing
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        n = keep.sum()
+        selected = hidden[:, :-1][keep]
+        total = self._loss_sum(selected, targets[keep])
+        return total / n.clamp(min=1).to(total.dtype)
+
+    def _agrees(self, hidden_last, model_logits) -> bool:
+        import torch
+
+        with torch.no_grad():
+            ours = self.head(hidden_last).float()
+            if self.scale != 1.0:
+                ours = ours * self.scale
+            if self.softcap:
+                ours = torch.tanh(ours / self.softcap) * self.softcap
+            ref = model_logits.float()
+            tol = 1e-3 if hidden_last.dtype == torch.float32 and ref.dtype == torch.float32 else 3e-2
+            return bool(((ours - ref).norm() <= tol * ref.norm().clamp(min=1e-6)).item())
+
+
+def loss_function(model, cfg, accelerator=None):
+    """The training loss for this run: `fn(model, batch) -> scalar`. The chunked loss for causal-LM supervised
+    training when `train.kernels` allows it and the model supports it; `model(**batch).loss` otherwise."""
+    choice = getattr(cfg.train, "kernels", "auto")
+    if cfg.task != "causal-lm" or choice == "none":
+        return plain_loss
+    why = _why_not(model, accelerator)
+    if why is not None:
+        if choice == "chunked":
+            _say_once(type(_unwrap(model)).__name__, f"train.kernels: chunked is not possible here ({why}); "
+                                                     "using the plain loss.")  # fmt: skip
+        return plain_loss
+    return ChunkedCausalLMLoss(model, accelerator)

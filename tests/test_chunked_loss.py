@@ -1,0 +1,142 @@
+"""The causal-LM loss at trained positions in chunks (training/chunked_loss.py) equals the model's own loss and gives
+the same LoRA gradients, on tiny models: untied and tied output layers, a trainable (LoRA) output layer, logit
+soft-capping and scaling, a 4-bit base, a padded batch with a fully-masked row; and a model it cannot reproduce
+falls back to the plain loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import instruction_rows
+
+import peft_magic
+from peft_magic.training.chunked_loss import ChunkedCausalLMLoss, loss_function
+
+VOCAB = 97
+
+
+def tiny(kind="llama", tied=False, **extra):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, pad_token_id=0)  # fmt: skip
+    if kind == "gemma2":
+        cfg = tf.Gemma2Config(head_dim=16, final_logit_softcapping=3.0, **common, **extra)
+        model = tf.Gemma2ForCausalLM(cfg)
+    elif kind == "granite":
+        model = tf.GraniteForCausalLM(tf.GraniteConfig(logits_scaling=4.0, **common, **extra))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, **extra))
+    return model.float()
+
+
+def lora(model, targets="all-linear"):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+def batch():
+    """3 rows: right padding, a masked prompt, and one row with no trained token at all."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (3, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    ids[1, 15:] = 0
+    labels = ids.clone()
+    labels[:, :10] = -100  # the prompt
+    labels[mask == 0] = -100
+    labels[2] = -100  # fully masked row
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn(model, batch())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return loss.detach(), grads
+
+
+def assert_same(model, chunk_elements=VOCAB * 5):
+    """Plain vs chunked (chunks of 5 rows, so several): same loss, same gradient for every trainable tensor."""
+    plain_loss, plain_grads = loss_and_grads(model, lambda m, b: m(**b).loss)
+    chunked = ChunkedCausalLMLoss(model, chunk_elements=chunk_elements)
+    loss, grads = loss_and_grads(model, chunked)
+    assert chunked.fallback is None and chunked.checked
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    return chunked
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_same_loss_and_lora_gradients(tied):
+    chunked = assert_same(lora(tiny(tied=tied)))
+    assert chunked._fused()  # frozen plain output layer: the one-pass path
+
+
+def test_trainable_output_layer_goes_through_the_module():
+    model = lora(tiny(), targets=["q_proj", "v_proj", "lm_head"])
+    chunked = assert_same(model)
+    assert not chunked._fused()
+    assert any("lm_head" in n and p.requires_grad for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite"])
+def test_softcapping_and_logit_scaling(kind):
+    chunked = assert_same(lora(tiny(kind)))
+    assert chunked.softcap == 3.0 if kind == "gemma2" else chunked.scale == 0.25
+
+
+def test_4bit_base():
+    pytest.importorskip("bitsandbytes")
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        tiny().save_pretrained(d)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+        base = AutoModelForCausalLM.from_pretrained(d, quantization_config=q, device_map="cpu")
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert_same(lora(base))
+
+
+def test_model_with_unknown_logit_transform_falls_back():
+    model = lora(tiny())
+    chunked = ChunkedCausalLMLoss(model)
+    chunked.scale = 2.0  # as if the model scaled its logits in a way the config does not say
+    with pytest.warns(UserWarning, match="chunked loss off"):
+        loss = chunked(model, batch())
+    assert chunked.fallback
+    torch.testing.assert_close(loss, model(**batch()).loss)
+
+
+def test_not_for_other_tasks_or_when_off():
+    from peft_magic.config.schema import parse_config
+
+    model = lora(tiny())
+    cfg = parse_config({"model": "x", "data": {"train": [{"text": "a"}]}})
+    assert isinstance(loss_function(model, cfg), ChunkedCausalLMLoss)
+    cfg.train.kernels = "none"
+    assert not isinstance(loss_function(model, cfg), ChunkedCausalLMLoss)
+
+
+def test_training_run_logs_the_same_losses(tiny_llama, workdir):
+    """Through the engine: prompt/response data (prompt masked), the same logged losses with the chunked loss on
+    and off."""
+    losses = {}
+    for kernels in ("auto", "none"):
+        config = {"model": tiny_llama, "data": {"train": instruction_rows(32)},
+                  "train": {"max_steps": 6, "logging_steps": 2, "eval_steps": 0, "learning_rate": 5e-3,
+                            "per_device_train_batch_size": 4, "kernels": kernels, "mixed_precision": "no",
+                            "output_dir": str(workdir / kernels)}}  # fmt: skip
+        run = peft_magic.train(config, display="none")
+        losses[kernels] = [r["loss"] for r in run.history if "loss" in r]
+    assert losses["auto"][0] > losses["auto"][-1]
+    assert losses["auto"] == pytest.approx(losses["none"], rel=1e-4)
