@@ -196,7 +196,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     from .objectives import make_objective
 
     objective = make_objective(cfg, data, accelerator, state)  # dpo/orpo/grpo; None: the model's own loss
-    compute_loss = objective if objective else loss_function(model, cfg, accelerator)  # causal LM: trained positions, chunked
+    compute_loss = objective if objective else loss_function(model, cfg, accelerator)  # chunked causal-LM loss
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     state.max_steps, state.warmup_steps, state.lr_scheduler_type = max_steps, warmup, t.lr_scheduler_type
