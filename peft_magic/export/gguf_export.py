@@ -224,11 +224,13 @@ def run_parity(run, folder: str, files: dict, opts: ExportOptions, progress, nam
                           "run.export(..., prompts=['...']).")  # fmt: skip
         reports.append(report)
         return reports
+    cache = {}  # the notebook model's answers, computed once for all files
     for model_path, lora_path, quant in targets:
         what = os.path.basename(lora_path or model_path)
         reports.append(check_parity(run.model, run.tokenizer, model_path, prompts, lora_path=lora_path,
                                     chat=is_chat(run), max_new_tokens=PARITY_TOKENS, quant=quant,
-                                    progress=progress.stage(f"parity of {what}", len(prompts))))  # fmt: skip
+                                    progress=progress.stage(f"parity of {what}", len(prompts)),
+                                    notebook_cache=cache))  # fmt: skip
     return reports
 
 

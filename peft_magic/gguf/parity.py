@@ -220,10 +220,12 @@ def notebook_loglik(model, prompt_ids: list[int], answer_ids: list[int]) -> floa
 
 
 def check_parity(model, tokenizer, gguf_path: str, prompts, *, lora_path: str | None = None, chat: bool = True,
-                 max_new_tokens: int = 24, quant: str | None = None, progress=None) -> ParityReport:  # fmt: skip
+                 max_new_tokens: int = 24, quant: str | None = None, progress=None,
+                 notebook_cache: dict | None = None) -> ParityReport:  # fmt: skip
     """Run `prompts` through the notebook `model` and through `gguf_path` (+ `lora_path`) in llama.cpp.
 
     Returns a `ParityReport`; with llama-cpp-python missing, one whose `skipped` says how to install it.
+    `notebook_cache` (a dict shared between calls) keeps the notebook side, computed once per prompt.
     """
     label = gguf_path if not lora_path else f"{os.path.basename(gguf_path)} + {os.path.basename(lora_path)}"
     report = ParityReport(file=label, quant=quant)
@@ -233,15 +235,20 @@ def check_parity(model, tokenizer, gguf_path: str, prompts, *, lora_path: str | 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
     cpp = LlamaCpp(gguf_path, lora_path, n_ctx=max(256, 2 * (longest + max_new_tokens) + 128))
+    cache = notebook_cache if notebook_cache is not None else {}
     try:
         for i, prompt in enumerate(prompts):
-            ids, _ = prompt_ids(tokenizer, prompt, chat, getattr(tokenizer, "chat_template", None))
-            answer_ids, answer = notebook_answer(model, tokenizer, ids, max_new_tokens)
+            key = (prompt, chat, max_new_tokens)
+            if key not in cache:
+                ids, _ = prompt_ids(tokenizer, prompt, chat, getattr(tokenizer, "chat_template", None))
+                answer_ids, answer = notebook_answer(model, tokenizer, ids, max_new_tokens)
+                cache[key] = (ids, answer_ids, answer, notebook_loglik(model, ids, answer_ids))
+            ids, answer_ids, answer, ll_notebook = cache[key]
             _, file_text = prompt_ids(tokenizer, prompt, chat, cpp.chat_template)  # the template the file carries
             cpp_ids = cpp.tokenize(file_text, bos_text=tokenizer.bos_token)
             gguf_answer = cpp.detokenize(cpp.greedy(cpp_ids, max_new_tokens))
-            report.rows.append(ParityRow(prompt, answer, gguf_answer, notebook_loglik(model, ids, answer_ids),
-                                         cpp.mean_loglik(ids, answer_ids), cpp_ids == list(ids)))  # fmt: skip
+            report.rows.append(ParityRow(prompt, answer, gguf_answer, ll_notebook, cpp.mean_loglik(ids, answer_ids),
+                                         cpp_ids == list(ids)))  # fmt: skip
             if progress is not None:
                 progress(i + 1, len(prompts), prompt)
     finally:
