@@ -40,7 +40,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     from .data.prepare import prepare
     from .training.engine import plan_steps
     from .methods import describe, get_method
-    from .ui.format import format_count, format_params
+    from .ui.format import format_count, format_epochs, format_params
 
     cfg = resolve_config(config, overrides, defaults, name)
     models.check_model_source(cfg.model)
@@ -78,9 +78,9 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         + (format_params(trainable, total) if trainable else "trainable count known after loading"),
         "data": f"train {data.train_rows:,} rows ({data.source_names['train']}, {data.kind}) · {eval_text} · "
         f"max_length {cfg.data.max_length} · ~{format_count(data.train_tokens)} tokens/epoch",
-        "plan": f"{max_steps:,} steps ({max_steps / per_epoch:.2g} epochs) · batch {t.per_device_train_batch_size} x "
+        "plan": f"{max_steps:,} steps ({format_epochs(max_steps / per_epoch)}) · batch {t.per_device_train_batch_size} x "
         f"accum {t.gradient_accumulation_steps} · lr {t.learning_rate:g} {t.lr_scheduler_type} · "
-        f"eval every {t.eval_steps or '-'} · output {t.output_dir}",
+        f"{_eval_schedule(t.eval_steps, max_steps, data.eval_rows)}output {t.output_dir}",
         "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
     }
     _add_data_rows(plan, data)
@@ -94,6 +94,15 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
         plan.rows["forgetting"] = f"base vs tuned loss on {describe_forgetting(cfg.data.forgetting)}"
     _add_memory(plan, cfg, model, trainable, data)
     return plan
+
+
+def _eval_schedule(eval_steps, max_steps, eval_rows) -> str:
+    """``eval every 50 · `` only when there is an eval set and it comes before the end; the end always evaluates."""
+    if not eval_rows:
+        return ""
+    if eval_steps and eval_steps < max_steps:
+        return f"eval every {eval_steps} and at the end · "
+    return "eval at the end · "
 
 
 def _add_data_rows(plan, data) -> None:

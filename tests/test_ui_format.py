@@ -11,6 +11,7 @@ from peft_magic.ui.format import (
     format_bytes,
     format_count,
     format_duration,
+    format_epochs,
     format_gb,
     format_lr,
     format_memory,
@@ -132,3 +133,12 @@ def test_build_title():
     assert title == "SmolLM2-135M-Instruct · 4-bit NF4 · LoRA r=16 on all-linear · 1.7M trainable (1.3%)"
     assert build_title("/tmp/models/tiny/", method="IA3") == "tiny · IA3"
     assert build_title() == ""
+
+
+@pytest.mark.parametrize(
+    "epochs, text",
+    [(4 / 7, "0.57 epochs"), (1.0, "1 epoch"), (3, "3 epochs"), (4 / 1000, "<0.01 epochs"), (0.005, "0.01 epochs"),
+     (0, "– epochs"), (None, "– epochs")],
+)
+def test_epochs_two_decimals_never_zero_for_a_run_that_trains(epochs, text):
+    assert format_epochs(epochs) == text

@@ -60,3 +60,9 @@ def test_writes_to_a_given_stream(tmp_path):
     with open(path, "w") as stream:
         TerminalPrinter(stream).on_log(TrainState(max_steps=10, step=1), {"loss": 1.0})
     assert path.read_text().startswith("step 1/10 · loss 1")
+
+
+def test_a_few_steps_of_a_big_dataset_do_not_say_zero_epochs(capsys):
+    state = TrainState(max_steps=4, num_epochs=4 / 1000, title="tiny", status="training")
+    TerminalPrinter().on_train_begin(state)
+    assert capsys.readouterr().out.strip() == "tiny · 4 steps · <0.01 epochs"

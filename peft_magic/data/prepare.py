@@ -66,8 +66,12 @@ def _safe_len(obj):
         return None
 
 
-def resolve(src, namespace=None, key="data.train", split="train"):
-    """Turn a source into a `datasets.Dataset`."""
+def resolve(src, namespace=None, key="data.train", split="train", *, via=None):
+    """Turn a source into a `datasets.Dataset`.
+
+    Args:
+        via: The ``$name`` the source was given as, so that messages name the variable, not just its type.
+    """
     import datasets
 
     if isinstance(src, str) and src.strip().startswith("$"):
@@ -77,10 +81,12 @@ def resolve(src, namespace=None, key="data.train", split="train"):
             visible = [k for k in ns if not k.startswith("_")]
             raise ConfigError(f"'${name}' is not defined in the notebook.{did_you_mean(name, visible)} "
                               f"Fix: run the cell that creates `{name}` first.", key=key)  # fmt: skip
-        return resolve(ns[name], namespace, key, split)
+        return resolve(ns[name], namespace, key, split, via=f"${name}")
+    what = via or "the data"
     if isinstance(src, datasets.DatasetDict):
         if split not in src:
-            raise ConfigError(f"the DatasetDict has no '{split}' split (it has {', '.join(src)}).", key=key)
+            raise ConfigError(f"{what} is a DatasetDict with no '{split}' split (it has {', '.join(src)}). "
+                              f"Fix: pick one, e.g. {via or 'ds'}['{next(iter(src), split)}'].", key=key)  # fmt: skip
         return src[split]
     if isinstance(src, datasets.Dataset):
         return src
@@ -90,16 +96,24 @@ def resolve(src, namespace=None, key="data.train", split="train"):
         return datasets.Dataset.from_dict({k: list(v) for k, v in src.items()})
     if isinstance(src, (list, tuple)):
         if not src:
-            raise ConfigError("the dataset is empty. Fix: give at least one row.", key=key)
+            raise ConfigError(f"{what} is an empty {type(src).__name__}. Fix: give at least one row.", key=key)
         if all(isinstance(r, str) for r in src):
             return datasets.Dataset.from_dict({"text": list(src)})
         if all(isinstance(r, dict) for r in src):
             return datasets.Dataset.from_list(list(src))
-        raise ConfigError("a list must hold dicts (rows) or strings (texts).", key=key)
+        odd = next(r for r in src if not isinstance(r, (str, dict)))
+        raise ConfigError(f"{what} is a {type(src).__name__} holding {_a(type(odd).__name__)}; a list must hold dicts "
+                          "(rows) or strings (texts).", key=key)  # fmt: skip
     if isinstance(src, (str, os.PathLike)):
         return _load_path_or_hub(os.fspath(src).strip(), key, split)
-    raise ConfigError(f"cannot use a {type(src).__name__} as data. Fix: give a DataFrame, a list of dicts, a "
+    subject = f"{via} is {_a(type(src).__name__)}" if via else f"{_a(type(src).__name__)} ({src!r:.40})"
+    raise ConfigError(f"{subject}, which cannot be used as data. Fix: give a DataFrame, a list of dicts, a "
                       "datasets.Dataset, a file path or a hub dataset id.", key=key)  # fmt: skip
+
+
+def _a(noun: str) -> str:
+    """'an int', 'a DataFrame'."""
+    return f"{'an' if noun[:1].lower() in 'aeio' else 'a'} {noun}"
 
 
 def _load_path_or_hub(src: str, key: str, split: str):

@@ -119,6 +119,16 @@ def format_number(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def format_epochs(epochs: float | None) -> str:
+    """``0.57 epochs``, ``1 epoch``, ``<0.01 epochs``: two decimals at most, never ``0`` for a run that trains."""
+    if not _is_number(epochs) or epochs <= 0:
+        return f"{MISSING} epochs"
+    if epochs < 0.005:
+        return "<0.01 epochs"
+    value = round(epochs, 2)
+    return f"{value:g} epoch{'' if value == 1 else 's'}"
+
+
 def format_rate(value: float | None, unit: str) -> str:
     """A throughput: ``38.2 samples/s``, ``4.9k tokens/s``.
 

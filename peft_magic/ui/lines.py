@@ -37,9 +37,10 @@ def progress_text(state) -> str:
     """``412/1000 steps · epoch 1.6/4 · 03:12 elapsed · ~04:35 left``."""
     parts = [f"{state.step}/{state.max_steps or '?'} steps"]
     if state.num_epochs:
-        parts.append(f"epoch {state.epoch:.1f}/{round(state.num_epochs, 1):g}")
+        if state.num_epochs >= 0.005:  # a few steps of a big dataset: the plan line says "<0.01 epochs"
+            parts.append(f"epoch {state.epoch:.2f}/{round(state.num_epochs, 2):g}")
     elif state.epoch:
-        parts.append(f"epoch {state.epoch:.1f}")
+        parts.append(f"epoch {state.epoch:.2f}")
     parts.append(f"{format_duration(state.elapsed)} elapsed")
     if state.stop_reason is None:
         parts.append(f"~{format_duration(eta(state))} left" + budget_text(state))

@@ -10,7 +10,7 @@ import sys
 from typing import Any, TextIO
 
 from ..events import Callback, TrainState
-from .format import format_count, format_number, metric_name
+from .format import format_count, format_epochs, format_number, metric_name
 from .lines import end_text, forgetting_text, header_text, log_line, metric_items, throughput_text
 from .objective import objective_facts
 
@@ -41,7 +41,7 @@ class TerminalPrinter(Callback):
         self._last_status = state.status
         plan = f"{state.max_steps} steps" if state.max_steps else "steps unknown"
         if state.num_epochs:
-            plan += f" · {round(state.num_epochs, 2):g} epoch{'' if state.num_epochs == 1 else 's'}"
+            plan += f" · {format_epochs(state.num_epochs)}"
         if state.total_params and not state.trainable_params:
             plan += f" · {format_count(state.total_params)} params"
         self._print(f"{header_text(state)} · {plan}")
