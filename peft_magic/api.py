@@ -23,9 +23,11 @@ _ACTIVE: set = set()  # background runs in progress (one at a time: two would fi
 
 
 def default_output_dir(name: str) -> str:
-    """Kaggle keeps /kaggle/working; elsewhere ./peft_runs/NAME beside the notebook."""
-    root = "/kaggle/working" if os.path.isdir("/kaggle/working") else "."
-    return os.path.join(root, "peft_runs", name)
+    """Colab with Drive mounted: the Drive; Kaggle: /kaggle/working; elsewhere ./peft_runs/NAME beside the notebook
+    (see `training.persistent`)."""
+    from .training.persistent import default_root
+
+    return os.path.join(default_root(), "peft_runs", name)
 
 
 def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Config:
@@ -39,7 +41,7 @@ def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Co
 
 
 def train(config=None, *, namespace=None, callbacks=(), background=False, name="run", display="auto",
-          resume=False, defaults=None, cell=None, overrides=None, replaces=None, **kw) -> Run:  # fmt: skip
+          resume=False, defaults=None, cell=None, overrides=None, replaces=None, overwrite=False, **kw) -> Run:  # fmt: skip
     """Fine-tune a model and return the `Run`.
 
     Args:
@@ -50,6 +52,8 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
         name: The run's name (default output folder ``peft_runs/NAME``).
         display: ``"auto"`` (live panel in notebooks, printed lines elsewhere), ``"none"``, or a subscriber.
         resume: Continue from the latest checkpoint in the output folder (True) or from a checkpoint path.
+        overwrite: Replace the run the output folder holds (see `training.rerun`: an interrupted run of the same
+            config is otherwise refused with the offer to resume, another config's run refused).
         defaults: Config values used where `config` is silent (e.g. the `%peft_model` base model).
         cell: The %%peft_train cell text, kept for the model card.
         overrides: ``["train.max_steps=10", ...]`` or ``{"train.max_steps": 10}``.
@@ -76,10 +80,14 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
         sub = _make_display(display, run, background)
         if sub is not None:
             bus.add(sub)
-    resume_meta = _find_resume(resume, cfg)
+    from .training import rerun
+
+    resume_meta, replace = rerun.decide(cfg, resume, overwrite)  # at once: before any loading
     _setup_guarded(run, namespace, bus, replaces)
     if resume_meta is not None:
         resume_meta["method"] = run.method
+    if main:
+        rerun.begin(cfg, replace)
     return _start(run, bus, resume_meta, background)
 
 
@@ -185,6 +193,9 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     trainable, total = models.count_trainable(model, method)
     state.trainable_params, state.total_params = trainable, total
     state.output_dir = cfg.train.output_dir
+    from .training.persistent import output_note
+
+    state.output_note = output_note(cfg.train.output_dir)  # Drive / Kaggle: where checkpoints survive the session
     state.title = title(cfg, trainable, total)
     return run
 

@@ -69,6 +69,7 @@ class PeftMagics(Magics):
     @argument("--config", default=None, help="Read the YAML config from this file (the cell body is merged on top).")
     @argument("--background", action="store_true", help="Train in a thread; the cell returns at once.")
     @argument("--resume", action="store_true", help="Continue from the latest checkpoint of this run's folder.")
+    @argument("--overwrite", action="store_true", help="Replace the earlier run this run's folder holds.")
     @argument("--processes", type=int, default=None, metavar="N",
               help="Train on N processes (one per GPU), started with accelerate's notebook_launcher.")  # fmt: skip
     @cell_magic
@@ -109,7 +110,7 @@ class PeftMagics(Magics):
 
         try:  # a re-run frees the old model once the new cell passed its checks, before the new model loads
             run = api.train(cfg, namespace=ns, background=args.background, name=args.name, display=self.display,
-                            resume=args.resume, cell=_cell_text(line, cell),
+                            resume=args.resume, overwrite=args.overwrite, cell=_cell_text(line, cell),
                             overrides=overrides if multi else None, defaults=defaults if multi else None,
                             replaces=previous if _is_run(previous) else None)  # fmt: skip
         except TrainingFailed as e:  # NaN loss: keep the run (last good weights); out of memory: it has none

@@ -40,6 +40,7 @@ DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "
 DATA_FORMAT_ALIASES = {"openai": "messages", "chat": "messages", "conversations": "sharegpt",
                        "instruction": "prompt_response", "completion": "prompt_completion", "plain": "text"}  # fmt: skip
 TRAIN_ON = ("assistant", "last", "all")
+RESUMES = ("ask", "auto")
 
 
 def _name(value) -> str:
@@ -223,6 +224,11 @@ class TrainConfig:
     save_minutes: float = field(
         default=0.0, metadata=_help("Also checkpoint every N minutes (0: off), e.g. 10 on Colab/Kaggle sessions.")
     )
+    resume: str = field(
+        default="ask",
+        metadata=_help("When the output folder holds an interrupted run of this config: ask (refuse, offering "
+                       "--resume) or auto (resume it without asking).", choices=RESUMES),
+    )  # fmt: skip
     max_time: Optional[str] = field(
         default=None,
         metadata=_help("Time budget: stop gracefully, with a checkpoint, before it runs out (e.g. 11h30m on a 12-hour "
@@ -274,6 +280,8 @@ class TrainConfig:
         from ..training.deadline import parse_duration
 
         parse_duration(self.max_time)
+        self.resume = _name(self.resume)
+        _check_choice(self.resume, RESUMES, "train.resume")
         if not 0 <= self.seed < 2**32:  # numpy's limit (set_seed seeds numpy too)
             raise ConfigError(f"must be between 0 and 4294967295, got {self.seed}.", key="train.seed")
 

@@ -144,7 +144,7 @@ class Checkpointer:
             torch.save(rng, os.path.join(tmp, f"rng_state_{i}.pt"))
         meta = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
                 "tokens_seen": state.tokens_seen, "max_steps": state.max_steps, "log_history": history,
-                **(extra or {})}  # fmt: skip
+                "config": described(self.cfg), **(extra or {})}  # fmt: skip
         if ranks:
             meta["per_process"] = [e for _, e in ranks]
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:  # written last: its presence marks a complete one
@@ -153,6 +153,13 @@ class Checkpointer:
     def _prune(self):
         for path in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def described(cfg) -> dict | None:
+    """The run's config as a checkpoint keeps it (to tell a re-run of it from another run: `rerun.decide`)."""
+    from .rerun import described as describe
+
+    return describe(cfg) if cfg is not None else None
 
 
 def _save_failed(err: OSError, final_dir: str, state) -> str:

@@ -76,7 +76,7 @@ class Deadline:
         self.clock = clock
         self.start = clock() if start is None else start
         self.first_step = None  # (time, step) of the first step this process took: steps timed from there
-        self.slowest = {"eval": 0.0, "save": 0.0}  # the longest evaluation and checkpoint so far
+        self.slowest = {"eval": 0.0, "save": None}  # the longest evaluation and checkpoint so far
 
     @classmethod
     def from_config(cls, cfg, start=None) -> "Deadline":
@@ -95,11 +95,15 @@ class Deadline:
         return (self.clock() - t0) / max(step - s0, 1)
 
     def due(self, step: int) -> bool:
-        """After optimizer `step`: would the next step, then the final save and evaluation, cross the budget?"""
+        """After optimizer `step`: would the next step, then the final save and evaluation, cross the budget?
+
+        The final save is reserved as long as the slowest one timed, or one step's time before any was.
+        """
         if self.budget is None:
             return False
         per_step = self.step_time(step)
-        return self.clock() - self.start + per_step + self.slowest["save"] + self.slowest["eval"] >= self.budget
+        save = per_step if self.slowest["save"] is None else self.slowest["save"]  # none timed yet: guess a step's
+        return self.clock() - self.start + per_step + save + self.slowest["eval"] >= self.budget
 
     def left(self) -> float | None:
         """Seconds of budget left (None without one)."""
@@ -115,7 +119,7 @@ class Deadline:
         try:
             yield
         finally:
-            self.slowest[what] = max(self.slowest[what], self.clock() - t0)
+            self.slowest[what] = max(self.slowest[what] or 0.0, self.clock() - t0)
 
 
 def budget_steps(state) -> int | None:

@@ -248,6 +248,8 @@ class LivePanel(Callback):
         forgetting = forgetting_text(state.log_history)
         if forgetting:
             rows.append(("general text", forgetting))
+        if getattr(state, "output_note", None):  # Colab / Kaggle: where checkpoints survive the session
+            rows.append(("checkpoints", state.output_note))
         rows += objective_facts(state.log_history)  # dpo/orpo/grpo: rewards, margins, accuracy, KL
         cells = "".join(
             f'<tr><td style="color:#666;padding:0 10px 0 0">{k}</td><td>{escape(v)}</td></tr>' for k, v in rows

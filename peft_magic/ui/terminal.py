@@ -45,6 +45,8 @@ class TerminalPrinter(Callback):
         if state.total_params and not state.trainable_params:
             plan += f" · {format_count(state.total_params)} params"
         self._print(f"{header_text(state)} · {plan}")
+        if getattr(state, "output_note", None):
+            self._print(f"checkpoints: {state.output_note}")
 
     def on_log(self, state: TrainState, logs: dict[str, Any]) -> None:
         if "loss" in logs or "learning_rate" in logs:
