@@ -196,6 +196,8 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     from .training.persistent import output_note
 
     state.output_note = output_note(cfg.train.output_dir)  # Drive / Kaggle: where checkpoints survive the session
+    stats = (getattr(data, "stats", None) or {}).get("train")
+    state.data_warning = stats.warning() if stats is not None else None  # rows cut by max_length, as the plan says
     state.title = title(cfg, trainable, total)
     return run
 

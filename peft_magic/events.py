@@ -51,6 +51,8 @@ class TrainState:
             (a resumed run's checkpoint step), so rates count this process's steps only.
         stop_note: Why a stop happened when no one asked for it (``train.max_time``).
         output_note: Where checkpoints go, when that is a persistent folder chosen by default (Drive, Kaggle).
+        data_warning: What is wrong with the tokenized data (many rows cut by max_length, with the length that
+            keeps 95% of them whole), as the dry run says it.
     """
 
     max_steps: int = 0
@@ -80,6 +82,7 @@ class TrainState:
     start_step: int = 0
     stop_note: str | None = None
     output_note: str | None = None
+    data_warning: str | None = None
 
     @property
     def elapsed(self) -> float:

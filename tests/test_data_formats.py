@@ -340,3 +340,18 @@ def test_peft_data_shows_a_trained_runs_examples(shell, tiny_llama, capsys):
     assert "example 1 · 9 tokens · 2 trained (22%)" in out and "example 2 · " in out
     assert "<|system|> <unk> nice <|user|> say yes <|assistant|>[[yes </s>]]" in out
     assert str(shell.user_ns["run"].data.preview(1)).count("── example") == 1
+
+
+def test_the_panel_and_the_terminal_warn_when_many_rows_are_cut(tiny_llama, tmp_path, capsys):
+    from peft_magic.ui.panel import LivePanel
+
+    rows = [{"instruction": "say yes", "output": "yes " * n} for n in range(1, 21)]
+    run = peft_magic.train({"model": tiny_llama, "method": {"name": "lora", "r": 4},
+                            "data": {"train": rows, "max_length": 12, "chat_template": "zephyr"},
+                            "train": {"max_steps": 1, "output_dir": str(tmp_path / "run")}}, display="terminal")  # fmt: skip
+    out = capsys.readouterr().out
+    want = run.data.stats["train"].warning()
+    assert want.endswith("Fix: `data.max_length: 25` keeps 95% of rows whole.") and f"warning: {want}" in out
+    panel = LivePanel(auto_show=False)
+    panel._redraw(run.state, force=True)
+    assert "⚠ data" in panel.stats.value and "data.max_length: 25" in panel.stats.value

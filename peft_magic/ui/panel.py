@@ -250,6 +250,8 @@ class LivePanel(Callback):
             rows.append(("general text", forgetting))
         if getattr(state, "output_note", None):  # Colab / Kaggle: where checkpoints survive the session
             rows.append(("checkpoints", state.output_note))
+        if getattr(state, "data_warning", None):  # most rows cut by max_length: the plan's warning, kept in view
+            rows.append(("⚠ data", state.data_warning))
         rows += objective_facts(state.log_history)  # dpo/orpo/grpo: rewards, margins, accuracy, KL
         cells = "".join(
             f'<tr><td style="color:#666;padding:0 10px 0 0">{k}</td><td>{escape(v)}</td></tr>' for k, v in rows

@@ -47,6 +47,8 @@ class TerminalPrinter(Callback):
         self._print(f"{header_text(state)} · {plan}")
         if getattr(state, "output_note", None):
             self._print(f"checkpoints: {state.output_note}")
+        if getattr(state, "data_warning", None):
+            self._print(f"warning: {state.data_warning}")
 
     def on_log(self, state: TrainState, logs: dict[str, Any]) -> None:
         if "loss" in logs or "learning_rate" in logs:
