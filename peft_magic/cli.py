@@ -90,7 +90,7 @@ def _check_export_options(args) -> None:
 
 
 def _is_main_process() -> bool:
-    from .distributed.launch import is_main_process  # from the launcher's environment: works before and after training
+    from .distributed.ranks import is_main_process  # from the launcher's environment: works before and after training
 
     return is_main_process()
 

@@ -36,9 +36,9 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     """Resolve the config, read and tokenize the data, build the model on the meta device, count parameters and
     plan the steps. Trains nothing and loads no weights."""
     from . import models
-    from .api import resolve_config
+    from .session import resolve_config
     from .data.prepare import prepare
-    from .training.engine import plan_steps
+    from .training.schedule import plan_steps
     from .methods import describe, get_method
     from .ui.format import format_count, format_epochs, format_params
 

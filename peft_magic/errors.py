@@ -8,6 +8,7 @@ is an ordinary exception whose message says what is wrong and how to fix it. Bug
 from __future__ import annotations
 
 import difflib
+import functools
 
 try:  # IPython is a dependency, but keep the error usable without it.
     from IPython.core.error import UsageError as _Base
@@ -39,3 +40,25 @@ def did_you_mean(word: str, choices) -> str:
     """A ' Did you mean X?' suffix when `word` is close to one of `choices`, else ''."""
     match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def usage_errors(magic):
+    """Show a user mistake or a failed run as IPython does a `UsageError`: one line, no traceback.
+
+    IPython prints a traceback for every exception whose type is not exactly `UsageError` (subclasses included),
+    so `ConfigError` and `TrainingFailed` are re-raised as a plain one. The new error is raised outside the
+    `except` block so it carries no chained traceback that would keep a failed run's tensors alive.
+    """
+    from IPython.core.error import UsageError
+
+    @functools.wraps(magic)
+    def wrapper(*args, **kw):
+        try:
+            return magic(*args, **kw)
+        except ConfigError as e:
+            message = str(e)
+        except TrainingFailed as e:
+            message = f"training failed: {e}"
+        raise UsageError(message)
+
+    return wrapper

@@ -20,7 +20,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Unicode
 
-from .training.faults import usage_errors
+from .errors import usage_errors
 
 
 @magics_class
@@ -98,10 +98,10 @@ class PeftMagics(Magics):
         from . import api
 
         previous = ns.get(args.name)
-        from .distributed.launch import requested_processes
+        from .training.schedule import requested_processes
 
         # several processes: the workers check the config (checking it here imports peft, and a kernel that did
-        # cannot fork them: see launch.py); one process: fail fast, before touching the old run
+        # cannot fork them: see distributed/notebook.py); one process: fail fast, before touching the old run
         multi = requested_processes(raw, overrides, defaults) > 1
         cfg = raw if multi else api.resolve_config(raw, overrides, defaults, args.name)
         if _is_run(previous) and previous.running:
@@ -148,7 +148,7 @@ class PeftMagics(Magics):
         if args.script:
             if len(words) > 1:
                 raise UsageError("usage: %peft_export [NAME] --script DIR [--processes N] [--overwrite]")
-            from .distributed.launch import export_script
+            from .distributed.cluster import export_script
 
             run = self._run(words[0] if words else None)
             path = export_script(run, _unquote(args.script), namespace=self.shell.user_ns,

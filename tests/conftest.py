@@ -150,7 +150,7 @@ def shell(workdir):
     """A real `InteractiveShell` with the magics loaded and the live display off (a test may turn it on)."""
     from IPython.core.interactiveshell import InteractiveShell
 
-    from peft_magic import api
+    from peft_magic import session
     from peft_magic.magics import PeftMagics
 
     sh = InteractiveShell.instance()
@@ -160,7 +160,7 @@ def shell(workdir):
     sh.register_magics(magics)
     sh.peft = magics
     yield sh
-    for run in list(api._ACTIVE):  # never leave a background run behind for the next test
+    for run in list(session.BACKGROUND_RUNS):  # never leave a background run behind for the next test
         run.stop()
         run.wait(60)
     sh.reset(new_session=False)

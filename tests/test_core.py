@@ -225,20 +225,20 @@ def test_stop_keeps_trained_weights_and_checkpoint(tiny_llama, tmp_path):
     stopper = StopAt()
     cfg = lm_config(tiny_llama, output_dir=str(tmp_path), max_steps=50)
     # train() builds the Run inside; reach it through the callback's state instead
-    import peft_magic.api as api
+    import peft_magic.session as session
 
-    original = api.Run
+    original = session.Run
 
     def capture(*a, **k):
         run = original(*a, **k)
         stopper.run = run
         return run
 
-    api.Run = capture
+    session.Run = capture
     try:
         run = peft_magic.train(cfg, display="none", callbacks=[stopper])
     finally:
-        api.Run = original
+        session.Run = original
     assert run.state.stop_reason == "stopped" and run.state.step == 6
     assert os.path.isdir(tmp_path / "checkpoint-6")
     assert run.evaluate()["loss"] > 0

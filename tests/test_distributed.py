@@ -23,7 +23,9 @@ from conftest import lm_rows
 import peft_magic
 from peft_magic.config.schema import parse_config
 from peft_magic.errors import ConfigError
-from peft_magic.distributed.launch import export_script, make_job, requested_processes
+from peft_magic.distributed.cluster import export_script
+from peft_magic.distributed.notebook import make_job
+from peft_magic.training.schedule import requested_processes
 from peft_magic.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import lm_rows, sentiment_rows
 
-from peft_magic import api
+from peft_magic import api, session
 from peft_magic.config.schema import parse_config
 from peft_magic.errors import ConfigError
 from peft_magic.events import EventBus
@@ -66,12 +66,12 @@ def observed_run(config):
     """Set up a run, snapshot its parameters and the loss on a fixed batch, train, and measure again."""
     run = Run("t", api.resolve_config(config))
     bus = EventBus()
-    api.setup(run, None, bus)
+    session.setup(run, None, bus)
     exact_4bit_cpu_path(run.model)
     batch = run.data.collator([run.data.train[i] for i in range(8)])
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     loss_before = loss_on(run.model, batch)
-    api._fit(run, bus)
+    session.fit(run, bus)
     return run, batch, before, loss_before
 
 

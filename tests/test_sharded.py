@@ -27,7 +27,7 @@ from test_distributed import ROOT, TRAIN, adapter_tensors, assert_resumed_exactl
 
 import peft_magic
 from peft_magic.errors import ConfigError
-from peft_magic.distributed.launch import export_script
+from peft_magic.distributed.cluster import export_script
 from peft_magic.run import Run
 
 FSDP_ON_CPU = os.path.join(ROOT, "tests", "fsdp_on_cpu")
@@ -281,11 +281,11 @@ WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_checkpoint_rank_0_cannot_write_fails_every_rank_with_its_message(tiny_llama, tmp_path):
-    from peft_magic.distributed.launch import _free_port
+    from peft_magic.distributed.notebook import free_port
 
     out = tmp_path / "out"
     base = {**child_env(), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}  # fmt: skip
+            "MASTER_PORT": str(free_port())}  # fmt: skip
     argv = [sys.executable, "-c", WORKER, tiny_llama, str(out), json.dumps(lm_rows(64))]
     procs = [subprocess.Popen(argv, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip

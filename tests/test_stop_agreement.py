@@ -1,5 +1,5 @@
 """With several processes, a stop asked on one rank and a timed checkpoint due on one rank's clock are agreed by
-all ranks after the same step (launch.StopSignal: an asynchronous all-reduce read one step later). Two real gloo
+all ranks after the same step (stopping.StopSignal: an asynchronous all-reduce read one step later). Two real gloo
 ranks on CPU, without a model: a few seconds."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from peft_magic.distributed.launch import StopSignal
+from peft_magic.training.stopping import StopSignal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ RANK_SCRIPT = """
 import json, os, sys, threading
 from types import SimpleNamespace
 import torch, torch.distributed as dist
-from peft_magic.distributed.launch import StopSignal
+from peft_magic.training.stopping import StopSignal
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
 
-from peft_magic import api, ui
+from peft_magic import api, session, ui
 from peft_magic.config.schema import SCHEDULERS, SECTIONS, Config, parse_config
 from peft_magic.methods import get_method
 from peft_magic.ui.form import Form, data_variables
@@ -343,7 +343,7 @@ def test_start_with_a_data_mistake_says_so_and_keeps_the_previous_run(tiny_llama
     shell.user_ns["run"] = previous = object()
     assert form.start() is None
     assert "text" in form.error.value and "#c62828" in form.error.value
-    assert shell.user_ns["run"] is previous and form.run is None and not api._ACTIVE
+    assert shell.user_ns["run"] is previous and form.run is None and not session.BACKGROUND_RUNS
     form.name_text.value = "not a name"
     assert form.start() is None and "not a valid variable name" in form.error.value
 

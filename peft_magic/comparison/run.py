@@ -69,7 +69,7 @@ def plan(config=None, methods=None, sweep=None, overrides=None, defaults=None, n
         defaults: Values used where the config is silent (e.g. the `%peft_model` base model).
         name: The comparison's name (default output folders ``peft_runs/NAME/NN-variant``).
     """
-    from ..api import default_output_dir
+    from ..session import default_output_dir
     from ..config.schema import _deepcopy_plain, _set_dotted, raw_config
 
     raw = raw_config(config, overrides or (), defaults)
@@ -179,7 +179,7 @@ def _slug(label: str) -> str:
 
 def check(variants, name="compare") -> list:
     """Resolve and validate every variant's config before anything trains; a mistake names its variant."""
-    from ..api import resolve_config
+    from ..session import resolve_config
 
     configs = []
     for v in variants:
@@ -242,10 +242,10 @@ def compare(config=None, *, methods=None, sweep=None, namespace=None, name="comp
     Raises:
         ConfigError: For a mistake in any variant's config, before anything trains.
     """
-    from ..api import _ACTIVE
+    from ..session import BACKGROUND_RUNS
 
-    if _ACTIVE:
-        raise ConfigError(f"run '{next(iter(_ACTIVE)).name}' is still training in the background. Fix: `.stop()` or "
+    if BACKGROUND_RUNS:
+        raise ConfigError(f"run '{next(iter(BACKGROUND_RUNS)).name}' is still training in the background. Fix: `.stop()` or "
                           "`.wait()` it first; a comparison trains one variant at a time.", key="compare")  # fmt: skip
     variants = plan(config, methods, sweep, overrides, defaults, name)
     configs = check(variants, name)

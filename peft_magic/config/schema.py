@@ -387,7 +387,7 @@ def parse_config(source=None, overrides=(), defaults: dict | None = None) -> Con
 
 def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
     """`parse_config` before validation: the merged mapping (validating a method imports peft; a notebook that
-    forks worker processes must not, see `distributed/launch.py`)."""
+    forks worker processes must not, see `distributed/notebook.py`)."""
     if isinstance(source, Config):
         raw = source.to_dict()
         raw["data"].update({"train": source.data.train, "eval": source.data.eval, "forgetting": source.data.forgetting})
@@ -397,7 +397,7 @@ def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
         raw = load_mapping(source)
     for key, value in (defaults or {}).items():
         raw.setdefault(key, value)
-    for key, value in _iter_overrides(overrides):
+    for key, value in iter_overrides(overrides):
         _set_dotted(raw, key, value)
     return raw
 
@@ -614,7 +614,7 @@ def coerce_typed(value, annotation, key):
     return value
 
 
-def _iter_overrides(overrides):
+def iter_overrides(overrides):
     import yaml
 
     if isinstance(overrides, dict):

@@ -57,7 +57,7 @@ def total_steps(cfg, calibration=None) -> int:
         return cfg.train.max_steps
     if calibration is None:
         return DRY_RUN_STEPS
-    from ..training.engine import plan_steps
+    from ..training.schedule import plan_steps
 
     return plan_steps(cfg, len(calibration().dataset))[0]
 

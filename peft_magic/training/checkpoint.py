@@ -61,7 +61,7 @@ class Checkpointer:
 
     def due(self, step: int, max_steps: int, timed: bool | None = None) -> bool:
         """Whether to save after `step`: every `save_steps`, or when `save_minutes` passed (`timed`, when given,
-        is that clock decision as all processes agreed on it; see `launch.StopSignal`)."""
+        is that clock decision as all processes agreed on it; see `stopping.StopSignal`)."""
         if step >= max_steps:
             return False  # the final save happens once the loop ends
         if self.save_steps and step % self.save_steps == 0:

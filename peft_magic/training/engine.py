@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import threading
 import time
 
 from ..events import EventBus, TrainState
-from ..distributed.launch import StopSignal
-from .faults import LossGuard
-
-
-class StopRequested(Exception):
-    """Raised inside the loop when a stop was asked for; never escapes `fit`."""
+from ..distributed.ranks import needs_cpu
+from .guards import LossGuard
+from .schedule import plan_steps
+from .stopping import SigintAsStop, StopRequested, StopSignal
 
 
 def make_accelerator(cfg):
@@ -30,13 +27,12 @@ def make_accelerator(cfg):
     from accelerate.state import AcceleratorState, PartialState
 
     from ..devices import device_info, resolve_mixed_precision
-    from ..distributed.launch import needs_cpu
 
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info())
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()  # single process: safe to re-initialise with new settings
     return Accelerator(
-        cpu=needs_cpu(),  # several processes without a GPU: gloo ranks on CPU (see launch.needs_cpu)
+        cpu=needs_cpu(),  # several processes without a GPU: gloo ranks on CPU (see ranks.needs_cpu)
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=cfg.train.report_to or None,
@@ -45,17 +41,6 @@ def make_accelerator(cfg):
         # queued before it, i.e. a host sync at every batch
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
-
-
-def plan_steps(cfg, n_train: int, num_processes: int = 1) -> tuple[int, int]:
-    """(max_steps, steps_per_epoch) for `n_train` examples."""
-    t = cfg.train
-    batches = math.ceil(n_train / (t.per_device_train_batch_size * num_processes))
-    # ceil: accelerate also steps on an epoch's last, shorter accumulation (so resume finds the right epoch)
-    per_epoch = max(math.ceil(batches / t.gradient_accumulation_steps), 1)
-    if t.max_steps > 0:
-        return t.max_steps, per_epoch
-    return max(math.ceil(t.num_train_epochs * per_epoch), 1), per_epoch
 
 
 def make_optimizer(model, cfg):
@@ -115,31 +100,6 @@ def memory_reading() -> dict:
             return {"rss_gb": int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3}
     except OSError:
         return {}
-
-
-class SigintAsStop:
-    """While active (main thread only), Ctrl-C / the notebook's interrupt button sets the stop flag instead of
-    raising mid-step, so an interrupt has exactly the graceful result of the Stop button. A second interrupt
-    raises KeyboardInterrupt as usual."""
-
-    def __init__(self, stop_event: threading.Event):
-        self.stop_event = stop_event
-        self.previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop_event.is_set():
-            raise KeyboardInterrupt
-        self.stop_event.interrupted = True
-        self.stop_event.set()
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: threading.Event, history: list,
@@ -237,7 +197,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
     loss_sum = torch.full((), float(pending.get("loss_sum", 0.0)), device=accelerator.device)
     tokens = torch.full((), int(pending.get("tokens", state.tokens_seen)), device=accelerator.device, dtype=torch.long)
     micro, samples = int(pending.get("micro", 0)), int(pending.get("samples", state.samples_seen))
-    guard = LossGuard(accelerator, optimizer)  # reads the device only where the loop reads it anyway (see faults)
+    guard = LossGuard(accelerator, optimizer)  # reads the device only where the loop reads it anyway (see guards)
     step, epoch_i, last_log = start_step, start_step // per_epoch, start_step
     skip_batches = (start_step % per_epoch) * t.gradient_accumulation_steps
     model.train()

@@ -277,7 +277,7 @@ def attach(run, tokenizer, namespace, bus):
     Reads and tokenizes the source now, so a bad source fails before the model loads. Call `ForgettingProbe.
     measure_base` on the loaded model before the method is applied.
     """
-    from ..distributed.launch import is_main_process
+    from ..distributed.ranks import is_main_process
 
     cfg = run.config
     if cfg.data.forgetting is None or not is_main_process():  # under a launcher, rank 0 measures and reports

@@ -9,7 +9,7 @@ from conftest import lm_rows
 from IPython.core.error import UsageError
 
 import peft_magic
-from peft_magic import api, models
+from peft_magic import api, models, session
 from peft_magic.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def gate(monkeypatch):
     monkeypatch.setattr(models, "load_model", load_model)
     yield event
     event.set()
-    for run in list(api._ACTIVE):
+    for run in list(session.BACKGROUND_RUNS):
         run.stop()
         run.wait(60)
 
@@ -52,7 +52,7 @@ def test_a_second_run_is_refused_while_one_trains_in_the_background(tiny_llama, 
         first.export(workdir / "export")
     gate.set()
     first.wait(60)
-    assert first.state.stop_reason == "completed" and not api._ACTIVE
+    assert first.state.stop_reason == "completed" and not session.BACKGROUND_RUNS
     second = peft_magic.train(cfg, display="none", name="second")  # now it may start
     assert second.state.stop_reason == "completed"
 

@@ -15,7 +15,7 @@ import torch
 from conftest import lm_rows
 
 import peft_magic
-from peft_magic import api
+from peft_magic import session
 from peft_magic.run import Run
 
 from .conftest import StopAt, lora_weights, losses, saved_adapter
@@ -53,7 +53,7 @@ def created(monkeypatch):
             super().__init__(*a, **kw)
             runs.append(self)
 
-    monkeypatch.setattr(api, "Run", Recorded)
+    monkeypatch.setattr(session, "Run", Recorded)
     return runs
 
 

@@ -1,7 +1,5 @@
-"""What a run does when something goes wrong: a non-finite loss, running out of memory, a user mistake in a cell,
-an unsafe run name. Each helper turns a fault into one actionable sentence and leaves the notebook usable.
-
-Policies (see docs/reliability.md):
+"""What a run does when the numbers or the memory give out: each guard turns the fault into one actionable
+sentence and leaves the notebook usable (see docs/reliability.md).
 
 - Non-finite loss: `LossGuard` adds every micro-batch loss on the device. With the fused AdamW (the default) and no
   fp16 loss scaling it never reads the device in a training step: a non-finite step loss sets the optimizer's
@@ -13,16 +11,13 @@ Policies (see docs/reliability.md):
   the loss once per optimizer step, before the update, and stops in that step.
 - Out of memory: the exception (and with it every frame holding activations) is dropped, `gc.collect()` and the
   accelerator's cache are emptied, and a `TrainingFailed` says which settings to try next.
-- In a cell, `ConfigError` and `TrainingFailed` become a plain `UsageError`: one red line, no traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
-from ..errors import ConfigError, TrainingFailed
+from ..errors import TrainingFailed
 
 # ---------------------------------------------------------------- non-finite loss
 
@@ -175,72 +170,3 @@ def out_of_memory_failure(run, where: str) -> TrainingFailed:
     run.state.error = str(err)
     err.run = run
     return err
-
-
-# ---------------------------------------------------------------- re-runs
-
-
-def check_on_meta(cfg, labels=None) -> None:
-    """Build the architecture on the meta device (no weights, no memory) and apply the method to it, so that the
-    mistakes only a model reveals (a task the architecture cannot do, target modules it does not have) raise their
-    `ConfigError` *before* a re-run frees the previous run's model. Anything else is left for the real load."""
-    from .. import models
-    from ..methods import get_method
-
-    try:
-        empty = models.build_empty(cfg.model, cfg.task, labels)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise ConfigError(f"this model cannot be loaded for task '{cfg.task}' ({str(e).splitlines()[0]}). "
-                              "Fix: pick a task the architecture supports.", key="task") from None  # fmt: skip
-        return
-    except Exception:  # noqa: BLE001 - not knowable without weights: the real load will say
-        return
-    quant = cfg.model.quantization
-    cfg.model.quantization = "none"  # k-bit preparation needs real weights; the module names are the same
-    try:
-        with models.quiet_loading():
-            get_method(cfg.method.name).apply(empty, cfg, calibration=None)
-    except ConfigError:
-        raise
-    except Exception:  # noqa: BLE001 - some methods need real weights to choose what trains
-        return
-    finally:
-        cfg.model.quantization = quant
-
-
-# ---------------------------------------------------------------- cells
-
-
-def usage_errors(magic):
-    """Show a user mistake or a failed run as IPython does a `UsageError`: one line, no traceback.
-
-    IPython prints a traceback for every exception whose type is not exactly `UsageError` (subclasses included),
-    so `ConfigError` and `TrainingFailed` are re-raised as a plain one. The new error is raised outside the
-    `except` block so it carries no chained traceback that would keep a failed run's tensors alive.
-    """
-    from IPython.core.error import UsageError
-
-    @functools.wraps(magic)
-    def wrapper(*args, **kw):
-        try:
-            return magic(*args, **kw)
-        except ConfigError as e:
-            message = str(e)
-        except TrainingFailed as e:
-            message = f"training failed: {e}"
-        raise UsageError(message)
-
-    return wrapper
-
-
-# ---------------------------------------------------------------- paths
-
-
-def check_run_name(name: str) -> str:
-    """A run name becomes a folder (peft_runs/NAME): refuse separators, '..' and empty names."""
-    text = str(name)
-    if not text.strip() or text in (".", "..") or any(sep in text for sep in ("/", "\\", os.sep, "\0")):
-        raise ConfigError(f"'{text}' cannot be a run name: it would write outside peft_runs/. Fix: use a plain "
-                          "name such as my_run.", key="name")  # fmt: skip
-    return text
