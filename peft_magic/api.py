@@ -10,6 +10,7 @@ cell as a `ConfigError`; only the loop itself moves to a thread with ``backgroun
 
 from __future__ import annotations
 
+from .config.objectives import OBJECTIVE_TASKS
 from .errors import ConfigError
 from .run import Run
 from .session import default_output_dir, resolve_config  # noqa: F401 - part of the API
