@@ -16,7 +16,7 @@ _LAZY = {
     "load": ("api", "load"),
     "dry_run": ("dryrun", "dry_run"),
     "compare": ("comparison.run", "compare"),
-    "parse_config": ("config.schema", "parse_config"),
+    "parse_config": ("config.parse", "parse_config"),
     "Config": ("config.schema", "Config"),
     "Run": ("run", "Run"),
     "ConfigError": ("errors", "ConfigError"),

@@ -57,7 +57,7 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
 def _merge_overrides(overrides, kw) -> list | dict:
     if not kw:
         return overrides or ()
-    from .config.schema import iter_overrides
+    from .config.parse import iter_overrides
 
     merged = dict(overrides) if isinstance(overrides, dict) else dict(iter_overrides(overrides or ()))
     merged.update({k.replace("__", "."): v for k, v in kw.items()})

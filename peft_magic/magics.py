@@ -45,11 +45,12 @@ class PeftMagics(Magics):
     def peft_model(self, line):
         """Set the session's base model (cells may then omit `model:`) and print what it is."""
         args = parse_argstring(self.peft_model, line)
-        from .config.schema import ModelConfig, _build_section
+        from .config.parse import build_section
+        from .config.schema import ModelConfig
 
         raw = {"name_or_path": _unquote(args.name_or_path), "quantization": args.quantization, "dtype": args.dtype,
                "trust_remote_code": args.trust_remote_code}  # fmt: skip
-        mcfg = _build_section(ModelConfig, raw, "model")
+        mcfg = build_section(ModelConfig, raw, "model")
         mcfg.validate()
         from . import models
 
@@ -327,7 +328,7 @@ def _unquote(text):
 
 
 def _merge_sources(config_path, cell):
-    from .config.schema import load_mapping
+    from .config.parse import load_mapping
 
     base = load_mapping(config_path) if config_path else {}
     body = load_mapping(cell) if cell and cell.strip() else {}

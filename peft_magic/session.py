@@ -15,7 +15,8 @@ import os
 import threading
 
 from .config.objectives import OBJECTIVE_TASKS
-from .config.schema import Config, parse_config
+from .config.parse import parse_config
+from .config.schema import Config
 from .errors import ConfigError, TrainingFailed
 from .events import EventBus
 from .run import Run

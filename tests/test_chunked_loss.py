@@ -118,7 +118,7 @@ def test_model_with_unknown_logit_transform_falls_back():
 
 
 def test_not_for_other_tasks_or_when_off():
-    from peft_magic.config.schema import parse_config
+    from peft_magic.config.parse import parse_config
 
     model = lora(tiny())
     cfg = parse_config({"model": "x", "data": {"train": [{"text": "a"}]}})

@@ -8,7 +8,7 @@ import torch
 from conftest import make_tokenizer
 
 import peft_magic
-from peft_magic.config.schema import parse_config
+from peft_magic.config.parse import parse_config
 from peft_magic.data import chat, formats
 from peft_magic.data.prepare import prepare
 from peft_magic.data.preview import LengthStats

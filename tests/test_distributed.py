@@ -21,7 +21,7 @@ import pytest
 from conftest import lm_rows
 
 import peft_magic
-from peft_magic.config.schema import parse_config
+from peft_magic.config.parse import parse_config
 from peft_magic.errors import ConfigError
 from peft_magic.distributed.cluster import export_script
 from peft_magic.distributed.notebook import make_job

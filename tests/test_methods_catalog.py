@@ -11,7 +11,7 @@ import torch
 from conftest import lm_rows, sentiment_rows
 
 from peft_magic import api, session
-from peft_magic.config.schema import parse_config
+from peft_magic.config.parse import parse_config
 from peft_magic.errors import ConfigError
 from peft_magic.events import EventBus
 from peft_magic.methods import available, get_method

@@ -102,7 +102,7 @@ def test_training_with_packing_follows_the_padded_run(tiny_llama, workdir):
 
 
 def test_packing_is_refused_outside_causal_lm(tiny_bert, sentiment):
-    from peft_magic.config.schema import parse_config
+    from peft_magic.config.parse import parse_config
     from peft_magic.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:

@@ -94,7 +94,7 @@ def test_auto_does_not_bother_when_there_is_little_padding():
 
 
 def test_the_setting_takes_yaml_booleans_and_names_the_key_when_wrong():
-    from peft_magic.config.schema import parse_config
+    from peft_magic.config.parse import parse_config
     from peft_magic.errors import ConfigError
 
     base = {"model": "org/model", "data": {"train": "rows.jsonl"}}

@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from peft_magic.config.schema import parse_config
+from peft_magic.config.parse import parse_config
 from peft_magic.errors import ConfigError
 from peft_magic.methods import get_method
 from peft_magic.methods.delta import CONFIG_NAME, WEIGHTS_NAME, is_delta_dir

@@ -11,7 +11,7 @@ import torch
 from conftest import instruction_rows, lm_rows, make_tokenizer, publishing_shell, sentiment_rows
 
 import peft_magic
-from peft_magic.config.schema import parse_config
+from peft_magic.config.parse import parse_config
 from peft_magic.data.prepare import prepare
 from peft_magic.errors import ConfigError
 

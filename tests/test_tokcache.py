@@ -109,7 +109,7 @@ def test_prune_keeps_the_most_recently_used(cache):
 
 
 def test_a_rerun_of_prepare_skips_tokenization(cache, calls, tiny_llama):
-    from peft_magic.config.schema import parse_config
+    from peft_magic.config.parse import parse_config
     from peft_magic.data.prepare import prepare
 
     cfg = parse_config({"model": tiny_llama, "data": {"train": lm_rows(), "eval": 0.25}})

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
 
 from peft_magic import api, session, ui
-from peft_magic.config.schema import SCHEDULERS, SECTIONS, Config, parse_config
+from peft_magic.config.parse import parse_config
+from peft_magic.config.schema import SCHEDULERS, SECTIONS, Config
 from peft_magic.methods import get_method
 from peft_magic.ui.form import Form, data_variables
 from peft_magic.ui.format import format_params

@@ -70,7 +70,7 @@ def plan(config=None, methods=None, sweep=None, overrides=None, defaults=None, n
         name: The comparison's name (default output folders ``peft_runs/NAME/NN-variant``).
     """
     from ..session import default_output_dir
-    from ..config.schema import _deepcopy_plain, _set_dotted, raw_config
+    from ..config.parse import deepcopy_plain, raw_config, set_dotted
 
     raw = raw_config(config, overrides or (), defaults)
     methods = [*_as_list(raw.pop("compare", None), "compare"), *_as_list(methods, "methods")]
@@ -84,14 +84,14 @@ def plan(config=None, methods=None, sweep=None, overrides=None, defaults=None, n
     for m in methods or [None]:
         for values in itertools.product(*grid.values()):
             changes = ({"method": m} if m is not None else {}) | dict(zip(grid, values))
-            variant_raw = _deepcopy_plain(raw)
+            variant_raw = deepcopy_plain(raw)
             for key, value in changes.items():
-                _set_dotted(variant_raw, *_sweep_target(key, _deepcopy_plain(value)))
+                set_dotted(variant_raw, *_sweep_target(key, deepcopy_plain(value)))
             variants.append(Variant(_label(changes, grid), changes, variant_raw))
     _dedupe_labels(variants)
     for i, v in enumerate(variants, 1):
         if not (v.changes.keys() & {"train.output_dir"}):
-            _set_dotted(v.raw, "train.output_dir", os.path.join(out_root, f"{i:02d}-{_slug(v.label)}"))
+            set_dotted(v.raw, "train.output_dir", os.path.join(out_root, f"{i:02d}-{_slug(v.label)}"))
     return variants
 
 

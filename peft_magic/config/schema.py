@@ -11,7 +11,6 @@ evaluated) in the notebook's namespace when the data is loaded.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -114,10 +113,7 @@ class MethodConfig:
     )
 
     def validate(self) -> None:
-        from ..methods import get_method  # light: the registry imports peft only when a method is applied
-
-        self.name = str(self.name).strip().lower().replace("_", "-")
-        get_method(self.name).check_params(self.params)
+        self.name = str(self.name).strip().lower().replace("_", "-")  # the registry checks it (config/checks.py)
 
 
 @dataclass
@@ -277,9 +273,6 @@ class TrainConfig:
         _check_choice(self.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
         _check_choice(self.group_by_length, GROUPINGS, "train.group_by_length")
         _check_choice(self.kernels, KERNELS, "train.kernels")
-        from ..training.deadline import parse_duration
-
-        parse_duration(self.max_time)
         self.resume = _name(self.resume)
         _check_choice(self.resume, RESUMES, "train.resume")
         if not 0 <= self.seed < 2**32:  # numpy's limit (set_seed seeds numpy too)
@@ -288,7 +281,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """Everything one training run needs. Build it with `parse_config`."""
+    """Everything one training run needs. Build it with `config.parse.parse_config` (which also runs the
+    cross-checks of `config.checks`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     task: str = field(default="causal-lm", metadata=_help("What the model learns.", choices=TASKS))
@@ -307,15 +301,9 @@ class Config:
         self.method.validate()
         self.data.validate()
         self.train.validate()
-        from ..methods import get_method
-
-        get_method(self.method.name).check_compatible(self)
         if self.data.packing and self.task != "causal-lm":
             raise ConfigError(f"packing joins examples for causal-lm only, not {self.task}. Fix: remove "
                               "`data.packing` (`train.group_by_length`, on by default, already cuts padding).", key="data.packing")  # fmt: skip
-        from ..training.forgetting import check_config
-
-        check_config(self)
         return self
 
     def to_dict(self, minimal: bool = False) -> dict:
@@ -371,286 +359,6 @@ QUANT_ALIASES = {"4": "4bit", "4-bit": "4bit", "nf4": "4bit", "8": "8bit", "8-bi
                  "no": "none", "false": "none", "off": "none", "null": "none", "None": "none"}  # fmt: skip
 
 
-def parse_config(source=None, overrides=(), defaults: dict | None = None) -> Config:
-    """Build and validate a `Config`.
-
-    Args:
-        source: A dict, a YAML string, a path to a YAML file, an existing `Config`, or None.
-        overrides: ``"section.key=value"`` strings (the value is read as YAML) or a dict of them.
-        defaults: Values used where the source says nothing, e.g. ``{"model": "org/name"}`` from `%peft_model`.
-
-    Raises:
-        ConfigError: naming the key and the fix, for any mistake.
-    """
-    return build_config(raw_config(source, overrides, defaults))
-
-
-def raw_config(source=None, overrides=(), defaults: dict | None = None) -> dict:
-    """`parse_config` before validation: the merged mapping (validating a method imports peft; a notebook that
-    forks worker processes must not, see `distributed/notebook.py`)."""
-    if isinstance(source, Config):
-        raw = source.to_dict()
-        raw["data"].update({"train": source.data.train, "eval": source.data.eval, "forgetting": source.data.forgetting})
-        if "grpo" in raw:
-            raw["grpo"]["rewards"] = list(source.grpo.rewards)  # functions, not their placeholders
-    else:
-        raw = load_mapping(source)
-    for key, value in (defaults or {}).items():
-        raw.setdefault(key, value)
-    for key, value in iter_overrides(overrides):
-        _set_dotted(raw, key, value)
-    return raw
-
-
-def load_mapping(source) -> dict:
-    """YAML text, a YAML file path, a dict or None -> dict (safe YAML only)."""
-    import yaml
-
-    if source is None:
-        return {}
-    if isinstance(source, dict):
-        _check_acyclic(source, "config")
-        return _deepcopy_plain(source)
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and source.strip().endswith((".yaml", ".yml", ".json"))):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist. Fix: check the path.", key="--config")
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read()
-    if not isinstance(source, str):
-        raise ConfigError(f"a config must be a dict, YAML text or a file path, not {type(source).__name__}.")
-    try:
-        data = yaml.safe_load(source)
-    except yaml.YAMLError as e:
-        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        if ctx is not None and (mark is None or ctx.line != mark.line):
-            where += f" (in the value that starts at line {ctx.line + 1})"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(
-            f"the YAML cannot be read{where}: {problem}. Fix: check indentation and that `key: value` pairs use "
-            "a space after the colon.",
-            key="yaml",
-        ) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"the cell must be a YAML mapping of keys (model, task, method, data, train), got {type(data).__name__}.",
-            key="yaml",
-        )
-    return data
-
-
-def build_config(raw: dict) -> Config:
-    """dict -> validated Config; unknown keys and wrong types raise ConfigError with a 'did you mean'."""
-    _check_acyclic(raw, "yaml")
-    raw = dict(raw)
-    if "eval" in raw:
-        from ..training.forgetting import fold_eval_section
-
-        raw = fold_eval_section(raw)  # `eval: {forgetting: SOURCE}` is `data: {forgetting: SOURCE}`
-    top = {f.name for f in fields(Config)}
-    for key in raw:
-        if key in ("compare", "sweep"):
-            raise ConfigError("trains several variants: use a `%%peft_compare NAME` cell, or peft_magic.compare(config), "
-                              "instead of %%peft_train / train().", key=key)  # fmt: skip
-        if not isinstance(key, str) or key not in top:
-            raise ConfigError(
-                f"unknown key.{did_you_mean(key, top)} Valid top-level keys: {', '.join(sorted(top))}.", key=str(key)
-            )
-    cfg = Config()
-    if "task" in raw:
-        cfg.task = _coerce(raw["task"], str, "task")
-    for name, cls in SECTIONS.items():
-        if name not in raw or raw[name] is None:
-            continue
-        value = raw[name]
-        if name == "model" and isinstance(value, str):
-            value = {"name_or_path": value}
-        if name == "method":
-            setattr(cfg, name, _build_method(value))
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected a mapping of keys, got {type(value).__name__} ({value!r}).", key=name)
-        setattr(cfg, name, _build_section(cls, value, name))
-    return cfg.validate()
-
-
-def _build_method(value) -> MethodConfig:
-    if isinstance(value, str):
-        return MethodConfig(name=value)
-    if not isinstance(value, dict):
-        raise ConfigError(f"expected a method name or a mapping, got {type(value).__name__}.", key="method")
-    value = dict(value)
-    name = value.pop("name", None)
-    if "params" in value and isinstance(value["params"], dict):
-        value.update(value.pop("params"))
-    if not name:
-        raise ConfigError("a method mapping needs `name`, e.g. `method: {name: lora, r: 8}`.", key="method.name")
-    return MethodConfig(name=_coerce(name, str, "method.name"), params=value)
-
-
-def _build_section(cls, values: dict, section: str):
-    known = {f.name: f for f in fields(cls)}
-    aliases = ALIASES.get(section, {})
-    kwargs = {}
-    for key, value in values.items():
-        key = aliases.get(key, key)
-        if key not in known:
-            raise ConfigError(
-                f"unknown key.{did_you_mean(key, list(known) + list(aliases))} Valid keys: {', '.join(known)}.",
-                key=f"{section}.{key}",
-            )
-        if section == "model" and key == "quantization" and value is not None:
-            value = QUANT_ALIASES.get(str(value), str(value))
-        if section == "train" and key == "group_by_length" and isinstance(value, bool):
-            value = str(value).lower()  # YAML true/false for the auto/true/false choice
-        kwargs[key] = _coerce(value, known[key].type, f"{section}.{key}")
-    return cls(**kwargs)
-
-
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
-
-
-def _coerce(value, typ, key):
-    """Check and gently convert a YAML value to a field's type ('2e-4' -> 2e-4, 3.0 -> 3)."""
-    if isinstance(typ, str):
-        optional = typ.startswith("Optional[")
-        name = typ[9:-1] if optional else typ
-        if name == "Any":
-            return value
-        if value is None:
-            if optional:
-                return None
-            raise ConfigError(f"needs a value ({name}), got null.", key=key)
-        typ = _TYPES.get(name, object)
-    if typ is object:
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise ConfigError(f"expected true or false, got {value!r}.", key=key)
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"expected a whole number, got {value!r}.", key=key)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-                if f.is_integer():
-                    return int(f)
-            except ValueError:
-                pass
-        raise ConfigError(f"expected a whole number, got {value!r}.", key=key)
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"expected a number, got {value!r}.", key=key)
-        number = None
-        if isinstance(value, (int, float)):
-            number = float(value) if abs(value) < 1e308 else math.inf
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-        raise ConfigError(f"expected a finite number, got {value!r}.", key=key)
-    if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"expected text, got {type(value).__name__} ({value!r}).", key=key)
-    if typ is list:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"expected a list, got {value!r}.", key=key)
-    if typ is dict and not isinstance(value, dict):
-        raise ConfigError(f"expected a mapping, got {value!r}.", key=key)
-    return value
-
-
-def _check_acyclic(node, key, _parents=()) -> None:
-    """Refuse values that contain themselves (a YAML anchor used inside itself: `a: &x [*x]`) or that nest
-    absurdly deep: both would otherwise crash later with a RecursionError instead of a message."""
-    if not isinstance(node, (dict, list, tuple)):
-        return
-    if id(node) in _parents:
-        raise ConfigError("a value contains itself (a YAML alias *name used inside its own &name). Fix: write the "
-                          "value out instead of the alias.", key=key)  # fmt: skip
-    if len(_parents) > 50:
-        raise ConfigError("values are nested more than 50 levels deep. Fix: check the brackets and indentation.",
-                          key=key)  # fmt: skip
-    for child in node.values() if isinstance(node, dict) else node:
-        _check_acyclic(child, key, (*_parents, id(node)))
-
-
-def coerce_typed(value, annotation, key):
-    """Check a value against a dataclass annotation of another library (peft's config fields): the plain types
-    and ``Optional`` of them are checked and gently converted like our own fields; lists of str/int are checked;
-    anything richer is left for that library to check."""
-    text = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
-    optional = text.startswith("Optional[")
-    inner = text[9:-1] if optional else text
-    if value is None:
-        return value
-    if inner in ("int", "float", "bool", "str", "dict"):
-        return _coerce(value, inner, key)
-    if inner in ("list[str]", "Union[list[str], str]", "list[int]", "Union[list[int], int]"):
-        item = str if "str" in inner else int
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and "Union" in inner:
-            return _coerce(value, item.__name__, key)
-        if isinstance(value, (list, tuple)):
-            return [_coerce(v, item.__name__, key) for v in value]
-        raise ConfigError(f"expected a list of {'names' if item is str else 'whole numbers'}, got {value!r}.",
-                          key=key)  # fmt: skip
-    return value
-
-
-def iter_overrides(overrides):
-    import yaml
-
-    if isinstance(overrides, dict):
-        yield from overrides.items()
-        return
-    for item in overrides or ():
-        if "=" not in item:
-            raise ConfigError(f"'{item}' is not key=value. Fix: e.g. --set train.max_steps=10.", key="--set")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        yield key.strip(), value
-
-
-def _set_dotted(raw: dict, key: str, value) -> None:
-    parts = [p for p in key.split(".") if p]
-    if not parts:
-        raise ConfigError("empty key. Fix: e.g. --set train.max_steps=10.", key="--set")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, str) and i == 0 and part == "model":
-            child = {"name_or_path": child}
-        elif isinstance(child, str) and i == 0 and part == "method":
-            child = {"name": child}
-        elif child is None:
-            child = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"cannot set '{key}': '{part}' is not a mapping.", key=key)
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
 def _check_choice(value, choices, key):
     if value not in choices:
         raise ConfigError(f"'{value}' is not one of {', '.join(choices)}.{did_you_mean(value, choices)}", key=key)
@@ -671,17 +379,7 @@ def _plain(v):
     return f"<{type(v).__name__}>"
 
 
-def _deepcopy_plain(d):
-    """Copy nested dicts/lists, keeping leaf objects (DataFrames, Datasets) as they are."""
-    if isinstance(d, dict):
-        return {k: _deepcopy_plain(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy_plain(v) for v in d]
-    return d
-
-
 def field_help(section: str) -> dict[str, str]:
     """{field name: help} for a section (used by --help, the form and the README reference)."""
     cls = SECTIONS.get(section, Config)
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-

@@ -82,7 +82,7 @@ def make_job(config=None, *, overrides=(), defaults=None, namespace=None, name="
     and everything pickles."""
     import pickle
 
-    from ..config.schema import raw_config
+    from ..config.parse import raw_config
 
     mapping = raw_config(config, overrides, defaults)
     ns = namespace or {}

@@ -125,7 +125,7 @@ def load_export(path: str, device=None):
     import json
 
     from .. import models
-    from ..config.schema import parse_config
+    from ..config.parse import parse_config
     from ..methods import get_method
     from ..run import Run
 

@@ -55,14 +55,14 @@ class FullFineTune:
 
     # ------------------------------------------------------------------ parse time
     def check_params(self, params: dict) -> None:
-        from ..config.schema import _coerce
+        from ..config.coerce import coerce
 
         for key in params:
             if key not in self.params_help:
                 raise ConfigError(f"'full' has no parameter '{key}'.{did_you_mean(key, self.params_help)} "
                                   f"Accepted: {', '.join(self.params_help)}.", key=f"method.{key}")  # fmt: skip
         if "force" in params:
-            params["force"] = _coerce(params["force"], bool, "method.force")
+            params["force"] = coerce(params["force"], bool, "method.force")
 
     def check_compatible(self, cfg) -> None:
         if cfg.model.quantization != "none":

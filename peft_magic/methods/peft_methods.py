@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..config.schema import coerce_typed
+from ..config.coerce import coerce_typed
 from ..errors import ConfigError, did_you_mean
 from . import register
 

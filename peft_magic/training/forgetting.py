@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 import time
 
+from ..config.checks import DEFAULT_FORGETTING as DEFAULT  # `data.forgetting: default`: the built-in text
 from ..errors import ConfigError
 from ..events import Callback
 
-DEFAULT = "default"
 MAX_ROWS = 1000  # texts read from a source; enough for a stable mean, cheap next to training
 KEYS = ("forgetting_base_loss", "forgetting_loss", "forgetting_loss_delta", "forgetting_base_ppl", "forgetting_ppl",
         "forgetting_ppl_ratio")  # fmt: skip
@@ -36,43 +36,6 @@ PROBE_ATTR = "_forgetting_probe"  # where a Run keeps its probe, so `run.resume(
 
 
 # ---------------------------------------------------------------- config
-
-
-def fold_eval_section(raw: dict) -> dict:
-    """``eval: {forgetting: SOURCE}`` (a top-level spelling) -> ``data: {forgetting: SOURCE}``."""
-    raw = dict(raw)
-    section = raw.pop("eval")
-    if not isinstance(section, dict) or set(section) - {"forgetting"}:
-        raise ConfigError("a top-level `eval:` takes only `forgetting: SOURCE` (general text to measure forgetting "
-                          "on). Fix: held-out task data goes under `data: {eval: ...}`.", key="eval")  # fmt: skip
-    data = raw.get("data")
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of keys, got {type(data).__name__} ({data!r}).", key="data")
-    if "forgetting" in section:
-        if data.get("forgetting") is not None and data["forgetting"] is not section["forgetting"]:
-            raise ConfigError("given twice, as `eval.forgetting` and `data.forgetting`. Fix: keep one.",
-                              key="data.forgetting")  # fmt: skip
-        data = {**data, "forgetting": section["forgetting"]}
-    raw["data"] = data
-    return raw
-
-
-def check_config(cfg) -> None:
-    """Normalise ``data.forgetting`` (true -> ``default``, false -> off) and refuse tasks without an LM head."""
-    src = cfg.data.forgetting
-    if src is True:
-        src = cfg.data.forgetting = DEFAULT
-    if src is False or src is None:
-        cfg.data.forgetting = None
-        return
-    if isinstance(src, str) and not src.strip():
-        raise ConfigError("is empty. Fix: `forgetting: default` (built-in general text), a file, $variable or hub "
-                          "dataset, or remove the key.", key="data.forgetting")  # fmt: skip
-    if cfg.task != "causal-lm":
-        raise ConfigError(f"forgetting is measured as the language-model loss on general text, and a {cfg.task} "
-                          "model has no language-model head to predict text with. Fix: remove `forgetting`, or "
-                          "measure it on a causal-lm run of the same base.", key="data.forgetting")  # fmt: skip
 
 
 def describe(src) -> str:

@@ -27,7 +27,8 @@ def requested_processes(config=None, overrides=(), defaults=None) -> int:
         overrides: ``--set`` style overrides.
         defaults: Config defaults (e.g. from `%peft_model`).
     """
-    from ..config.schema import _coerce, raw_config
+    from ..config.coerce import coerce
+    from ..config.parse import raw_config
     from ..distributed.ranks import launched
 
     if launched():
@@ -35,7 +36,7 @@ def requested_processes(config=None, overrides=(), defaults=None) -> int:
 
     section = raw_config(config, overrides, defaults).get("train")
     value = section.get("num_processes", 1) if isinstance(section, dict) else 1
-    n = _coerce(value, int, "train.num_processes")
+    n = coerce(value, int, "train.num_processes")
     if n < 1:
         raise ConfigError(f"must be 1 or more, got {n}.", key="train.num_processes")
     return n

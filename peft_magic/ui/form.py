@@ -19,7 +19,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..config.schema import SECTIONS, Config, MethodConfig, _build_method, _build_section, parse_config, raw_config
+from ..config.parse import build_method, build_section, parse_config, raw_config
+from ..config.schema import SECTIONS, Config, MethodConfig
 from ..errors import ConfigError, TrainingFailed
 from .format import format_count, format_params
 
@@ -179,7 +180,7 @@ class ParamsField:
         if self.method is None:
             return {}
         if self.method in self.yaml_areas:
-            from ..config.schema import load_mapping
+            from ..config.parse import load_mapping
 
             text = self.yaml_areas[self.method].value
             return load_mapping(text) if text.strip() else {}
@@ -525,7 +526,7 @@ class Form:
             if value is None:
                 continue
             if section == "method":
-                method = _build_method(value)
+                method = build_method(value)
                 self.fields["method.name"].set(method.name.strip().lower().replace("_", "-"))
                 self.fields["method.params"].show(self.fields["method.name"].get())
                 self.fields["method.params"].set(method.params)
@@ -536,7 +537,7 @@ class Form:
             # Data sources may be objects (a DataFrame given to `train()`): shown by their notebook name.
             sources = [f.name for f in dataclasses.fields(cls) if section == "data" and f.type == "Any"]
             objects = {k: data.pop(k) for k in sources if k in data}
-            built = _build_section(cls, data, section)
+            built = build_section(cls, data, section)
             given = {_canonical(section, k) for k in data}
             for f in dataclasses.fields(cls):
                 if f.name in given:

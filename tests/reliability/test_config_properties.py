@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peft_magic.config.schema import SECTIONS, Config, parse_config
+from peft_magic.config.parse import parse_config
+from peft_magic.config.schema import SECTIONS, Config
 from peft_magic.errors import ConfigError
 
 FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}

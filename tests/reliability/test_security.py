@@ -9,7 +9,7 @@ import pytest
 from conftest import lm_rows
 
 import peft_magic
-from peft_magic.config.schema import parse_config
+from peft_magic.config.parse import parse_config
 from peft_magic.errors import ConfigError
 
 SENTINEL = "hf_SENTINEL0123456789abcdefTOKEN"

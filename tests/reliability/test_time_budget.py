@@ -83,7 +83,7 @@ def test_durations(text, seconds):
 @pytest.mark.parametrize("value, pattern", [(90, "'90' has no unit"), ("1.5", "'1.5' has no unit"),
                                             ("an hour", "'an hour' is not a duration")])  # fmt: skip
 def test_a_bad_budget_is_one_line_with_the_fix(value, pattern):
-    from peft_magic.config.schema import parse_config
+    from peft_magic.config.parse import parse_config
 
     with pytest.raises(ConfigError, match=f"train.max_time: {pattern}.*Fix: .*11h30m"):
         parse_config({"model": "m", "data": {"train": "x.csv"}, "train": {"max_time": value}})
