@@ -211,6 +211,25 @@ def test_adalora_total_step_follows_the_run_length():
     assert peft_model.peft_config["default"].total_step == 37
 
 
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_adalora_total_step_counts_the_processes(processes, monkeypatch):
+    """With N processes each takes its own batches, so an epoch has 1/N of the steps: AdaLoRA's schedule must end
+    on the step the engine plans (40 rows, batch 4, accumulation 1, 3 epochs: 30 / 15 / 12 steps)."""
+    from torch.utils.data import DataLoader
+
+    from peft_magic.training.schedule import plan_steps
+
+    monkeypatch.setenv("WORLD_SIZE", str(processes))  # what every launcher sets in each process
+    cfg = cfg_for("adalora", max_steps=-1, num_train_epochs=3, per_device_train_batch_size=4,
+                  gradient_accumulation_steps=1)  # fmt: skip
+    rows = [{"input_ids": [1, 2]}] * 40
+    peft_model = get_method("adalora").apply(tiny_llama_model(hidden=32, heads=4, kv_heads=2, intermediate=64), cfg,
+                                             calibration=lambda: DataLoader(rows, batch_size=4))  # fmt: skip
+    planned = plan_steps(cfg, len(rows), processes)[0]  # what engine.fit runs (accelerator.num_processes == N)
+    assert planned == {1: 30, 2: 15, 3: 12}[processes]
+    assert peft_model.peft_config["default"].total_step == planned
+
+
 def test_adalora_total_step_from_epochs_and_rank_budget_is_reallocated(tiny_llama, tmp_path):
     # 40 rows / batch 8 = 5 steps per epoch, 2 epochs = 10 steps; the run calls update_and_allocate each step
     cfg = train_config(tiny_llama, "causal-lm", "adalora", 5e-3, tmp_path, lm_rows(40))

@@ -52,14 +52,16 @@ def adapt_params(name: str, merged: dict, user: dict, cfg, model=None, calibrati
 
 
 def total_steps(cfg, calibration=None) -> int:
-    """The run's optimizer steps: ``train.max_steps``, or epochs x steps per epoch of the training data."""
+    """The run's optimizer steps: ``train.max_steps``, or epochs x steps per epoch of the training data, as the
+    engine plans them (with N processes each takes its own batches: an epoch is 1/N of the steps)."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     if calibration is None:
         return DRY_RUN_STEPS
+    from ..distributed.ranks import world_size
     from ..training.schedule import plan_steps
 
-    return plan_steps(cfg, len(calibration().dataset))[0]
+    return plan_steps(cfg, len(calibration().dataset), world_size())[0]
 
 
 def targeted_linears(model, target_modules) -> dict:
