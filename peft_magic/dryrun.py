@@ -39,7 +39,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     from .session import resolve_config
     from .data.prepare import prepare
     from .training.schedule import plan_steps
-    from .methods import describe, get_method
+    from .methods import get_method, method_label
     from .ui.format import format_count, format_epochs, format_params
 
     cfg = resolve_config(config, overrides, defaults, name)
@@ -74,7 +74,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     plan.rows = {
         "model": f"{cfg.model.name_or_path}{' / ' + cfg.model.gguf_file if cfg.model.gguf_file else ''} "
         f"({arch}, {format_count(total)} params){quant_text}",
-        "method": f"{describe(cfg.method)} · "
+        "method": f"{method_label(cfg.method)} · "
         + (format_params(trainable, total) if trainable else "trainable count known after loading"),
         "data": f"train {data.train_rows:,} rows ({data.source_names['train']}, {data.kind}) · {eval_text} · "
         f"max_length {cfg.data.max_length} · ~{format_count(data.train_tokens)} tokens/epoch",
@@ -89,9 +89,9 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
 
         plan.rows.update(plan_rows(cfg, data))
     if cfg.data.forgetting is not None:
-        from .training.forgetting import describe as describe_forgetting
+        from .training.forgetting import source_label
 
-        plan.rows["forgetting"] = f"base vs tuned loss on {describe_forgetting(cfg.data.forgetting)}"
+        plan.rows["forgetting"] = f"base vs tuned loss on {source_label(cfg.data.forgetting)}"
     _add_memory(plan, cfg, model, trainable, data)
     return plan
 
@@ -107,9 +107,9 @@ def _eval_schedule(eval_steps, max_steps, eval_rows) -> str:
 
 def _add_data_rows(plan, data) -> None:
     """What the data is and what of it is trained: its format, chat template, lengths and cuts (data/preview.py)."""
-    from .data.preview import describe
+    from .data.preview import split_summary
 
-    rows = describe(data, "train")
+    rows = split_summary(data, "train")
     warning = data.stats["train"].warning() if data.stats.get("train") else None
     if warning:
         rows["warning"] = warning

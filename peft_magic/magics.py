@@ -188,13 +188,13 @@ class PeftMagics(Magics):
         args = parse_argstring(self.peft_compare, line)
         if not args.name.isidentifier():
             raise UsageError(f"'{args.name}' is not a valid variable name. Fix: %%peft_compare my_comparison")
-        from .comparison.run import check, compare, plan, plan_text
+        from .comparison.run import check, compare, plan_text, plan_variants
 
         raw = _merge_sources(args.config, cell)
         defaults = {"model": dict(self.default_model)} if self.default_model else None
         ns = self.shell.user_ns if self.shell is not None else {}
         if args.dry_run:
-            variants = plan(raw, overrides=list(args.overrides), defaults=defaults, name=args.name)
+            variants = plan_variants(raw, overrides=list(args.overrides), defaults=defaults, name=args.name)
             check(variants, args.name)
             print(plan_text(variants, args.name))
             return None

@@ -94,11 +94,11 @@ class MemoryEstimate:
         Example: ``~5.6 GB peak (weights 0.1 · adapter+optimizer 0.03 · activations 5.3 · runtime 0.5) · fits T4
         (14.6 GB free)``.
         """
-        parts = [f"weights {_gb(self.weights)}", f"adapter+optimizer {_gb(self.trainable + self.gradients + self.optimizer)}",
-                 f"activations {_gb(self.activations)}"]  # fmt: skip
+        parts = [f"weights {gb(self.weights)}", f"adapter+optimizer {gb(self.trainable + self.gradients + self.optimizer)}",
+                 f"activations {gb(self.activations)}"]  # fmt: skip
         if self.overhead:
-            parts.append(f"runtime {_gb(self.overhead)}")
-        line = f"~{_gb(self.total)} GB peak ({' · '.join(parts)})"
+            parts.append(f"runtime {gb(self.overhead)}")
+        line = f"~{gb(self.total)} GB peak ({' · '.join(parts)})"
         if info is not None:
             line += " · " + check_fit(self, info).message
         return line
@@ -217,13 +217,13 @@ def check_fit(estimate: MemoryEstimate, info, *, gradient_accumulation_steps: in
         estimate = estimate.replace(device=info)
     free = _usable(info)
     need = _need(estimate, info)
-    where = f"{info.label} ({_gb(free)} GB free)"
+    where = f"{info.label} ({gb(free)} GB free)"
     if need <= free:
         return FitReport(True, f"fits {where}")
     changes = _suggest(estimate, info, gradient_accumulation_steps)
     suggestions = [", ".join(f"{k}: {_yaml(v)}" for k, v in c.items() if not k.startswith("_"))
-                   + f" (~{_gb(c['_total'])} GB)" for c in changes]  # fmt: skip
-    message = f"needs ~{_gb(need)} GB, {where}"
+                   + f" (~{gb(c['_total'])} GB)" for c in changes]  # fmt: skip
+    message = f"needs ~{gb(need)} GB, {where}"
     if suggestions:
         message += f": try {suggestions[0]}"
     return FitReport(
@@ -251,10 +251,11 @@ def estimate_for_config(
     info = info or device_info()
     seq = seq_len
     seq_len = step_tokens(config, seq_len or config.data.max_length)  # dpo/orpo/grpo: every sequence of a step
-    if config.method.name == "full":  # every parameter trains: gradients and AdamW states for all of them
-        from .methods.full import estimate_for_config as full_estimate
+    from .methods import get_method
 
-        return with_reference_pass(full_estimate(config, info, seq_len=seq_len), config, seq)
+    own = getattr(get_method(config.method.name), "estimate_memory", None)
+    if own is not None:  # a method with a memory model of its own (full: every parameter trains)
+        return with_reference_pass(own(config, info, seq_len=seq_len), config, seq)
     params = {k: v for k, v in config.method.params.items() if k != "from"}
     return with_reference_pass(estimate_memory(
         model_config if model_config is not None else load_config(config.model),
@@ -682,7 +683,7 @@ def _yaml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
     """Bytes as GB (GiB, as nvidia-smi and torch count them): whole from 10 GB, 1 decimal from 1, 2 digits below."""
     g = n / GiB
     if g >= 10:

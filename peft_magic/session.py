@@ -262,11 +262,11 @@ def _calibration(data, cfg):
 
 
 def title(cfg, trainable: int, total: int) -> str:
-    from .methods import describe
+    from .methods import method_label
     from .ui.format import build_title
 
     quant = {"4bit": "4-bit NF4", "8bit": "8-bit"}.get(cfg.model.quantization)
-    return build_title(cfg.model.display_name, quant, describe(cfg.method), trainable, total)
+    return build_title(cfg.model.display_name, quant, method_label(cfg.method), trainable, total)
 
 
 def _status(run, bus, status):

@@ -12,7 +12,7 @@ from conftest import lm_rows, publishing_shell, sentiment_rows
 
 import peft_magic
 from peft_magic.comparison import run as compare_module
-from peft_magic.comparison.run import Comparison, compare, curves_svg, plan, register_column
+from peft_magic.comparison.run import Comparison, compare, curves_svg, plan_variants, register_column
 from peft_magic.errors import ConfigError
 from peft_magic.events import Callback
 
@@ -29,7 +29,7 @@ def base(model, tmp_path, **train):
 
 
 def test_plan_is_methods_times_the_sweep_grid(tmp_path):
-    variants = plan({"model": "org/m", "data": {"train": "x.csv"}, "train": {"output_dir": str(tmp_path)},
+    variants = plan_variants({"model": "org/m", "data": {"train": "x.csv"}, "train": {"output_dir": str(tmp_path)},
                      "compare": ["lora", {"name": "lora", "r": 16}]},
                     sweep={"train.learning_rate": [1e-3, 5e-3], "data.max_samples": [100, None]})  # fmt: skip
     assert [v.label for v in variants[:3]] == ["lora · learning_rate=0.001 · max_samples=100",
@@ -44,7 +44,7 @@ def test_plan_is_methods_times_the_sweep_grid(tmp_path):
 
 
 def test_sweep_alone_and_method_keys_apply_over_the_base_method():
-    variants = plan({"model": "org/m", "data": {"train": "x.csv"}, "method": "lora",
+    variants = plan_variants({"model": "org/m", "data": {"train": "x.csv"}, "method": "lora",
                      "sweep": {"method.r": [4, 8]}})  # fmt: skip
     assert [v.label for v in variants] == ["r=4", "r=8"]
     assert variants[1].raw["method"] == {"name": "lora", "r": 8}
@@ -61,7 +61,7 @@ def test_sweep_alone_and_method_keys_apply_over_the_base_method():
 )
 def test_plan_mistakes_name_the_key(kw, key, fragment):
     with pytest.raises(ConfigError, match=fragment) as e:
-        plan({"model": "org/m", "data": {"train": "x.csv"}}, **kw)
+        plan_variants({"model": "org/m", "data": {"train": "x.csv"}}, **kw)
     assert e.value.key == key
 
 
@@ -186,8 +186,9 @@ def test_curves_svg_edge_cases():
     assert 'height="' in tall and int(tall.split('height="')[1].split('"')[0]) >= 30 * 14
 
 
-def test_module_is_callable_as_the_function():
-    assert callable(compare_module) and compare_module.Comparison is Comparison
+def test_peft_magic_compare_is_the_function_even_after_the_module_is_imported():
+    assert compare_module.Comparison is Comparison  # the module is imported (at the top of this file)
+    assert peft_magic.compare is compare and callable(peft_magic.compare)
 
 
 # ---------------------------------------------------------------- %%peft_compare

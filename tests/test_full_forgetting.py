@@ -22,7 +22,7 @@ from conftest import lm_rows
 
 import peft_magic
 from peft_magic import devices
-from peft_magic.comparison.run import compare, plan
+from peft_magic.comparison.run import compare, plan_variants
 from peft_magic.errors import ConfigError
 
 torch.set_num_threads(1)  # two shared CPU cores: one intra-op thread is much faster for tiny matmuls
@@ -119,7 +119,7 @@ def test_full_refuses_quantized_or_fp16_weights(tiny_llama, model_keys, key):
 def test_full_is_refused_with_an_estimate_when_it_cannot_fit(tiny_llama, workdir, monkeypatch):
     from peft_magic import models
     from peft_magic.methods import get_method
-    from peft_magic.methods.full import estimate
+    from peft_magic.methods.full import estimate_full
 
     tiny = devices.DeviceInfo("cpu", "test CPU", total_memory=2**31, free_memory=2**20)
     monkeypatch.setattr(devices, "device_info", lambda: tiny)
@@ -139,7 +139,7 @@ def test_full_is_refused_with_an_estimate_when_it_cannot_fit(tiny_llama, workdir
 
     model = base_model(tiny_llama)
     n = sum(p.numel() for p in model.parameters())
-    est = estimate(model, peft_magic.parse_config(cfg), tiny)
+    est = estimate_full(model, peft_magic.parse_config(cfg), tiny)
     # the weights are the trainable parameters: no extra copy; fp32 gradients and two fp32 AdamW moments
     assert (est.trainable, est.gradients, est.optimizer) == (0, 4 * n, 8 * n)
     assert est.total == est.weights + est.gradients + est.optimizer + est.activations + est.overhead
@@ -241,7 +241,7 @@ def test_forgetting_shows_in_summary_printer_panel_and_model_card(lora_run):
 
 
 def test_train_samples_is_a_sweep_key_with_all_meaning_every_row(tmp_path):
-    variants = plan({"model": "org/m", "data": {"train": "x.csv"}, "train": {"output_dir": str(tmp_path)}},
+    variants = plan_variants({"model": "org/m", "data": {"train": "x.csv"}, "train": {"output_dir": str(tmp_path)}},
                     sweep={"train_samples": [100, "all"]})  # fmt: skip
     assert [v.label for v in variants] == ["train_samples=100", "train_samples=all"]
     assert [v.raw["data"]["max_samples"] for v in variants] == [100, None]

@@ -18,9 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import sys
 import time
-import types
 from html import escape
 
 from ..errors import ConfigError
@@ -58,7 +56,7 @@ class Variant:
 # ---------------------------------------------------------------- planning
 
 
-def plan(config=None, methods=None, sweep=None, overrides=None, defaults=None, name="compare") -> list[Variant]:
+def plan_variants(config=None, methods=None, sweep=None, overrides=None, defaults=None, name="compare") -> list[Variant]:
     """The variants of a comparison, without training: methods x the sweep grid.
 
     Args:
@@ -247,7 +245,7 @@ def compare(config=None, *, methods=None, sweep=None, namespace=None, name="comp
     if BACKGROUND_RUNS:
         raise ConfigError(f"run '{next(iter(BACKGROUND_RUNS)).name}' is still training in the background. Fix: `.stop()` or "
                           "`.wait()` it first; a comparison trains one variant at a time.", key="compare")  # fmt: skip
-    variants = plan(config, methods, sweep, overrides, defaults, name)
+    variants = plan_variants(config, methods, sweep, overrides, defaults, name)
     configs = check(variants, name)
     result = Comparison(name, variants)
     for i, (variant, cfg) in enumerate(zip(variants, configs)):
@@ -283,9 +281,9 @@ def _train_variant(result, variant, cfg, namespace, run_name, display, callbacks
 
 
 def _method_text(cfg) -> str:
-    from ..methods import describe
+    from ..methods import method_label
 
-    return describe(cfg.method)
+    return method_label(cfg.method)
 
 
 def _row(variant, cfg, run, measure) -> dict:
@@ -548,14 +546,3 @@ def _finite(v) -> bool:
     import math
 
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-class _CallableModule(types.ModuleType):
-    """`peft_magic.compare` is both this module and the function: importing the submodule rebinds the package
-    attribute to the module, so the module itself forwards calls to `compare`."""
-
-    def __call__(self, *args, **kwargs):
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

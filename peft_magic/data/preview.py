@@ -215,10 +215,10 @@ def make_preview(prepared, indices=(0,), split="train") -> Preview:
         trained = sum(1 for lab in labels if lab != -100)
         examples.append(Example(i, segments(tokenizer, ids, labels), len(ids), trained, full))
     stats = prepared.stats.get(split)
-    return Preview(examples, lines=describe(prepared, split), warning=stats.warning() if stats else None)
+    return Preview(examples, lines=split_summary(prepared, split), warning=stats.warning() if stats else None)
 
 
-def describe(prepared, split="train") -> dict:
+def split_summary(prepared, split="train") -> dict:
     """The figures shown above examples, in the dry run and by `%peft_data`."""
     lines = {}
     if prepared.format_note:

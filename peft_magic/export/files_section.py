@@ -29,7 +29,7 @@ KINDS = (
 )
 
 
-def describe(name: str) -> str:
+def file_role(name: str) -> str:
     for pattern, what in KINDS:
         if fnmatch.fnmatchcase(name, pattern):
             return what.format(name=name)
@@ -44,7 +44,7 @@ def describe_files(folder: str) -> dict:
     out = {}
     for name in names:
         shown = name + "/" if os.path.isdir(os.path.join(folder, name)) else name
-        out[shown] = describe(name)
+        out[shown] = file_role(name)
     return out
 
 

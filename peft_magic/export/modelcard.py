@@ -20,7 +20,7 @@ def _version(name: str) -> str:
 def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=()) -> str:
     """The card's Markdown; `extra` lines (the GGUF files, the list of files) go after "How to load"."""
     from ..data.prepare import describe_source
-    from ..methods import describe
+    from ..methods import method_label
     from ..ui.format import format_params
 
     cfg, s = run.config, run.state
@@ -32,14 +32,14 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=())
         f"base_model: {cfg.model.name_or_path}",
         "tags: [peft_magic, " + cfg.method.name + "]",
         "---",
-        f"# {run.name}: {describe(cfg.method)} on {cfg.model.display_name}",
+        f"# {run.name}: {method_label(cfg.method)} on {cfg.model.display_name}",
         "",
         "| | |",
         "|---|---|",
         f"| base model | {base} |",
         f"| quantization | {cfg.model.quantization} |",
         f"| task | {cfg.task} |",
-        f"| method | {describe(cfg.method)} |",
+        f"| method | {method_label(cfg.method)} |",
         f"| method parameters | {', '.join(f'{k}={v}' for k, v in cfg.method.params.items()) or 'defaults'} |",
         f"| trainable parameters | {format_params(s.trainable_params, s.total_params) or 'n/a'} |",
         f"| training data | {describe_source(cfg.data.train)} |",
@@ -88,7 +88,7 @@ def _load_snippet(run, merged, folder):
 
 def _forgetting_section(run) -> list:
     """What the run measured on general text (see `peft_magic.training.forgetting`), or nothing."""
-    from ..training.forgetting import describe, last
+    from ..training.forgetting import last, source_label
 
     row = last(run.history)
     if row is None:
@@ -96,7 +96,7 @@ def _forgetting_section(run) -> list:
     return [
         "## Forgetting (general text)",
         "",
-        f"Loss on {describe(run.config.data.forgetting)}, text unrelated to the task, measured on the base model and "
+        f"Loss on {source_label(run.config.data.forgetting)}, text unrelated to the task, measured on the base model and "
         "on the tuned one (mean over every predicted token; lower is better):",
         "",
         "| | base | tuned | change |",

@@ -51,7 +51,7 @@ def _ensure_loaded() -> None:
     from . import full  # noqa: F401  (the full fine-tuning baseline)
 
 
-def describe(method_cfg) -> str:
+def method_label(method_cfg) -> str:
     """Short label for titles and tables: ``lora r=8 on all-linear``, ``bitfit``, ``sparse density=0.01``."""
     p = method_cfg.params
     bits = [method_cfg.name]

@@ -102,7 +102,7 @@ class FullFineTune:
 
     def check_before_loading(self, cfg, data) -> None:
         """The same refusal as `apply`'s, from the config alone (the architecture on the meta device), so that a
-        run which cannot fit is refused before minutes of loading weights. Called by `api.setup`.
+        run which cannot fit is refused before minutes of loading weights. Called by `session.setup`.
 
         Args:
             cfg: The run's `Config`.
@@ -115,6 +115,13 @@ class FullFineTune:
         except Exception:  # noqa: BLE001 - an architecture the meta device cannot build: `apply` checks once loaded
             return
         check_memory(model, cfg, seq_len=planned_seq_len(cfg, getattr(data, "train", None)))
+
+    def estimate_memory(self, cfg, info=None, seq_len: int | None = None):
+        """This method's pre-flight estimate from a `Config` alone (the architecture is built on the meta device; no
+        weights are read), for `preflight.estimate_for_config`: the dry run, the form and the run's own check."""
+        from .. import devices
+
+        return estimate_full(_meta_model(cfg), cfg, info or devices.device_info(), seq_len)
 
     def count_trainable(self, model) -> tuple[int, int]:
         from ..models import count_parameters
@@ -192,7 +199,7 @@ def _dataset_of(calibration):
         return None
 
 
-def estimate(model, cfg, info, seq_len: int | None = None):
+def estimate_full(model, cfg, info, seq_len: int | None = None):
     """The pre-flight estimate for training every parameter of `model` (a `preflight.MemoryEstimate`).
 
     `preflight.estimate_memory` assumes a frozen base plus fp32 adapter weights; here the weights *are* the
@@ -218,14 +225,6 @@ def estimate(model, cfg, info, seq_len: int | None = None):
     return replace(est, trainable=0, gradients=grads, optimizer=optim, total=total)
 
 
-def estimate_for_config(cfg, info=None, seq_len: int | None = None):
-    """`estimate` from a `Config` alone (the architecture is built on the meta device; no weights are read), for
-    the dry run and the form's pre-flight line."""
-    from .. import devices
-
-    return estimate(_meta_model(cfg), cfg, info or devices.device_info(), seq_len)
-
-
 def _meta_model(cfg, labels=None):
     """The architecture on the meta device, in the dtype the run will load it in."""
     from .. import models
@@ -248,11 +247,11 @@ def check_memory(model, cfg, info=None, seq_len: int | None = None) -> None:
     from ..ui.format import format_count
 
     info = info or devices.device_info()
-    est = estimate(model, cfg, info, seq_len)
+    est = estimate_full(model, cfg, info, seq_len)
     resident = est.weights if _resident_on(model, info.kind) else 0
     if preflight.check_fit(replace(est, total=est.total - resident), info).fits:
         return
-    gb = preflight._gb
+    gb = preflight.gb
     lora = _lora_need(model, cfg, info, est.inputs.get("seq_len", cfg.data.max_length))
     alt = f"a PEFT method (`method: lora` needs ~{gb(lora)} GB)" if lora else "a PEFT method (`method: lora`)"
     bf16 = "" if cfg.model.dtype == "bfloat16" else ", `dtype: bfloat16` (about half)"

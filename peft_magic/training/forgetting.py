@@ -38,7 +38,7 @@ PROBE_ATTR = "_forgetting_probe"  # where a Run keeps its probe, so `run.resume(
 # ---------------------------------------------------------------- config
 
 
-def describe(src) -> str:
+def source_label(src) -> str:
     """How the source is named in the docs, the model card and the summary (never its contents)."""
     if isinstance(src, str) and src == DEFAULT:
         from ..data.general_text import NAME
