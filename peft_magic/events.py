@@ -113,6 +113,26 @@ class Callback:
     def on_train_end(self, state: TrainState) -> None: ...
 
 
+# ---------------------------------------------------------------- figures derived from the state (engine and UI)
+
+
+def budget_steps(state) -> int | None:
+    """The step at which the time budget ends the run, when that comes before ``max_steps`` (None otherwise)."""
+    budget = getattr(state, "time_budget", None)
+    done = state.step - getattr(state, "start_step", 0)  # steps taken in this process, timed by state.elapsed
+    if not budget or done <= 0 or state.max_steps <= 0 or state.elapsed <= 0:
+        return None
+    last = round(budget / (state.elapsed / done)) + getattr(state, "start_step", 0)
+    return last if last < state.max_steps else None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None) -> float | None:
+    """Achieved useful FLOP/s over the peak (a fraction), or None without a known peak."""
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_second / (peak * 1e12)
+
+
 class EventBus:
     """Fans an event out to every subscriber that defines the hook.
 

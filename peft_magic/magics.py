@@ -99,7 +99,7 @@ class PeftMagics(Magics):
         from . import api
 
         previous = ns.get(args.name)
-        from .training.schedule import requested_processes
+        from .config.parse import requested_processes
 
         # several processes: the workers check the config (checking it here imports peft, and a kernel that did
         # cannot fork them: see distributed/notebook.py); one process: fail fast, before touching the old run

@@ -63,9 +63,9 @@ class Run:
             callbacks: Extra event subscribers.
             checkpoint: A checkpoint folder to continue from instead of the latest one.
         """
-        from .api import resume
+        from .session import resume_in_process
 
-        return resume(self, background=background, display=display, callbacks=callbacks, checkpoint=checkpoint)
+        return resume_in_process(self, background=background, display=display, callbacks=callbacks, checkpoint=checkpoint)
 
     def wait(self, timeout=None) -> "Run":
         """Block until a background run ends; re-raises its error, if any."""
@@ -88,9 +88,9 @@ class Run:
 
     def evaluate(self, data=None, namespace=None) -> dict:
         """Evaluate on the run's eval data, or on `data` (any data source: $name, DataFrame, file...)."""
-        from .api import evaluate
+        from .session import evaluate_run
 
-        return evaluate(self, data, namespace=namespace)
+        return evaluate_run(self, data, namespace=namespace)
 
     def generate(self, prompt, max_new_tokens: int = 64, **kw) -> str:
         """Complete `prompt` (chat template applied when the tokenizer has one). Greedy unless kw say otherwise."""

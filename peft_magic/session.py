@@ -315,6 +315,59 @@ def _eval_fn(model, dl, accelerator, task, labels):
     return evaluate_model(model, dl, accelerator, task=task, labels=labels)
 
 
+def evaluate_run(run: Run, data=None, namespace=None) -> dict:
+    """Evaluate `run.model` on its eval split or on another source; the result lands in history and metrics."""
+    from torch.utils.data import DataLoader
+
+    from .data.prepare import check_rows, detect_kind, resolve, tokenize
+    from .training.evaluation import evaluate_model
+
+    if run.model is None:
+        raise ConfigError("this run has no model to evaluate.", key=run.name)
+    cfg = run.config
+    if cfg.task in OBJECTIVE_TASKS:  # preference accuracy and margin, or greedy rewards (training/objectives.py)
+        from .report import EvalMetrics
+        from .training.objectives import evaluate_on
+
+        metrics = EvalMetrics(evaluate_on(run, data, namespace))
+        run.history.append({"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        run.metrics = metrics
+        return metrics
+    if data is None:
+        if run.data is None or run.data.eval is None:
+            raise ConfigError("this run has no eval data. Fix: run.evaluate(data=...) or set `data.eval`.", key="data.eval")
+        ds = run.data.eval
+    else:
+        raw = resolve(data, namespace, "data")
+        kind = detect_kind(raw, cfg.data, cfg.task, key="data")
+        check_rows(raw, kind, cfg.data, "data")
+        if run.labels is not None:
+            from .data.prepare import unseen_labels
+
+            unknown = unseen_labels(raw, kind, cfg.data, run.labels)
+            if unknown:
+                raise ConfigError(f"labels {unknown[:5]} were not seen in training.", key="data")
+        ds = tokenize(raw, run.tokenizer, cfg.data, kind, cfg.task, run.labels)
+    from .training.packing import example_lengths
+    from .training.sampling import longest_first
+
+    dl = DataLoader(ds.with_format("python"), batch_size=cfg.train.per_device_eval_batch_size,
+                    sampler=longest_first(example_lengths(ds)), collate_fn=run.data.collator if run.data else _collator(run))  # fmt: skip
+    from .report import EvalMetrics
+
+    metrics = EvalMetrics(evaluate_model(run.model, dl, None, task=cfg.task, labels=run.labels))  # shows itself
+    row = {"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    run.history.append(row)
+    run.metrics = metrics
+    return metrics
+
+
+def _collator(run):
+    from .data.prepare import make_collator
+
+    return make_collator(run.tokenizer, run.config.task)
+
+
 def resume_in_process(run: Run, *, callbacks=(), background=False, display="auto", checkpoint=None) -> Run:
     """Continue `run` in place from its latest checkpoint (or `checkpoint`), with the model and data it holds."""
     if run.running:

@@ -21,11 +21,10 @@ import pytest
 from conftest import lm_rows
 
 import peft_magic
-from peft_magic.config.parse import parse_config
+from peft_magic.config.parse import parse_config, requested_processes
 from peft_magic.errors import ConfigError
 from peft_magic.distributed.cluster import export_script
 from peft_magic.distributed.notebook import make_job
-from peft_magic.training.schedule import requested_processes
 from peft_magic.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_magic.devices import DeviceInfo, known_device
-from peft_magic.training.flops import mfu, peak_tflops, train_flops_per_token
+from peft_magic.events import mfu
+from peft_magic.training.flops import peak_tflops, train_flops_per_token
 
 CFG = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=4)  # fmt: skip

@@ -232,3 +232,23 @@ def deepcopy_plain(d):
     if isinstance(d, list):
         return [deepcopy_plain(v) for v in d]
     return d
+
+
+def requested_processes(config=None, overrides=(), defaults=None) -> int:
+    """`train.num_processes` of a config (without validating the rest: that would import peft); 1 under a launcher.
+
+    Args:
+        config: What `train()` accepts (dict, YAML text or path, `Config`).
+        overrides: ``--set`` style overrides.
+        defaults: Config defaults (e.g. from `%peft_model`).
+    """
+    from ..distributed.ranks import launched
+
+    if launched():
+        return 1
+    section = raw_config(config, overrides, defaults).get("train")
+    value = section.get("num_processes", 1) if isinstance(section, dict) else 1
+    n = coerce(value, int, "train.num_processes")
+    if n < 1:
+        raise ConfigError(f"must be 1 or more, got {n}.", key="train.num_processes")
+    return n

@@ -197,17 +197,17 @@ def normalize(ds, detected: Detected, train_on: str = "assistant", key="data.tra
 def _converter(detected, train_on, key):
     name, cols = detected.name, detected.columns
     if name == "prompt_completion" and detected.kind == "completion":
-        return lambda row, i: {"prompt": _text(row["prompt"], i, "prompt", key),
-                               "completion": _text(row["completion"], i, "completion", key), "source_row": i}  # fmt: skip
+        return lambda row, i: {"prompt": text_value(row["prompt"], i, "prompt", key),
+                               "completion": text_value(row["completion"], i, "completion", key), "source_row": i}  # fmt: skip
 
     def convert(row, i):
         if name == "messages":
-            messages, n_context = _messages(row[cols[0]], i, cols[0], key), 0
+            messages, n_context = message_list(row[cols[0]], i, cols[0], key), 0
         elif name == "sharegpt":
             messages, n_context = _sharegpt(row[cols[0]], i, cols[0], key), 0
         elif name == "prompt_completion":
-            prompt = _messages(row["prompt"], i, "prompt", key)
-            messages, n_context = prompt + _messages(row["completion"], i, "completion", key), len(prompt)
+            prompt = message_list(row["prompt"], i, "prompt", key)
+            messages, n_context = prompt + message_list(row["completion"], i, "completion", key), len(prompt)
         else:
             messages, n_context = _single_turn(row, name, cols, i, key), 0
         check_conversation(messages, i, train_on, key)
@@ -218,17 +218,17 @@ def _converter(detected, train_on, key):
 
 def _single_turn(row, name, cols, i, key) -> list:
     if name == "alpaca":
-        prompt = _text(row["instruction"], i, "instruction", key)
+        prompt = text_value(row["instruction"], i, "instruction", key)
         extra = row.get("input")
         if extra is not None and str(extra).strip():
-            prompt = f"{prompt}\n\n{_text(extra, i, 'input', key)}"
-        answer = _text(row["output"], i, "output", key)
+            prompt = f"{prompt}\n\n{text_value(extra, i, 'input', key)}"
+        answer = text_value(row["output"], i, "output", key)
     else:
-        prompt, answer = _text(row[cols[0]], i, cols[0], key), _text(row[cols[1]], i, cols[1], key)
+        prompt, answer = text_value(row[cols[0]], i, cols[0], key), text_value(row[cols[1]], i, cols[1], key)
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def _text(value, i, col, key) -> str:
+def text_value(value, i, col, key) -> str:
     if isinstance(value, str):
         return value
     if value is None:
@@ -260,7 +260,7 @@ def _example(shape) -> str:
         "{'role': 'user', 'content': '...'}, {'role': 'assistant', 'content': '...'}"  # fmt: skip
 
 
-def _messages(value, i, col, key) -> list:
+def message_list(value, i, col, key) -> list:
     out = []
     for j, m in enumerate(_as_list(value, i, col, key, "{role, content}")):
         if "role" not in m or "content" not in m:

@@ -34,18 +34,18 @@ def _missing(cols, need, key, what):
 
 def _pair(row, i, prompt_col, key):
     """One row -> (prompt: str | messages, chosen, rejected) in one shape, checked."""
-    from .formats import _messages, _text
+    from .formats import message_list, text_value
 
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt_col not in row:
             raise ConfigError(f"row {i}: plain-text answers need a '{prompt_col}' column. Fix: add the prompt text, "
                               "or give chosen/rejected as message lists.", key=key)  # fmt: skip
-        return _text(row[prompt_col], i, prompt_col, key), chosen, rejected
-    c, r = _messages(chosen, i, "chosen", key), _messages(rejected, i, "rejected", key)
+        return text_value(row[prompt_col], i, prompt_col, key), chosen, rejected
+    c, r = message_list(chosen, i, "chosen", key), message_list(rejected, i, "rejected", key)
     if prompt_col in row and row[prompt_col] is not None:
         p = row[prompt_col]
-        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, i, prompt_col, key)
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else message_list(p, i, prompt_col, key)
     else:  # TRL's implicit prompt: the messages both conversations share
         n = 0
         while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
@@ -120,12 +120,12 @@ class PairCollator:
 
 def prompt_of(row, i, dcfg, key):
     """A GRPO row's prompt: text, or messages (from the prompt column, or the messages column)."""
-    from .formats import _messages, _text
+    from .formats import message_list, text_value
 
     if dcfg.prompt_column in row:
         p = row[dcfg.prompt_column]
-        return _text(p, i, dcfg.prompt_column, key) if not isinstance(p, (list, tuple)) else _messages(p, i, dcfg.prompt_column, key)
-    msgs = _messages(row[dcfg.messages_column], i, dcfg.messages_column, key)
+        return text_value(p, i, dcfg.prompt_column, key) if not isinstance(p, (list, tuple)) else message_list(p, i, dcfg.prompt_column, key)
+    msgs = message_list(row[dcfg.messages_column], i, dcfg.messages_column, key)
     while msgs and msgs[-1]["role"] == "assistant":  # an example answer is not part of the prompt
         msgs = msgs[:-1]
     if not msgs:

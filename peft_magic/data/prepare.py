@@ -335,13 +335,13 @@ def prepare(cfg, tokenizer, namespace=None) -> PreparedData:
 
         return prepare_objective_data(cfg, tokenizer, namespace)
     train = resolve(dcfg.train, namespace, "data.train", dcfg.split)
-    train, kind, fmt = _shape(train, dcfg, task, "data.train")
+    train, kind, fmt = shape_rows(train, dcfg, task, "data.train")
     eval_, eval_kind = None, kind
     if isinstance(dcfg.eval, float):
         train, eval_ = hold_out(train, dcfg.eval, cfg.train.seed)
     elif dcfg.eval is not None:
         eval_ = resolve(dcfg.eval, namespace, "data.eval", "validation")
-        eval_, eval_kind, _ = _shape(eval_, dcfg, task, "data.eval")
+        eval_, eval_kind, _ = shape_rows(eval_, dcfg, task, "data.eval")
     if dcfg.max_samples is not None and dcfg.max_samples < len(train):
         train = train.shuffle(seed=cfg.train.seed).select(range(dcfg.max_samples))
     labels = label_names(train, eval_, dcfg) if kind == "classification" else None
@@ -391,7 +391,7 @@ def hold_out(train, fraction: float, seed: int):
     return split["train"], split["test"]
 
 
-def _shape(ds, dcfg, task, key):
+def shape_rows(ds, dcfg, task, key):
     """Detect the data's format (causal-lm) or kind, check the rows, and normalise conversations (before any
     split, so errors name the user's row). Returns (dataset, kind, `formats.Detected` or None)."""
     fmt = None

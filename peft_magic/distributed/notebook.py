@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError, TrainingFailed, did_you_mean
 from ..run import Run
-from ..training.schedule import requested_processes
+from ..config.parse import requested_processes
 from .worker import rebuild_error, run_worker
 
 _DONE = ("done",)

@@ -10,34 +10,31 @@ from __future__ import annotations
 
 from ..errors import ConfigError, did_you_mean
 
-_REGISTRY: dict = {}
+from .registry import METHODS, register  # noqa: F401 - `register` is part of this package's API
+
 _LOADED = False
 FAMILIES = {"A": "additive", "S": "selective", "R": "reparameterized", "F": "full fine-tuning"}
 
 
-def register(name: str, method) -> None:
-    _REGISTRY[name] = method
-
-
 def get_method(name: str):
     _ensure_loaded()
-    if name not in _REGISTRY:
+    if name not in METHODS:
         raise ConfigError(
-            f"unknown method '{name}'.{did_you_mean(name, _REGISTRY)} Available: {', '.join(sorted(_REGISTRY))}.",
+            f"unknown method '{name}'.{did_you_mean(name, METHODS)} Available: {', '.join(sorted(METHODS))}.",
             key="method.name",
         )
-    return _REGISTRY[name]
+    return METHODS[name]
 
 
 def available() -> dict:
     """{name: Method} for every registered method."""
     _ensure_loaded()
-    return dict(_REGISTRY)
+    return dict(METHODS)
 
 
 def _ensure_loaded() -> None:
     global _LOADED
-    # a flag, not `if _REGISTRY`: importing one method module directly (e.g. `methods.selective` in a test) registers
+    # a flag, not `if METHODS`: importing one method module directly (e.g. `methods.selective` in a test) registers
     # its methods first, and the registry must still load the others
     if _LOADED:
         return
@@ -46,6 +43,7 @@ def _ensure_loaded() -> None:
 
     try:  # selective methods are optional modules of their own
         from . import selective  # noqa: F401
+        from . import sparse  # noqa: F401  (builds on selective.SelectiveMethod)
     except ImportError:
         pass
     from . import full  # noqa: F401  (the full fine-tuning baseline)

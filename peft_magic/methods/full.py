@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
-from . import register
+from .registry import register
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -11,7 +11,7 @@ import os
 
 from ..config.coerce import coerce_typed
 from ..errors import ConfigError, did_you_mean
-from . import register
+from .registry import register
 
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "seq2seq": "SEQ_2_SEQ_LM",
               "dpo": "CAUSAL_LM", "orpo": "CAUSAL_LM", "grpo": "CAUSAL_LM"}  # fmt: skip

@@ -27,7 +27,7 @@ import os
 from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
-from . import register
+from .registry import register
 from .regularize import l2sp_penalty, parse_l2sp, snapshot
 
 STATE_ATTR = "peft_magic_selective"
@@ -470,5 +470,3 @@ def _positive_int(value, key):
 register("bitfit", BitFit("bitfit", "Only the bias terms (and the task head) train."))
 register("layers", Layers("layers", "Only chosen transformer blocks (last_n or layers) train."))
 register("head-only", HeadOnly("head-only", "Frozen body, trained task head (a linear probe)."))
-
-from . import sparse as _sparse  # noqa: F401  (registers `sparse`; it builds on SelectiveMethod above)

@@ -30,7 +30,7 @@ import warnings
 from typing import ClassVar
 
 from ..errors import ConfigError, did_you_mean
-from . import register
+from .registry import register
 from .selective import FROM_HELP, L2SP_HELP, SelectiveMethod, fresh_head_names
 
 CRITERIA = ("grad", "fisher", "magnitude", "random")

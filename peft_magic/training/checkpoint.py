@@ -155,11 +155,20 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def described(cfg) -> dict | None:
-    """The run's config as a checkpoint keeps it (to tell a re-run of it from another run: `rerun.decide`)."""
-    from .rerun import described as describe
+DATA_SOURCES = ("train", "eval", "forgetting")
 
-    return describe(cfg) if cfg is not None else None
+
+def described(cfg) -> dict | None:
+    """The run's config as a checkpoint keeps it (to tell a re-run of it from another run: `rerun.decide`): a plain
+    dict, data given as objects or inline rows shown by their type only (never the rows)."""
+    if cfg is None:
+        return None
+    out = cfg.to_dict()
+    data = out.get("data") or {}
+    for key in DATA_SOURCES:
+        if key in data and not isinstance(data[key], (str, int, float, type(None))):
+            data[key] = f"<{type(getattr(cfg.data, key)).__name__}>"
+    return out
 
 
 def _save_failed(err: OSError, final_dir: str, state) -> str:

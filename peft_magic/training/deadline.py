@@ -120,13 +120,3 @@ class Deadline:
             yield
         finally:
             self.slowest[what] = max(self.slowest[what] or 0.0, self.clock() - t0)
-
-
-def budget_steps(state) -> int | None:
-    """The step at which the time budget ends the run, when that comes before ``max_steps`` (None otherwise)."""
-    budget = getattr(state, "time_budget", None)
-    done = state.step - getattr(state, "start_step", 0)  # steps taken in this process, timed by state.elapsed
-    if not budget or done <= 0 or state.max_steps <= 0 or state.elapsed <= 0:
-        return None
-    last = round(budget / (state.elapsed / done)) + getattr(state, "start_step", 0)
-    return last if last < state.max_steps else None

@@ -78,10 +78,3 @@ def peak_tflops(info=None) -> float | None:
         return None
     spec = match_gpu(info.name, info.total_memory)
     return spec.peak_tflops if spec and spec.peak_tflops else None
-
-
-def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None) -> float | None:
-    """Achieved useful FLOP/s over the peak (a fraction), or None without a known peak."""
-    if not peak:
-        return None
-    return flops_per_token * tokens_per_second / (peak * 1e12)

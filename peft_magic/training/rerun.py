@@ -89,26 +89,13 @@ def decide(cfg, resume=False, overwrite: bool = False):
     return None, True  # a completed run of the same config: training again gives the same, never mixed with it
 
 
-DATA_SOURCES = ("train", "eval", "forgetting")
-
-
-def described(cfg) -> dict:
-    """`cfg` as a plain dict, data given as objects or inline rows shown by their type only (never the rows)."""
-    out = cfg.to_dict()
-    data = out.get("data") or {}
-    for key in DATA_SOURCES:
-        if key in data and not isinstance(data[key], (str, int, float, type(None))):
-            data[key] = f"<{type(getattr(cfg.data, key)).__name__}>"
-    return out
-
-
 def differences(before: dict | None, cfg, extending: bool = False) -> list[str]:
     """``["train.learning_rate 0.0002 → 0.001", ...]``: what differs between a saved config and `cfg`, on the keys
     that change what is trained (data given as objects, not names, cannot be compared and is not). `extending`
     (an explicit --resume): more steps or epochs continue the same run."""
     if not isinstance(before, dict):  # a checkpoint written before checkpoints carried their config
         return []
-    after = described(cfg)
+    after = checkpoint.described(cfg)
     out = []
     for section in sorted(set(before) | set(after)):
         a, b = before.get(section), after.get(section)

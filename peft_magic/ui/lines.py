@@ -49,7 +49,7 @@ def progress_text(state) -> str:
 
 def eta(state) -> float | None:
     """Seconds left: to max_steps, or to the end of the time budget (`train.max_time`) when that comes first."""
-    from ..training.deadline import budget_steps
+    from ..events import budget_steps
 
     if budget_steps(state) is None:
         return state.eta
@@ -58,7 +58,7 @@ def eta(state) -> float | None:
 
 def budget_text(state) -> str:
     """`` (train.max_time ends it near step 340/1000)`` when the time budget ends the run before max_steps."""
-    from ..training.deadline import budget_steps
+    from ..events import budget_steps
 
     last = budget_steps(state)
     return f" (train.max_time ends it near step {last}/{state.max_steps})" if last is not None else ""
@@ -102,7 +102,7 @@ def throughput_text(state) -> str:
 
 def compute_text(flops_per_token: float, tokens_per_second: float, peak_tflops: float | None = None) -> str:
     """``61 TFLOP/s (MFU 31%)``, ``53 GFLOP/s``; empty when no FLOPs were counted."""
-    from ..training.flops import mfu  # a light module: torch is imported inside its functions
+    from ..events import mfu
 
     flops_per_second = flops_per_token * tokens_per_second
     if not flops_per_second:
