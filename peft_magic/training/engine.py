@@ -120,179 +120,235 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         resume: A loaded checkpoint dict from `checkpoint.load`, or None.
         evaluate_fn: `evaluate_fn(model, eval_dl, accelerator) -> metrics dict` (required when there is eval data).
     """
-    import torch
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    from .packing import batch_examples, batch_tokens
-
-    t = cfg.train
-    set_seed(t.seed)
-    accelerator = make_accelerator(cfg)
-    stop = StopSignal(stop_event, accelerator)  # with several processes, all ranks stop after the same step
-    train_dl, eval_dl = make_loaders(data, cfg, accelerator)
-    order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)
-    max_steps, per_epoch = plan_steps(cfg, len(data.train), accelerator.num_processes)
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
-    optimizer = make_optimizer(model, cfg)
-    # a prepared scheduler is stepped once per process per optimizer step (accelerate assumes a schedule planned for
-    # one process's batches), so plan it in those units; the learning rate at each optimizer step is then the same
-    n = accelerator.num_processes
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup * n, num_training_steps=max_steps * n)  # fmt: skip
-    from .checkpoint import before_prepare
-
-    before_prepare(accelerator, model, method, resume)  # FSDP/ZeRO-3 shard the model in prepare: check, resume weights
-    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
-    if eval_dl is not None:
-        eval_dl = accelerator.prepare(eval_dl)
-    if cfg.data.packing:
-        from .packing import check_packing
-
-        check_packing(accelerator.unwrap_model(model), accelerator.device)
-    if t.report_to:
-        accelerator.init_trackers("peft_magic", config=cfg.to_dict())
-    regularizer = getattr(method, "regularizer", None)
-    from .chunked_loss import loss_function
-    from .objectives import make_objective
-
-    objective = make_objective(cfg, data, accelerator, state)  # dpo/orpo/grpo; None: the model's own loss
-    compute_loss = objective if objective else loss_function(model, cfg, accelerator)  # chunked causal-LM loss
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    state.max_steps, state.warmup_steps, state.lr_scheduler_type = max_steps, warmup, t.lr_scheduler_type
-    state.num_epochs = max_steps / per_epoch
-    start_step = 0
-    if resume is not None:
-        from .checkpoint import restore
-
-        start_step = restore(resume, accelerator, model, optimizer, scheduler, state, history)
-    state.step = state.start_step = start_step
-    state.status = "training"
-    state.start_time = time.time()
-    from .deadline import Deadline
-
-    deadline = Deadline.from_config(cfg, state.start_time)  # train.max_time: stop, saved, before the budget ends
-    state.time_budget, state.stop_note = deadline.budget, None
-    bus.emit("on_train_begin", state)
-
-    def run_eval():
-        if eval_dl is None or evaluate_fn is None:
-            return None
-        guard.poll(state)  # never evaluate (or report) past a skipped, non-finite step
-        state.status = "evaluating"
-        bus.emit("on_status", state, "evaluating")
-        with deadline.timing("eval"):
-            metrics = evaluate_fn(model, eval_dl, accelerator)
-        model.train()
-        row = {"step": state.step, "epoch": round(state.epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()
-                                                                        if isinstance(v, (int, float))}}  # fmt: skip
-        history.append(row)
-        state.log_history = history
-        state.status = "training"
-        bus.emit("on_evaluate", state, {**row, "_full": metrics})
-        return metrics
-
-    # a checkpoint carries the not-yet-logged loss sum, so a resumed run logs exactly what an uninterrupted one does
-    pending = (resume or {}).get("pending") or {}
-    loss_sum = torch.full((), float(pending.get("loss_sum", 0.0)), device=accelerator.device)
-    tokens = torch.full((), int(pending.get("tokens", state.tokens_seen)), device=accelerator.device, dtype=torch.long)
-    micro, samples = int(pending.get("micro", 0)), int(pending.get("samples", state.samples_seen))
-    guard = LossGuard(accelerator, optimizer)  # reads the device only where the loop reads it anyway (see guards)
-    step, epoch_i, last_log = start_step, start_step // per_epoch, start_step
-    skip_batches = (start_step % per_epoch) * t.gradient_accumulation_steps
-    model.train()
+    loop = Loop(model, cfg, data, method, state, bus, stop_event, history, checkpointer, resume, evaluate_fn)
+    loop.prepare()  # accelerator, loaders, steps, optimizer and schedule, objective
+    loop.begin()  # resume, time budget, on_train_begin
     try:
         with SigintAsStop(stop_event):
-            while step < max_steps:
-                if hasattr(train_dl, "set_epoch"):
-                    train_dl.set_epoch(epoch_i)
-                if order is not None:  # each epoch's order depends on (seed, epoch) only: resume sees the same order
-                    order.manual_seed(t.seed + epoch_i)
-                dl = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
-                skip_batches = 0
-                for batch in dl:
-                    if stop.requested:
-                        guard.poll(state)
-                        raise StopRequested
-                    with accelerator.accumulate(model):
-                        task_loss = compute_loss(model, batch)  # the outputs (any logits) die here,
-                        loss = task_loss  # not after the next step's forward has allocated its own
-                        if regularizer is not None:
-                            extra = regularizer(accelerator.unwrap_model(model))
-                            if extra is not None:
-                                loss = loss + extra
-                        guard.add(loss)
-                        if accelerator.sync_gradients:  # before the update: a NaN never reaches the weights
-                            guard.check(step + 1, state, optimizer)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and t.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    loss_sum += task_loss.detach().float()
-                    micro += 1
-                    tokens += batch_tokens(batch)
-                    samples += batch_examples(batch) * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    state.step, state.epoch = step, step / per_epoch
-                    if step == start_step + 1:  # after a real step (a Stop during the first one stops it)
-                        from .flops import probe
-
-                        state.flops_per_token, state.peak_tflops = probe(accelerator, model, cfg, data)
-                    state.samples_seen = samples
-                    bus.emit("on_step_end", state)
-                    if step % t.logging_steps == 0 or step == max_steps:
-                        guard.poll(state)
-                        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective)
-                        loss_sum.zero_()
-                        micro = 0
-                        last_log = step
-                    if t.eval_steps and step % t.eval_steps == 0 and step != max_steps:
-                        run_eval()
-                    if deadline.due(step) and not stop_event.is_set():  # agreed across processes like a Stop
-                        state.stop_note = deadline.note()
-                        stop_event.set()
-                    # every rank, every step: the stop flag and the timed-checkpoint flag, agreed across processes
-                    stopping, timed = stop.check(checkpointer is not None and checkpointer.time_due())
-                    if not stopping and checkpointer is not None and checkpointer.due(step, max_steps, timed):
-                        guard.poll(state)
-                        with deadline.timing("save"):
-                            _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus,
-                                        pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
-                    if stopping or step >= max_steps:
-                        break
-                epoch_i += 1
-                if stop.requested:
-                    guard.poll(state)
-                    raise StopRequested
-            guard.poll(state)
+            loop.train()  # epochs of micro-batches until max_steps, a stop or the time budget
         state.stop_reason = "completed"
-        stop.close()
+        loop.stop.close()
     except StopRequested:
         state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"
-        stop.close()
+        loop.stop.close()
     except Exception as e:
         state.stop_reason, state.status = "failed", "failed"
         state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         bus.emit("on_train_end", state)
         raise
-    if checkpointer is not None and step > 0:  # first: its RNG state and loss sums are those of the step's end
-        _checkpoint(checkpointer, accelerator, model, optimizer, scheduler, state, history, bus, final=True,
-                    pending=_pending(loss_sum, micro, tokens, samples))  # fmt: skip
-    if micro and step > last_log:
-        _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective)
-    final = run_eval()
-    if t.report_to:
-        accelerator.end_training()
-    state.status = "done" if state.stop_reason == "completed" else state.stop_reason
-    state._final_metrics = final
-    unwrapped = accelerator.unwrap_model(model)
-    accelerator.free_memory()
-    bus.emit("on_train_end", state)
-    return unwrapped
+    return loop.finish()  # final checkpoint, last log row, final evaluation, on_train_end
+
+
+class Loop:
+    """One run of `fit`, phase by phase; its attributes are what the phases share (the prepared objects, the
+    position, and the on-device sums that are read back only at logging steps)."""
+
+    def __init__(self, model, cfg, data, method, state, bus, stop_event, history, checkpointer, resume, evaluate_fn):
+        self.model, self.cfg, self.data, self.method = model, cfg, data, method
+        self.state, self.bus, self.stop_event, self.history = state, bus, stop_event, history
+        self.checkpointer, self.resume, self.evaluate_fn = checkpointer, resume, evaluate_fn
+
+    def prepare(self) -> None:
+        """Everything the steps need, prepared by Accelerate (devices, processes, mixed precision)."""
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        cfg, t, model = self.cfg, self.cfg.train, self.model
+        set_seed(t.seed)
+        accelerator = self.accelerator = make_accelerator(cfg)
+        self.stop = StopSignal(self.stop_event, accelerator)  # with several processes, all ranks stop after the same step
+        train_dl, eval_dl = make_loaders(self.data, cfg, accelerator)
+        self.order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)
+        self.max_steps, self.per_epoch = plan_steps(cfg, len(self.data.train), accelerator.num_processes)
+        self.warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.max_steps)
+        optimizer = make_optimizer(model, cfg)
+        # a prepared scheduler is stepped once per process per optimizer step (accelerate assumes a schedule planned
+        # for one process's batches), so plan it in those units; the learning rate at each optimizer step is the same
+        n = accelerator.num_processes
+        scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=self.warmup * n,
+                                  num_training_steps=self.max_steps * n)  # fmt: skip
+        from .checkpoint import before_prepare
+
+        before_prepare(accelerator, model, self.method, self.resume)  # FSDP/ZeRO-3 shard the model in prepare
+        model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+        if eval_dl is not None:
+            eval_dl = accelerator.prepare(eval_dl)
+        if cfg.data.packing:
+            from .packing import check_packing
+
+            check_packing(accelerator.unwrap_model(model), accelerator.device)
+        if t.report_to:
+            accelerator.init_trackers("peft_magic", config=cfg.to_dict())
+        self.regularizer = getattr(self.method, "regularizer", None)
+        from .chunked_loss import loss_function
+        from .objectives import make_objective
+
+        self.objective = make_objective(cfg, self.data, accelerator, self.state)  # dpo/orpo/grpo; None: the model's loss
+        self.compute_loss = self.objective if self.objective else loss_function(model, cfg, accelerator)  # chunked causal-LM loss
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.optimizer, self.scheduler, self.train_dl, self.eval_dl = model, optimizer, scheduler, train_dl, eval_dl
+
+    def begin(self) -> None:
+        """The starting position (a checkpoint's, when resuming), the sums it carries, and on_train_begin."""
+        import torch
+
+        state, t, accelerator = self.state, self.cfg.train, self.accelerator
+        state.max_steps, state.warmup_steps, state.lr_scheduler_type = self.max_steps, self.warmup, t.lr_scheduler_type
+        state.num_epochs = self.max_steps / self.per_epoch
+        start_step = 0
+        if self.resume is not None:
+            from .checkpoint import restore
+
+            start_step = restore(self.resume, accelerator, self.model, self.optimizer, self.scheduler, state,
+                                 self.history)  # fmt: skip
+        state.step = state.start_step = self.start_step = start_step
+        state.status = "training"
+        state.start_time = time.time()
+        from .deadline import Deadline
+
+        self.deadline = Deadline.from_config(self.cfg, state.start_time)  # train.max_time: stop, saved, in time
+        state.time_budget, state.stop_note = self.deadline.budget, None
+        self.bus.emit("on_train_begin", state)
+        # a checkpoint carries the not-yet-logged loss sum, so a resumed run logs exactly what an uninterrupted one does
+        pending = (self.resume or {}).get("pending") or {}
+        self.loss_sum = torch.full((), float(pending.get("loss_sum", 0.0)), device=accelerator.device)
+        self.tokens = torch.full((), int(pending.get("tokens", state.tokens_seen)), device=accelerator.device,
+                                 dtype=torch.long)  # fmt: skip
+        self.micro, self.samples = int(pending.get("micro", 0)), int(pending.get("samples", state.samples_seen))
+        self.guard = LossGuard(accelerator, self.optimizer)  # reads the device only where the loop reads it anyway
+        self.step, self.epoch_i, self.last_log = start_step, start_step // self.per_epoch, start_step
+        self.skip_batches = (start_step % self.per_epoch) * t.gradient_accumulation_steps
+        self.model.train()
+
+    def train(self) -> None:
+        """Epochs until max_steps; raises `StopRequested` for a stop asked between micro-batches."""
+        t, accelerator, train_dl = self.cfg.train, self.accelerator, self.train_dl
+        while self.step < self.max_steps:
+            if hasattr(train_dl, "set_epoch"):
+                train_dl.set_epoch(self.epoch_i)
+            if self.order is not None:  # each epoch's order depends on (seed, epoch) only: resume sees the same
+                self.order.manual_seed(t.seed + self.epoch_i)
+            dl = accelerator.skip_first_batches(train_dl, self.skip_batches) if self.skip_batches else train_dl
+            self.skip_batches = 0
+            for batch in dl:
+                if self.stop.requested:
+                    self.guard.poll(self.state)
+                    raise StopRequested
+                self.micro_batch(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                if self.after_step():
+                    break
+            self.epoch_i += 1
+            if self.stop.requested:
+                self.guard.poll(self.state)
+                raise StopRequested
+        self.guard.poll(self.state)
+
+    def micro_batch(self, batch) -> None:
+        """Forward, backward and (at the last micro-batch of a step) the update; the sums stay on the device."""
+        from .packing import batch_examples, batch_tokens
+
+        accelerator, model, optimizer, t = self.accelerator, self.model, self.optimizer, self.cfg.train
+        with accelerator.accumulate(model):
+            task_loss = self.compute_loss(model, batch)  # the outputs (any logits) die here,
+            loss = task_loss  # not after the next step's forward has allocated its own
+            if self.regularizer is not None:
+                extra = self.regularizer(accelerator.unwrap_model(model))
+                if extra is not None:
+                    loss = loss + extra
+            self.guard.add(loss)
+            if accelerator.sync_gradients:  # before the update: a NaN never reaches the weights
+                self.guard.check(self.step + 1, self.state, optimizer)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.trainable, t.max_grad_norm)
+            optimizer.step()
+            self.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.loss_sum += task_loss.detach().float()
+        self.micro += 1
+        self.tokens += batch_tokens(batch)
+        self.samples += batch_examples(batch) * accelerator.num_processes
+
+    def after_step(self) -> bool:
+        """What follows an optimizer step: the events, logging, evaluation, the time budget, the agreed stop and
+        the checkpoint. Returns whether training ends here."""
+        state, t, step = self.state, self.cfg.train, self.step + 1
+        self.step = step
+        state.step, state.epoch = step, step / self.per_epoch
+        if step == self.start_step + 1:  # after a real step (a Stop during the first one stops it)
+            from .flops import probe
+
+            state.flops_per_token, state.peak_tflops = probe(self.accelerator, self.model, self.cfg, self.data)
+        state.samples_seen = self.samples
+        self.bus.emit("on_step_end", state)
+        if step % t.logging_steps == 0 or step == self.max_steps:
+            self.guard.poll(state)
+            self.log()
+        if t.eval_steps and step % t.eval_steps == 0 and step != self.max_steps:
+            self.evaluate()
+        if self.deadline.due(step) and not self.stop_event.is_set():  # agreed across processes like a Stop
+            state.stop_note = self.deadline.note()
+            self.stop_event.set()
+        # every rank, every step: the stop flag and the timed-checkpoint flag, agreed across processes
+        checkpointer = self.checkpointer
+        stopping, timed = self.stop.check(checkpointer is not None and checkpointer.time_due())
+        if not stopping and checkpointer is not None and checkpointer.due(step, self.max_steps, timed):
+            self.guard.poll(state)
+            with self.deadline.timing("save"):
+                self.save()
+        return stopping or step >= self.max_steps
+
+    def log(self) -> None:
+        _log(self.accelerator, self.state, self.bus, self.history, self.loss_sum, self.micro, self.tokens,
+             self.scheduler, self.step, self.objective)  # fmt: skip
+        self.loss_sum.zero_()
+        self.micro = 0
+        self.last_log = self.step
+
+    def save(self, final=False) -> None:
+        _checkpoint(self.checkpointer, self.accelerator, self.model, self.optimizer, self.scheduler, self.state,
+                    self.history, self.bus, final=final,
+                    pending=_pending(self.loss_sum, self.micro, self.tokens, self.samples))  # fmt: skip
+
+    def evaluate(self):
+        """One evaluation (between steps, and at the end): a history row and on_evaluate."""
+        if self.eval_dl is None or self.evaluate_fn is None:
+            return None
+        state, history = self.state, self.history
+        self.guard.poll(state)  # never evaluate (or report) past a skipped, non-finite step
+        state.status = "evaluating"
+        self.bus.emit("on_status", state, "evaluating")
+        with self.deadline.timing("eval"):
+            metrics = self.evaluate_fn(self.model, self.eval_dl, self.accelerator)
+        self.model.train()
+        row = {"step": state.step, "epoch": round(state.epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()
+                                                                        if isinstance(v, (int, float))}}  # fmt: skip
+        history.append(row)
+        state.log_history = history
+        state.status = "training"
+        self.bus.emit("on_evaluate", state, {**row, "_full": metrics})
+        return metrics
+
+    def finish(self):
+        """After the last step (or a stop): the final checkpoint, the last log row, the final evaluation, and
+        on_train_end. Returns the unwrapped model."""
+        state, accelerator = self.state, self.accelerator
+        if self.checkpointer is not None and self.step > 0:  # first: RNG state and sums are those of the step's end
+            self.save(final=True)
+        if self.micro and self.step > self.last_log:
+            _log(accelerator, state, self.bus, self.history, self.loss_sum, self.micro, self.tokens, self.scheduler,
+                 self.step, self.objective)  # fmt: skip
+        final = self.evaluate()
+        if self.cfg.train.report_to:
+            accelerator.end_training()
+        state.status = "done" if state.stop_reason == "completed" else state.stop_reason
+        state._final_metrics = final
+        unwrapped = accelerator.unwrap_model(self.model)
+        accelerator.free_memory()
+        self.bus.emit("on_train_end", state)
+        return unwrapped
 
 
 def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective=None):
