@@ -10,6 +10,7 @@ cell as a `ConfigError`; only the loop itself moves to a thread with ``backgroun
 
 from __future__ import annotations
 
+from .errors import ConfigError
 from .run import Run
 from .session import default_output_dir, resolve_config  # noqa: F401 - part of the API
 from .session import evaluate_run as evaluate  # noqa: F401 - part of the API
@@ -41,16 +42,24 @@ def train(config=None, *, namespace=None, callbacks=(), background=False, name="
 
     overrides = _merge_overrides(overrides, kw)
     if requested_processes(config, overrides, defaults) > 1:  # fork workers; this process relays
+        # the workers check the config (checking it here imports peft, and a kernel that did cannot fork them)
+        _check_not_running(replaces, name)
         from .distributed.notebook import train_processes
 
         return train_processes(config, overrides=overrides, defaults=defaults, namespace=namespace,
                                callbacks=callbacks, name=name, display=display, resume=resume, cell=cell,
                                background=background, replaces=replaces)  # fmt: skip
-    cfg = resolve_config(config, overrides, defaults, name)
+    cfg = resolve_config(config, overrides, defaults, name)  # the config, built once; mistakes fail fast here
+    _check_not_running(replaces, name)
     session.check_idle()
     return session.train_in_process(cfg, name=name, namespace=namespace, callbacks=callbacks, display=display,
                                     background=background, resume=resume, cell=cell, replaces=replaces,
                                     overwrite=overwrite)  # fmt: skip
+
+
+def _check_not_running(replaces, name) -> None:
+    if replaces is not None and replaces.running:
+        raise ConfigError(f"'{name}' is still training. Fix: {name}.stop() (or .wait()) first.")
 
 
 def _merge_overrides(overrides, kw) -> list | dict:

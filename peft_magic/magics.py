@@ -97,22 +97,13 @@ class PeftMagics(Magics):
                 display(plan.preview)
             return None
         from . import api
-
-        previous = ns.get(args.name)
-        from .config.parse import requested_processes
-
-        # several processes: the workers check the config (checking it here imports peft, and a kernel that did
-        # cannot fork them: see distributed/notebook.py); one process: fail fast, before touching the old run
-        multi = requested_processes(raw, overrides, defaults) > 1
-        cfg = raw if multi else api.resolve_config(raw, overrides, defaults, args.name)
-        if _is_run(previous) and previous.running:
-            raise UsageError(f"'{args.name}' is still training. Fix: {args.name}.stop() (or .wait()) first.")
         from .errors import TrainingFailed
 
+        previous = ns.get(args.name)
         try:  # a re-run frees the old model once the new cell passed its checks, before the new model loads
-            run = api.train(cfg, namespace=ns, background=args.background, name=args.name, display=self.display,
+            run = api.train(raw, namespace=ns, background=args.background, name=args.name, display=self.display,
                             resume=args.resume, overwrite=args.overwrite, cell=_cell_text(line, cell),
-                            overrides=overrides if multi else None, defaults=defaults if multi else None,
+                            overrides=overrides, defaults=defaults,
                             replaces=previous if _is_run(previous) else None)  # fmt: skip
         except TrainingFailed as e:  # NaN loss: keep the run (last good weights); out of memory: it has none
             if getattr(e, "run", None) is not None and e.run.model is not None:
