@@ -179,7 +179,8 @@ class PeftMagics(Magics):
         args = parse_argstring(self.peft_compare, line)
         if not args.name.isidentifier():
             raise UsageError(f"'{args.name}' is not a valid variable name. Fix: %%peft_compare my_comparison")
-        from .comparison.run import check, compare, plan_text, plan_variants
+        from .comparison.plan import check, plan_text, plan_variants
+        from .comparison.run import compare
 
         raw = _merge_sources(args.config, cell)
         defaults = {"model": dict(self.default_model)} if self.default_model else None

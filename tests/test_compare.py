@@ -12,7 +12,9 @@ from conftest import lm_rows, publishing_shell, sentiment_rows
 
 import peft_magic
 from peft_magic.comparison import run as compare_module
-from peft_magic.comparison.run import Comparison, compare, curves_svg, plan_variants, register_column
+from peft_magic.comparison.plan import plan_variants
+from peft_magic.comparison.result import Comparison, curves_svg
+from peft_magic.comparison.run import compare, register_column
 from peft_magic.errors import ConfigError
 from peft_magic.events import Callback
 

@@ -22,7 +22,8 @@ from conftest import lm_rows
 
 import peft_magic
 from peft_magic import devices
-from peft_magic.comparison.run import compare, plan_variants
+from peft_magic.comparison.plan import plan_variants
+from peft_magic.comparison.run import compare
 from peft_magic.errors import ConfigError
 
 torch.set_num_threads(1)  # two shared CPU cores: one intra-op thread is much faster for tiny matmuls
