@@ -19,7 +19,8 @@ from peft_magic import api, session, ui
 from peft_magic.config.parse import parse_config
 from peft_magic.config.schema import SCHEDULERS, SECTIONS, Config
 from peft_magic.methods import get_method
-from peft_magic.ui.form import Form, data_variables
+from peft_magic.ui.form import Form
+from peft_magic.ui.form_fields import data_variables
 from peft_magic.ui.format import format_params
 
 WIDGET_OF_KIND = {"choice": widgets.Dropdown, "bool": widgets.Checkbox, "int": widgets.IntText,
