@@ -43,11 +43,11 @@ def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Co
     return cfg
 
 
-def check_idle() -> None:
+def check_idle(why="one run trains at a time", key="--background") -> None:
     """Refuse a second run while one trains in the background (they would fight over the device)."""
     if BACKGROUND_RUNS:
         raise ConfigError(f"run '{next(iter(BACKGROUND_RUNS)).name}' is still training in the background. Fix: "
-                          "`.stop()` or `.wait()` it first; one run trains at a time.", key="--background")  # fmt: skip
+                          f"`.stop()` or `.wait()` it first; {why}.", key=key)  # fmt: skip
 
 
 def make_bus(run: Run, callbacks=(), display="auto", background=False, report=True) -> EventBus:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 
-from ..errors import ConfigError
 from ..events import Callback
 from .plan import check, plan_variants
 from .result import Comparison
@@ -85,11 +84,9 @@ def compare(config=None, *, methods=None, sweep=None, namespace=None, name="comp
     Raises:
         ConfigError: For a mistake in any variant's config, before anything trains.
     """
-    from ..session import BACKGROUND_RUNS
+    from ..session import check_idle
 
-    if BACKGROUND_RUNS:
-        raise ConfigError(f"run '{next(iter(BACKGROUND_RUNS)).name}' is still training in the background. Fix: `.stop()` or "
-                          "`.wait()` it first; a comparison trains one variant at a time.", key="compare")  # fmt: skip
+    check_idle("a comparison trains one variant at a time", key="compare")
     variants = plan_variants(config, methods, sweep, overrides, defaults, name)
     configs = check(variants, name)
     result = Comparison(name, variants)
