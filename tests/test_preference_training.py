@@ -146,9 +146,11 @@ def test_bad_reward_function_stops_with_one_line_keeping_the_checkpoint(tiny_lla
                             display="none")  # fmt: skip
     assert os.path.isdir(workdir / "r" / "checkpoint-2")
     cfg = grpo_config(tiny_llama, workdir / "r", steps=4, rewards=("$says_good", f"${fn.__name__}"))
+    ns = {"says_good": says_good, fn.__name__: fn}
+    with pytest.raises(ConfigError, match=r"another config \(grpo.rewards"):  # other rewards: only on --resume
+        peft_magic.train(cfg, namespace=ns, display="none")
     with pytest.raises(TrainingFailed, match=fragment.replace("(", r"\(").replace(")", r"\)")) as e:
-        peft_magic.train(cfg, namespace={"says_good": says_good, fn.__name__: fn}, display="none",
-                         resume=str(workdir / "r" / "checkpoint-2"))  # fmt: skip
+        peft_magic.train(cfg, namespace=ns, display="none", resume=str(workdir / "r" / "checkpoint-2"))
     assert "\n" not in str(e.value) and os.path.isdir(workdir / "r" / "checkpoint-2") and good.model is not None
 
 

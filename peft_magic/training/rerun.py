@@ -9,7 +9,8 @@ in a folder that holds checkpoints:
 | a completed run | trained again: the old checkpoints (the same result) are replaced | refused unless `--overwrite` |
 
 `--resume` with another config is refused too: a checkpoint continues only the run that wrote it (more steps or
-epochs excepted: that is the same run, longer). `--overwrite`
+epochs excepted: that is the same run, longer; and GRPO's reward functions: a reward that failed stops the run
+keeping its checkpoint, so that it can be fixed or replaced in the notebook and the run continued). `--overwrite`
 removes the earlier run's checkpoints (and nothing else in the folder) before the new one starts.
 """
 
@@ -27,7 +28,10 @@ NOT_COMPARED = {
               "eval_steps", "report_to", "per_device_eval_batch_size", "num_processes"},
     "data": {"cache_tokenized"},
 }  # fmt: skip
-EXTENDING = {"train": {"max_steps", "num_train_epochs"}}  # `--resume` with more steps: the same run, longer
+# what an explicit `--resume` may change: more steps or epochs (the same run, longer), and the reward functions (a
+# reward that raised or returned the wrong thing stops the run keeping its checkpoint: the user fixes it, or swaps
+# it for another, in the notebook and continues; a function's body cannot be compared anyway, only its name)
+EXTENDING = {"train": {"max_steps", "num_train_epochs"}, "grpo": {"rewards"}}
 
 
 def decide(cfg, resume=False, overwrite: bool = False):
