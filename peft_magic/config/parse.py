@@ -120,13 +120,27 @@ def build_config(raw: dict) -> Config:
     return check_config(cfg.validate())
 
 
+EVAL_KEYS = {"forgetting": ("data", "forgetting"), "samples": ("train", "eval_samples"),
+             "max_new_tokens": ("train", "eval_max_new_tokens")}  # fmt: skip
+
+
 def fold_eval_section(raw: dict) -> dict:
-    """``eval: {forgetting: SOURCE}`` (a top-level spelling) -> ``data: {forgetting: SOURCE}``."""
+    """A top-level ``eval:`` section, spelled where it is read: ``eval: {forgetting: SOURCE}`` -> ``data:
+    {forgetting: SOURCE}``, ``eval: {samples: N, max_new_tokens: M}`` -> ``train: {eval_samples: N,
+    eval_max_new_tokens: M}``."""
     raw = dict(raw)
     section = raw.pop("eval")
-    if not isinstance(section, dict) or set(section) - {"forgetting"}:
-        raise ConfigError("a top-level `eval:` takes only `forgetting: SOURCE` (general text to measure forgetting "
-                          "on). Fix: held-out task data goes under `data: {eval: ...}`.", key="eval")  # fmt: skip
+    if section is None:
+        return raw
+    if not isinstance(section, dict) or set(section) - set(EVAL_KEYS):
+        unknown = sorted(map(str, set(section) - set(EVAL_KEYS))) if isinstance(section, dict) else []
+        hint = did_you_mean(unknown[0], EVAL_KEYS) if unknown else ""
+        raise ConfigError("a top-level `eval:` takes `forgetting: SOURCE` (general text to measure forgetting on), "
+                          f"`samples: N` and `max_new_tokens: N` (greedy answers at each evaluation).{hint} Fix: "
+                          "held-out task data goes under `data: {eval: ...}`.", key="eval")  # fmt: skip
+    for key in ("samples", "max_new_tokens"):
+        if key in section:
+            raw = _fold(raw, "eval", key, *EVAL_KEYS[key], section[key])
     data = raw.get("data")
     data = {} if data is None else data
     if not isinstance(data, dict):
@@ -138,6 +152,18 @@ def fold_eval_section(raw: dict) -> dict:
         data = {**data, "forgetting": section["forgetting"]}
     raw["data"] = data
     return raw
+
+
+def _fold(raw: dict, section: str, key: str, into: str, field: str, value) -> dict:
+    """``raw`` with ``raw[into][field] = value`` (given as ``section.key``), refused when given both ways."""
+    target = raw.get(into)
+    target = {} if target is None else target
+    if not isinstance(target, dict):
+        raise ConfigError(f"expected a mapping of keys, got {type(target).__name__} ({target!r}).", key=into)
+    if target.get(field) is not None and target[field] != value:
+        raise ConfigError(f"given twice, as `{section}.{key}` and `{into}.{field}`. Fix: keep one.",
+                          key=f"{into}.{field}")  # fmt: skip
+    return {**raw, into: {**target, field: value}}
 
 
 def build_method(value) -> MethodConfig:

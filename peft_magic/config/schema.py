@@ -215,6 +215,14 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for activation memory."))
     logging_steps: int = field(default=10, metadata=_help("Log train loss every N steps."))
     eval_steps: int = field(default=50, metadata=_help("Evaluate every N steps (0: only at the end)."))
+    eval_samples: int = field(
+        default=0,
+        metadata=_help("causal-lm: at each evaluation, greedy answers to this many fixed eval prompts, shown in the "
+                       "panel as they change and kept in the history and the model card (also `eval: {samples: N}`)."),
+    )  # fmt: skip
+    eval_max_new_tokens: int = field(
+        default=32, metadata=_help("Tokens generated per eval sample answer, at most (also `eval: {max_new_tokens: N}`).")
+    )
     save_steps: int = field(default=0, metadata=_help("Checkpoint every N steps (0: only at the end or on stop)."))
     save_total_limit: int = field(default=2, metadata=_help("Keep at most this many checkpoints."))
     save_minutes: float = field(
@@ -261,10 +269,10 @@ class TrainConfig:
         _check_positive(self.learning_rate, "train.learning_rate")
         for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check_positive(getattr(self, k), f"train.{k}")
-        for k in ("logging_steps", "num_processes"):
+        for k in ("logging_steps", "num_processes", "eval_max_new_tokens"):
             _check_positive(getattr(self, k), f"train.{k}")
         for k in ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit",
-                  "save_minutes"):  # fmt: skip
+                  "save_minutes", "eval_samples"):  # fmt: skip
             if getattr(self, k) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, k)}.", key=f"train.{k}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -301,10 +309,20 @@ class Config:
         self.method.validate()
         self.data.validate()
         self.train.validate()
+        if self.train.eval_samples:
+            self._check_eval_samples()
         if self.data.packing and self.task != "causal-lm":
             raise ConfigError(f"packing joins examples for causal-lm only, not {self.task}. Fix: remove "
                               "`data.packing` (`train.group_by_length`, on by default, already cuts padding).", key="data.packing")  # fmt: skip
         return self
+
+    def _check_eval_samples(self) -> None:
+        if self.task != "causal-lm":
+            raise ConfigError(f"generates answers of a causal LM; this run's task is {self.task}. Fix: remove "
+                              "`eval.samples`.", key="train.eval_samples")  # fmt: skip
+        if self.data.eval is None:
+            raise ConfigError("needs eval data to take its prompts from. Fix: add `data: {eval: 0.1}` (or a "
+                              "$variable, file or hub dataset).", key="train.eval_samples")  # fmt: skip
 
     def to_dict(self, minimal: bool = False) -> dict:
         """A plain, YAML-safe dict; objects given as data are shown as a placeholder, never serialised."""

@@ -57,6 +57,9 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=())
     from ..ui.objective import card_lines
 
     lines += card_lines(run.history)  # dpo/orpo/grpo: rewards, margins, accuracy
+    from ..ui.answers import card_lines as answer_card_lines
+
+    lines += answer_card_lines(run.history)  # eval.samples: the greedy answers at each evaluation
     last = next((r for r in reversed(run.history) if "loss" in r), None)
     if last:
         lines += [f"Final training loss: {last['loss']:.4f} at step {last['step']}.", ""]

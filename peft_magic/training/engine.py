@@ -185,6 +185,9 @@ class Loop:
 
         self.objective = make_objective(cfg, self.data, accelerator, self.state)  # dpo/orpo/grpo; None: the model's loss
         self.compute_loss = self.objective if self.objective else loss_function(model, cfg, accelerator)  # chunked causal-LM loss
+        from .eval_samples import EvalSamples
+
+        self.eval_samples = EvalSamples.from_config(cfg, self.data)  # eval.samples: greedy answers at each evaluation
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.model, self.optimizer, self.scheduler, self.train_dl, self.eval_dl = model, optimizer, scheduler, train_dl, eval_dl
 
@@ -322,9 +325,12 @@ class Loop:
         self.bus.emit("on_status", state, "evaluating")
         with self.deadline.timing("eval"):
             metrics = self.evaluate_fn(self.model, self.eval_dl, self.accelerator)
+            samples = self.eval_samples(self.model, self.accelerator) if self.eval_samples is not None else None
         self.model.train()
         row = {"step": state.step, "epoch": round(state.epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()
                                                                         if isinstance(v, (int, float))}}  # fmt: skip
+        if samples:
+            row["samples"] = samples  # [{prompt, answer}]: the panel, the lines, the summary and the card read them
         history.append(row)
         state.log_history = history
         state.status = "training"

@@ -19,6 +19,7 @@ from IPython import display as ipy_display
 from ..events import Callback, TrainState
 from .chart import CurveBuffer, confusion_matrix_svg, loss_chart_svg, series_from_history
 from .format import format_memory
+from .answers import answers_html
 from .objective import objective_facts, samples_html
 from .lines import (
     end_text,
@@ -276,7 +277,7 @@ class LivePanel(Callback):
             if self._confusion is not None:
                 matrix = confusion_matrix_svg(*self._confusion, cell=min(28, max(8, 240 // len(self._confusion[1]))))
                 table = f'<div style="display:flex;gap:16px;align-items:flex-start">{table}{matrix}</div>'
-            self.metrics.value = table
+            self.metrics.value = table + answers_html(self._eval_rows)  # eval.samples: grows with each evaluation
             self._metrics_dirty = False
         self.status.value = self._status_html(state.status, state)
         if state.stop_reason is not None:

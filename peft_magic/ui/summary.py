@@ -14,6 +14,7 @@ from typing import Any
 
 from .chart import loss_chart_from_history
 from .format import format_duration, format_memory, format_number, metric_name
+from .answers import answers_html
 from .objective import objective_facts, samples_html
 from .lines import (
     end_text,
@@ -137,6 +138,9 @@ def summary_html(state, history: Iterable[Mapping[str, Any]], extra: Mapping[str
         blocks.append(f"<div><b>evaluation</b>{metrics}</div>")
     if getattr(state, "samples", None):
         blocks.append(samples_html(state.samples))
+    answers = answers_html(history, max_rows=24)  # eval.samples
+    if answers:
+        blocks.append(answers)
     blocks += [
         f"<div><b>{escape(str(k))}</b><div>{v._repr_html_() or ''}</div></div>" for k, v in extra.items() if _is_rich(v)
     ]

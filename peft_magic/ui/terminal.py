@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from ..events import Callback, TrainState
 from .format import format_count, format_epochs, format_number, metric_name
+from .answers import answer_lines
 from .lines import end_text, forgetting_text, header_text, log_line, metric_items, throughput_text
 from .objective import objective_facts
 
@@ -59,6 +60,8 @@ class TerminalPrinter(Callback):
         items = metric_items(metrics)
         text = " · ".join(f"{metric_name(k)} {format_number(v, 3)}" for k, v in items)
         self._print(f"eval step {metrics.get('step', state.step)} · {text or 'no metrics'}")
+        for line in answer_lines(metrics):  # eval.samples: one short line per prompt
+            self._print(line)
 
     def on_train_end(self, state: TrainState) -> None:
         parts = [end_text(state)]
