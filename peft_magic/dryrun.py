@@ -74,6 +74,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     plan.rows = {
         "model": f"{cfg.model.name_or_path}{' / ' + cfg.model.gguf_file if cfg.model.gguf_file else ''} "
         f"({arch}, {format_count(total)} params){quant_text}",
+        **({"task": cfg.task_note} if getattr(cfg, "task_note", None) else {}),
         "method": f"{method_label(cfg.method)} · "
         + (format_params(trainable, total) if trainable else "trainable count known after loading"),
         "data": f"train {data.train_rows:,} rows ({data.source_names['train']}, {data.kind}) · {eval_text} · "

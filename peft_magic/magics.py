@@ -297,20 +297,11 @@ def _describe_architecture(mcfg) -> str:
 
     try:
         config = models.load_config(mcfg)
-        empty = models.build_empty(mcfg, "causal-lm" if _is_decoder(config) else "seq-cls")
+        empty = models.build_empty(mcfg, "causal-lm" if models.is_decoder(config) else "seq-cls")
     except (ValueError, KeyError, OSError):
         return ""
     name = (getattr(config, "architectures", None) or [type(empty).__name__])[0]
     return f" ({name}, {format_count(models.count_parameters(empty)[1])} params)"
-
-
-def _is_decoder(config) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
 
 
 def _unquote(text):

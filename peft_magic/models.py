@@ -210,6 +210,43 @@ def _make_gguf_trainable(model) -> None:
         del model.config.quantization_config
 
 
+def is_decoder(config) -> bool:
+    """The model generates text: its architecture is a causal LM (a config without architectures: its type has one)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+
+
+def infer_task(cfg, raw: dict) -> tuple[str, str] | None:
+    """For a config whose mapping `raw` names no ``task``: ``(task, the plan's note)`` where the model leaves one
+    choice, else None.
+
+    An encoder-only model (BERT, MiniLM: its checkpoint is ``BertModel``) does not generate text, so training it as
+    a causal LM (transformers would bolt on ``BertLMHeadModel``) is never meant: it becomes ``seq-cls``. A
+    causal LM with ``data.label_column`` set is ambiguous (a classifier head, or text generation that ignores the
+    labels) and is refused with both fixes.
+    """
+    if "task" in raw or cfg.task != "causal-lm" or cfg.model.gguf_file:  # a GGUF file is always a causal LM
+        return None
+    try:
+        check_model_source(cfg.model)  # never a slow lookup for a model that cannot be found
+        config = load_config(cfg.model)
+    except (ConfigError, OSError, ValueError, KeyError):
+        return None  # loading the model says what is wrong with it, in its turn
+    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+    if not is_decoder(config) and not getattr(config, "is_encoder_decoder", False):
+        return "seq-cls", f"seq-cls, inferred: {arch} is an encoder (it does not generate text). Set `task:` to choose another"
+    data = raw.get("data")
+    if isinstance(data, dict) and "label_column" in data:
+        raise ConfigError(f"data.label_column is set but no task is, and the default task, causal-lm, ignores labels. "
+                          f"Fix: `task: seq-cls` to train {arch} as a classifier, or remove `label_column` to train "
+                          "it on text.", key="task")  # fmt: skip
+    return None
+
+
 def build_empty(mcfg, task: str, labels=None):
     """The architecture on the meta device (no weights read): for dry runs and parameter counts."""
     import transformers

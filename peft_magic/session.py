@@ -15,7 +15,7 @@ import os
 import threading
 
 from .config.objectives import OBJECTIVE_TASKS
-from .config.parse import parse_config
+from .config.parse import build_config, raw_config
 from .config.schema import Config
 from .errors import ConfigError, TrainingFailed
 from .events import EventBus
@@ -34,7 +34,16 @@ def default_output_dir(name: str) -> str:
 
 def resolve_config(config=None, overrides=None, defaults=None, name="run") -> Config:
     """The run's validated `Config`, with its output folder (``peft_runs/NAME`` unless set)."""
-    cfg = parse_config(config, overrides=overrides or (), defaults=defaults)
+    raw = raw_config(config, overrides or (), defaults)
+    cfg = build_config(raw)
+    if "task" not in raw and not isinstance(config, Config):
+        from . import models
+
+        inferred = models.infer_task(cfg, raw)
+        if inferred:  # built again, so that every check sees the task; the plan says why, saved configs hold it
+            raw["task"], note = inferred
+            cfg = build_config(raw)
+            cfg.task_note = note
     if not cfg.train.output_dir:
         from .config.checks import check_run_name
 

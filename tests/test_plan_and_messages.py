@@ -109,3 +109,25 @@ def test_demo_models_are_the_installed_offline_models():
         assert paths["smollm2"].endswith(".gguf")
     if "minilm" in paths:
         assert os.path.isfile(os.path.join(paths["minilm"], "config.json"))
+
+
+# ---------------------------------------------------------------- the task, when the cell names none
+
+
+def test_an_encoder_without_a_task_is_planned_as_a_classifier_and_the_plan_says_so(tiny_bert, workdir, sentiment):
+    plan = peft_magic.dry_run({"model": tiny_bert, "method": {"name": "lora", "r": 2},
+                               "data": {"train": sentiment, "label_column": "label"}})  # fmt: skip
+    assert plan.config.task == "seq-cls"
+    assert plan.rows["task"].startswith("seq-cls, inferred: BertModel is an encoder")
+    assert "BertForSequenceClassification" in plan.rows["model"] and "LMHead" not in plan.text()
+    explicit = peft_magic.dry_run({"model": tiny_bert, "task": "seq-cls", "data": {"train": sentiment}})
+    assert "task" not in explicit.rows  # nothing inferred, nothing to say
+
+
+def test_a_causal_lm_with_a_label_column_and_no_task_is_refused_with_both_fixes(tiny_llama, workdir, sentiment):
+    with pytest.raises(ConfigError) as e:
+        peft_magic.dry_run({"model": tiny_llama, "data": {"train": sentiment, "label_column": "label"}})
+    assert str(e.value).startswith("task: data.label_column is set but no task is")
+    assert "`task: seq-cls`" in str(e.value) and "remove `label_column`" in str(e.value)
+    plan = peft_magic.dry_run({"model": tiny_llama, "data": {"train": sentiment}, "train": {"max_steps": 2}})
+    assert plan.config.task == "causal-lm" and "task" not in plan.rows  # a decoder's default stays
