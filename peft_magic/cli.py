@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -47,13 +48,17 @@ def main(argv=None) -> int:
         from .quickstart import main as quickstart
 
         return quickstart(args)
+    run = None
     try:
+        if not os.path.isfile(args.config):  # the positional CONFIG, not the magic's --config
+            raise ConfigError(f"'{args.config}' does not exist. Fix: check the path of the YAML file "
+                              "(peft-magic train CONFIG.yaml).", key="CONFIG")  # fmt: skip
         if args.dry_run:
             from .dryrun import dry_run
 
             print(dry_run(args.config, overrides=args.overrides, name=args.name).text())
             return 0
-        _check_export_options(args)  # before training: a typo must not cost a training run
+        _check_export_options(args)  # before training: a typo or a full folder must not cost a training run
         from .api import train
 
         run = train(args.config, overrides=args.overrides, name=args.name, resume=args.resume, display="auto",
@@ -68,8 +73,27 @@ def main(argv=None) -> int:
         return 0 if run.state.stop_reason in ("completed", "stopped", "interrupted") else 1
     except ConfigError as e:
         if _is_main_process():  # under a launcher every rank hits the same mistake: say it once
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {cli_words(str(e))}", file=sys.stderr)
+            if run is not None:  # the export failed after training: say where the work is
+                print(f"the trained run is kept in {run.config.train.output_dir} (its final checkpoint). Export it "
+                      f"without training again: peft-magic train {args.config} --resume --export DIR", file=sys.stderr)
         return 2
+
+
+# Messages are written for the notebook and Python; on the command line the same fix has other words.
+_CLI_WORDS = (
+    (" (overwrite=True in train())", ""),
+    (" (overwrite=True)", ""),
+    ("(resume=True in train(), or `train.resume: auto` to do so without asking)",
+     "(or `--set train.resume=auto` to do so without asking)"),
+)  # fmt: skip
+
+
+def cli_words(message: str) -> str:
+    """`message` in the command line's words: ``--overwrite``, not ``overwrite=True``."""
+    for notebook, cli in _CLI_WORDS:
+        message = message.replace(notebook, cli)
+    return message
 
 
 def _check_export_options(args) -> None:
@@ -87,6 +111,10 @@ def _check_export_options(args) -> None:
         from .export.hub import check_push
 
         check_push(args.push_to_hub)
+    if args.export and _is_main_process():
+        from .export.folder import check_target
+
+        check_target(args.export, args.overwrite)
 
 
 def _is_main_process() -> bool:

@@ -131,3 +131,66 @@ def test_a_causal_lm_with_a_label_column_and_no_task_is_refused_with_both_fixes(
     assert "`task: seq-cls`" in str(e.value) and "remove `label_column`" in str(e.value)
     plan = peft_magic.dry_run({"model": tiny_llama, "data": {"train": sentiment}, "train": {"max_steps": 2}})
     assert plan.config.task == "causal-lm" and "task" not in plan.rows  # a decoder's default stays
+
+
+# ---------------------------------------------------------------- the command line fails before the work, in its words
+
+
+def _cli_config(tmp_path, model):
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": model, "method": {"name": "lora", "r": 2}, "data": {"train": lm_rows(16)},
+                                   "train": {"max_steps": 2, "output_dir": str(tmp_path / "out")}}))  # fmt: skip
+    return cfg
+
+
+def test_cli_refuses_a_full_export_folder_before_training_in_cli_words(tiny_llama, tmp_path, capsys):
+    from peft_magic.cli import main
+
+    cfg = _cli_config(tmp_path, tiny_llama)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me")
+    assert main(["train", str(cfg), "--export", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: export: '{tmp_path / 'full'}' already holds files. Fix: choose a new folder, or add " \
+                  "--overwrite to replace it."  # fmt: skip
+    assert not (tmp_path / "out").exists()  # nothing trained
+    assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_names_the_missing_config_file_as_its_positional_argument(tmp_path, capsys):
+    from peft_magic.cli import main
+
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: CONFIG: '{tmp_path / 'nope.yaml'}' does not exist.") and "--config" not in err
+
+
+def test_cli_export_failing_after_training_says_where_the_run_is_kept(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A folder filled while training (another process) is found only at export: the message says where the
+    trained run is, and the fix it gives exports it without training again."""
+    import peft_magic.api as api
+    from peft_magic.cli import main
+
+    cfg = _cli_config(tmp_path, tiny_llama)
+    real_train = api.train
+
+    def train_then_someone_writes(*args, **kwargs):
+        run = real_train(*args, **kwargs)
+        (tmp_path / "late").mkdir(exist_ok=True)
+        (tmp_path / "late" / "theirs.txt").write_text("not ours")
+        return run
+
+    monkeypatch.setattr(api, "train", train_then_someone_writes)
+    assert main(["train", str(cfg), "--export", str(tmp_path / "late")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "overwrite=True" not in err
+    assert f"the trained run is kept in {tmp_path / 'out'}" in err
+    trained = (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(api, "train", real_train)
+    assert main(["train", str(cfg), "--resume", "--export", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert "completed 2/2 steps" in capsys.readouterr().out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == trained  # not trained again
