@@ -237,6 +237,10 @@ def test_unknown_quantization_suggests_the_closest():
 
     with pytest.raises(ConfigError, match=r"unknown GGUF quantization 'q8': did you mean 'q8_0'\?"):
         parse_quant("q8")
+    for typo, meant in (("q4km", "q4_k_m"), ("Q8_O", "q8_0"), ("f61", "f16"), ("q6k", "q6_k")):
+        with pytest.raises(ConfigError, match=rf"unknown GGUF quantization '{typo}': did you mean '{meant}'\? "
+                                              r"Choose one of f32, f16, bf16, q8_0"):  # fmt: skip
+            parse_quant(typo)
     assert parse_quant("Q4-1").name == "q4_1"
 
 
@@ -244,8 +248,11 @@ def test_k_quant_without_its_quantizer_is_refused(monkeypatch):
     from peft_magic.gguf import quant
 
     monkeypatch.setattr(quant, "k_quantizer_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"'q4_k_m' needs llama.cpp's K-quant quantizer.*gguf-check.*q8_0"):
-        quant.parse_quant("q4_k_m")
+    for name in ("q4_k_m", "Q5_K_M", "q6_k"):
+        with pytest.raises(ConfigError, match=rf"'{name.lower()}' needs llama.cpp's K-quant quantizer .*llama-cpp-"
+                                              r"python is not installed. Fix: pip install 'peft-magic\[gguf-check\]'"
+                                              r", or choose q4_1, q5_1 or q8_0"):  # fmt: skip
+            quant.parse_quant(name)
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tiny_bert):

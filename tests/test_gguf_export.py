@@ -77,6 +77,51 @@ def test_magic_writes_gguf_and_says_so_in_one_line(shell, run, tmp_path, capsys)
     assert run.last_export.parity == [] and os.path.isfile(tmp_path / "m" / "run-q8_0.gguf")
 
 
+def test_magic_shows_the_parity_table_in_the_terminal_and_in_the_notebook(shell, run, tmp_path, capsys):  # noqa: F811
+    """%peft_export --gguf prints the table (terminal) or displays it as HTML (notebook), verdict included."""
+    from IPython.utils.capture import capture_output
+
+    shell.user_ns["tuned"] = run
+    shell.peft.display = "terminal"
+    shell.run_line_magic("peft_export", f"tuned {tmp_path / 't'} --gguf f32")
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"exported adapter of 'run' to {tmp_path / 't'} (+ run-f32.gguf)")
+    if not HAS_LLAMA_CPP:
+        assert "parity check skipped: llama-cpp-python is not installed. Fix: pip install 'peft-magic[gguf-check]'" in out
+        return
+    assert "parity: notebook model vs run-f32.gguf in llama.cpp (greedy)" in out
+    rows = run.last_export.parity[0].rows
+    assert [r.prompt for r in rows] == ["say yes", "say no", "say hello"]  # the run's own prompts
+    assert f"  notebook: {rows[0].notebook}\n  gguf:     {rows[0].gguf}\n  same · log-likelihood/token" in out
+    assert "the GGUF answers like the notebook model: 3/3 greedy answers identical" in out
+
+    shell.peft.display = "panel"
+    with capture_output() as cap:
+        shell.run_line_magic("peft_export", f"tuned {tmp_path / 'n'} --gguf f32")
+    html = [o.data["text/html"] for o in cap.outputs if "text/html" in o.data]
+    assert len(html) == 1 and "<b>GGUF parity</b>: notebook model vs <code>run-f32.gguf</code>" in html[0]
+    assert html[0].count("<td style='color:green'>yes</td>") == 3 and "answers like the notebook model: 3/3" in html[0]
+
+
+def test_a_disagreement_is_said_with_its_likely_cause():
+    from peft_magic.gguf.parity import ParityReport, ParityRow
+
+    rows = [ParityRow("say hi", "hello world", "hello world", -0.40, -0.45, True),
+            ParityRow("say no", "no", "yes yes", -0.30, -0.62, True)]  # fmt: skip
+    coarse = ParityReport(file="/x/run-q4_0.gguf", quant="q4_0", rows=rows)
+    assert not coarse.ok and coarse.agreement == 0.5
+    assert coarse.verdict == ("the GGUF differs from the notebook model: 1/2 greedy answers identical, log-likelihood "
+                              "gap at most 0.320 per token. Likely cause: quantization (q4_0) moves the logits enough "
+                              "to change greedy choices. Fix: export q8_0 or f16.")  # fmt: skip
+    assert "  DIFFERENT · log-likelihood/token notebook -0.300 · gguf -0.620" in coarse.text()
+    html = coarse._repr_html_()
+    assert "<td style='color:red'>no</td>" in html and "<p style='color:#b00'>the GGUF differs" in html
+    close = [ParityRow("say no", "no", "nope", -0.300, -0.302, True)]
+    assert "near-ties in greedy decoding" in ParityReport(file="m.gguf", quant="f16", rows=close).cause
+    lost = [ParityRow("say no", "no", "???", -0.3, -3.1, False)]
+    assert ParityReport(file="m.gguf", quant="q8_0", rows=lost).cause.startswith("llama.cpp builds a different prompt")
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .vocab import special_tokens
+
 SYS, USER, ANSWER = "\x01PM_SYSTEM\x01", "\x01PM_PROMPT\x01", "\x01PM_ANSWER\x01"
 FAMILIES = (("<|im_start|>", "ChatML"), ("<|start_header_id|>", "Llama 3"), ("[INST]", "Mistral"),
             ("<start_of_turn>", "Gemma"))  # fmt: skip
@@ -30,6 +32,16 @@ def _render(tokenizer, messages, generation_prompt=True) -> str | None:
         return None
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text by itself (its `add_bos_token` setting or its post-processor,
+    as Llama 3, Mistral and Gemma do); the GGUF then says so too (`tokenizer.ggml.add_bos_token`)."""
+    if getattr(tokenizer, "add_bos_token", False):
+        return True
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"] if bos_id is not None else []
+    return bool(ids) and ids[0] == bos_id
+
+
 def ollama_template(tokenizer, chat: bool = True) -> tuple[str, list[str]]:
     """(Go template, stop strings) equivalent to the tokenizer's chat template for one turn."""
     eos = tokenizer.eos_token
@@ -39,7 +51,7 @@ def ollama_template(tokenizer, chat: bool = True) -> tuple[str, list[str]]:
     system = _render(tokenizer, [{"role": "system", "content": SYS}, {"role": "user", "content": USER}])
     bos = tokenizer.bos_token
     # llama.cpp and Ollama add BOS themselves when the model asks for it: drop the template's own copy
-    if bos and getattr(tokenizer, "add_bos_token", False):
+    if bos and adds_bos(tokenizer):
         user = user[len(bos):] if user.startswith(bos) else user
         system = system[len(bos):] if system and system.startswith(bos) else system
 
@@ -54,7 +66,7 @@ def ollama_template(tokenizer, chat: bool = True) -> tuple[str, list[str]]:
     full = _render(tokenizer, [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}], False)
     if full and ANSWER in full:
         after = full.split(ANSWER, 1)[1].strip()
-        special = sorted(map(str, tokenizer.all_special_tokens), key=len, reverse=True)
+        special = sorted(special_tokens(tokenizer), key=len, reverse=True)
         end = next((s for s in special if s and after.startswith(s)), None)
         if end:
             stops.append(end)

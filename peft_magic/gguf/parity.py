@@ -200,7 +200,9 @@ def notebook_answer(model, tokenizer, ids: list[int], max_new_tokens: int):
         out = model.generate(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     new = out[0, len(ids):].tolist()
-    special = set(tokenizer.all_special_ids)
+    from .vocab import special_tokens
+
+    special = set(special_tokens(tokenizer).values())
     while new and new[-1] in special:  # the end-of-turn token: not part of the answer's likelihood
         new.pop()
     return new, tokenizer.decode(new, skip_special_tokens=True).strip()

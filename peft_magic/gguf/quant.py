@@ -57,9 +57,10 @@ def parse_quant(name) -> Quant:
         raise ConfigError(f"unknown GGUF quantization '{name}': {hint}Choose one of {', '.join(QUANTS)}.",
                           key="gguf")  # fmt: skip
     if quant.k_quant and not k_quantizer_available():
-        raise ConfigError(f"'{quant.name}' needs llama.cpp's K-quant quantizer, which is not installed. Fix: pip "
-                          "install 'peft-magic[gguf-check]' (llama-cpp-python), or choose q4_1, q5_1 or q8_0, "
-                          "which need nothing more.", key="gguf")  # fmt: skip
+        raise ConfigError(f"'{quant.name}' needs llama.cpp's K-quant quantizer (the gguf package quantizes only "
+                          "f16/bf16 and q4_0 to q8_0 in Python), and llama-cpp-python is not installed. Fix: pip "
+                          "install 'peft-magic[gguf-check]', or choose q4_1, q5_1 or q8_0, which need nothing more.",
+                          key="gguf")  # fmt: skip
     return quant
 
 

@@ -138,6 +138,16 @@ def _pad(tokens, types, vocab_size):
     return tokens, types
 
 
+def special_tokens(tokenizer) -> dict:
+    """{text: id} of every special token: the named ones (BOS, EOS, ...) and the added special tokens, which
+    transformers leaves out of `all_special_tokens` (Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`)."""
+    out = {str(t): i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
+    for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if added.special:
+            out.setdefault(added.content, i)
+    return out
+
+
 def copy_tokenizer_fields(writer, source_gguf: str) -> None:
     """Copy every `tokenizer.*` field of `source_gguf` into `writer`, with its GGUF value type."""
     import gguf
