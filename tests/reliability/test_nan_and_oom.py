@@ -22,7 +22,7 @@ from .conftest import lora_config, lora_weights, saved_adapter
 
 @pytest.fixture
 def fault(monkeypatch):
-    """Make the loaded model's forward pass misbehave at its `at`-th call: `kind` 'nan' turns the logits into NaN,
+    """Make the loaded model's forward pass misbehave at its `at`-th call: `kind` 'nan' turns the last hidden states (so the logits) into NaN,
     'cuda-oom' / 'host-oom' raise torch.OutOfMemoryError / MemoryError. Also keeps a weakref to the model."""
     spec = {"kind": "nan", "at": 3, "calls": 0, "model": None}
     real = models.load_model
@@ -41,7 +41,8 @@ def fault(monkeypatch):
 
     def load_model(*a, **kw):
         model = real(*a, **kw)
-        model.lm_head.register_forward_hook(hook)
+        # the final norm feeds the output layer: the chunked loss reads lm_head's weight without calling lm_head
+        model.model.norm.register_forward_hook(hook)
         spec["model"] = weakref.ref(model)
         return model
 
