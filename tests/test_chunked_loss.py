@@ -127,6 +127,23 @@ def test_not_for_other_tasks_or_when_off():
     assert not isinstance(loss_function(model, cfg), ChunkedCausalLMLoss)
 
 
+def test_adalora_keeps_its_orthogonality_regulariser():
+    """AdaLoRA adds a regulariser to the model's own loss (peft's AdaLoraModel.forward, with labels): the chunked
+    loss would drop it, so the plain loss is used, and it includes the term."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    from peft_magic.config.parse import parse_config
+
+    model = get_peft_model(tiny(), AdaLoraConfig(init_r=4, total_step=10, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    cfg = parse_config({"model": "x", "data": {"train": [{"text": "a"}]}})
+    fn = loss_function(model, cfg)
+    assert not isinstance(fn, ChunkedCausalLMLoss)
+    model.train()
+    with_reg = fn(model, batch())
+    model.base_model.peft_config["default"].orth_reg_weight = 0.0
+    assert with_reg > fn(model, batch())  # the regulariser is in the loss that trains
+
+
 def test_training_run_logs_the_same_losses(tiny_llama, workdir):
     """Through the engine: prompt/response data (prompt masked), the same logged losses with the chunked loss on
     and off."""

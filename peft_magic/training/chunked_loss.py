@@ -53,6 +53,8 @@ def _why_not(model, accelerator=None) -> str | None:
     peft_config = getattr(inner, "peft_config", None)
     if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         return "prompt-learning methods add virtual tokens to the sequence"
+    if peft_config and any(getattr(c, "orth_reg_weight", 0) for c in peft_config.values()):
+        return "AdaLoRA adds its orthogonality regulariser to the model's own loss"
     if accelerator is not None and str(getattr(accelerator, "distributed_type", "")).upper().endswith(
         ("FSDP", "DEEPSPEED")
     ):
