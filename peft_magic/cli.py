@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint.")
     t.add_argument("--export", default=None, metavar="DIR", help="Export the adapter here after training.")
     t.add_argument("--merge", action="store_true", help="With --export: write a merged full model.")
-    t.add_argument("--overwrite", action="store_true", help="Replace the earlier run in the output folder (and, with --export, DIR if it holds files).")
+    t.add_argument("--overwrite", action="store_true", help="Replace the earlier run in the output folder (and, with --export, DIR if it holds files); "
+                        "with --resume, only DIR (the run continues).")  # fmt: skip
     t.add_argument("--gguf", nargs="?", const="q8_0", default=None, metavar="QUANT",
                    help="With --export: also the merged model as GGUF (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 q4_k_m "
                         "q5_k_m q6_k; default q8_0), checked against the trained model in llama.cpp.")  # fmt: skip
@@ -61,8 +62,10 @@ def main(argv=None) -> int:
         _check_export_options(args)  # before training: a typo or a full folder must not cost a training run
         from .api import train
 
+        # with --resume the run folder is continued, so --overwrite can only mean the export folder (launch.sh
+        # passes --overwrite for ./adapter on every launch, --resume included)
         run = train(args.config, overrides=args.overrides, name=args.name, resume=args.resume, display="auto",
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite and not args.resume)
         if args.export and _is_main_process():
             path = run.export(args.export, merge=args.merge, overwrite=args.overwrite, gguf=args.gguf,
                               gguf_adapter=args.gguf_adapter, push_to_hub=args.push_to_hub, private=args.private,
