@@ -89,7 +89,9 @@ def run_quickstart(model: str | None = None, steps: int = DEFAULT_STEPS, out: st
     echo(f"peft_magic quickstart: LoRA on {os.path.basename(model.rstrip('/')) or model}, {rows} demo rows "
          f"(answers in the style 'Answer: <fact>.'), {steps} steps")  # fmt: skip
     start = time.time()
-    run = api.train(quickstart_config(model, steps), name="quickstart", display=display)
+    # peft_runs/quickstart is the demo's own scratch folder: each quickstart starts over (other --steps or --model
+    # included) instead of being refused as "another config"; its export folder is guarded above
+    run = api.train(quickstart_config(model, steps), name="quickstart", display=display, overwrite=True)
     echo(f"loaded and trained in {time.time() - start:.0f} s")
     answers = [generate_both(run, p, max_new_tokens=max_new_tokens) for p in DEMO_PROMPTS]
     echo("\nbase model vs tuned, on questions that were not in the training data:")
