@@ -252,6 +252,22 @@ def test_preview_in_a_terminal_brackets_or_colours_the_trained_text():
     assert "\x1b[1;32myes <|im_end|>\x1b[0m" in coloured and "[[" not in coloured
 
 
+def test_preview_of_a_list_or_a_range_of_examples():
+    from IPython.lib.pretty import pretty
+
+    tok = word_tokenizer()
+    rows = [{"messages": TWO_TURNS}, {"messages": TWO_TURNS[:2]}, {"messages": SYSTEM + TWO_TURNS[:2]}]
+    data = prepared({"train": rows, "chat_template": "chatml"}, tok)
+    assert [e.index for e in data.preview([2, 0]).examples] == [2, 0]
+    assert [(e.index, e.tokens) for e in data.preview(range(1, 3)).examples] == [(1, 9), (2, 14)]
+    html = data.preview(range(3))._repr_html_()
+    assert html.count("<pre") == 3 and html.count("title='trained'") == 4  # 2 answers + 1 + 1
+    assert pretty(data.preview([1])) == str(data.preview(1))  # IPython's terminal, not a tty here: brackets
+    assert "example 1 · 9 tokens · 2 trained (22%)" in pretty(data.preview([1]))
+    with pytest.raises(ConfigError, match=r"preview: there is no example 3: the train split has 3\. Fix: pick 0 to 2"):
+        data.preview([0, 3])
+
+
 def test_truncation_is_counted_and_rows_that_lose_their_answer_are_dropped():
     tok = word_tokenizer()
     short = {"prompt": "say yes", "response": "yes"}  # chatml: 9 tokens
@@ -294,6 +310,19 @@ def test_length_figures_of_a_crafted_set():
         (ROWS["prompt_response"], {"chat_template": "{% for m in messages %}{{ m.content }"},
          r"data.chat_template: the template does not render: .*Fix: check its Jinja syntax"),
         (ROWS["prompt_response"], {"chat_template": "chatlm"}, r"unknown chat template 'chatlm'. Did you mean 'chatml'"),
+        # ShareGPT's own spellings of the same mistakes
+        ([*ROWS["sharegpt"], {"conversations": []}], {}, r"row 1: the conversation is empty\. Fix:"),
+        ([{"conversations": [{"from": "human", "value": "say yes"}, {"from": "gpt", "value": "yes"},
+                             {"from": "human", "value": "say no"}]}], {},
+         r"row 0: the conversation ends with a user turn.*Fix: end it with"),
+        ([{"conversations": [{"from": "human", "text": "hi"}, {"from": "gpt", "value": "yes"}]}], {},
+         r"row 0, turn 0: no 'value' in this ShareGPT turn \(keys: from, text\)\. Fix: give each turn"),
+        ([{"messages": {"role": "user", "content": "say yes"}}], {}, r"row 0: column 'messages' holds a dict, not a list.*Fix:"),
+        ([{"messages": TWO_TURNS}, {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "ok"}]}],
+         {}, r"row 1, column 'messages': a column mixes types across rows.*Fix: give every row's value"),
+        ([*ROWS["sharegpt"], {"conversations": [{"from": "human", "value": "say"}, {"from": "human", "value": "yes"},
+                                                {"from": "gpt", "value": "yes"}]}], {"chat_template": "gemma"},
+         r"row 1: the chat template refuses it: Conversation roles must alternate.*Fix: merge consecutive"),
     ],
 )  # fmt: skip
 def test_bad_conversations_are_one_line_naming_the_row_and_the_fix(rows, extra, pattern):

@@ -293,9 +293,12 @@ def _content(value, i, j, key) -> str:
 def _sharegpt(value, i, col, key) -> list:
     out = []
     for j, m in enumerate(_as_list(value, i, col, key, "{from, value}")):
-        if "from" not in m or "value" not in m:
-            raise ConfigError(f"row {i}, turn {j}: a ShareGPT turn needs 'from' and 'value' (keys: "
-                              f"{', '.join(map(str, m))}).", key=key)  # fmt: skip
+        # rows given as dicts become Arrow structs: a key missing from one turn reads as None there
+        missing = [k for k in ("from", "value") if m.get(k) is None]
+        if missing:
+            keys = ", ".join(str(k) for k, v in m.items() if v is not None) or "none"
+            raise ConfigError(f"row {i}, turn {j}: no '{missing[0]}' in this ShareGPT turn (keys: {keys}). Fix: give "
+                              "each turn {'from': 'human' | 'gpt' | 'system', 'value': '...'}.", key=key)  # fmt: skip
         who = str(m["from"]).strip().lower()
         if who not in SHAREGPT_ROLES:
             raise ConfigError(f"row {i}, turn {j}: unknown ShareGPT role '{m['from']}'.{did_you_mean(who, SHAREGPT_ROLES)} "

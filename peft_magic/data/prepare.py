@@ -100,7 +100,7 @@ def resolve(src, namespace=None, key="data.train", split="train", *, via=None):
         if all(isinstance(r, str) for r in src):
             return datasets.Dataset.from_dict({"text": list(src)})
         if all(isinstance(r, dict) for r in src):
-            return datasets.Dataset.from_list(list(src))
+            return _rows_table(list(src), what, key)
         odd = next(r for r in src if not isinstance(r, (str, dict)))
         raise ConfigError(f"{what} is a {type(src).__name__} holding {_a(type(odd).__name__)}; a list must hold dicts "
                           "(rows) or strings (texts).", key=key)  # fmt: skip
@@ -109,6 +109,61 @@ def resolve(src, namespace=None, key="data.train", split="train", *, via=None):
     subject = f"{via} is {_a(type(src).__name__)}" if via else f"{_a(type(src).__name__)} ({src!r:.40})"
     raise ConfigError(f"{subject}, which cannot be used as data. Fix: give a DataFrame, a list of dicts, a "
                       "datasets.Dataset, a file path or a hub dataset id.", key=key)  # fmt: skip
+
+
+def _rows_table(rows: list, what: str, key: str):
+    """A `datasets.Dataset` of a list of dicts; values of one column that Arrow cannot put in one type (a number
+    beside text, a string where other rows hold a list) are one line naming the first row that differs."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        where = _first_odd_row(rows)
+        raise ConfigError(f"{what}: {where + ': ' if where else ''}a column mixes types across rows ({first}). Fix: "
+                          "give every row's value of a column the same type (e.g. text everywhere, or a list of "
+                          "{role, content} everywhere).", key=key) from None  # fmt: skip
+
+
+def _first_odd_row(rows: list) -> str:
+    """``row 3, column 'messages'``: the first value whose shape differs from the first row's, nested lists and
+    dicts included; '' when none is found."""
+
+    def shape(v):
+        if isinstance(v, dict):
+            return ("dict", tuple(sorted((str(k), shape(x)) for k, x in v.items() if x is not None)))
+        if isinstance(v, (list, tuple)):
+            kinds = [shape(x) for x in v if x is not None]
+            first = kinds[0] if kinds else None
+            return ("list", "mixed" if any(k != first and not _compatible(first, k) for k in kinds) else first)
+        return type(v).__name__ if v is not None else None
+
+    seen: dict = {}
+    for i, row in enumerate(rows):
+        for col, v in row.items():
+            if v is None:
+                continue
+            s = shape(v)
+            if isinstance(s, tuple) and s[0] == "list" and s[1] == "mixed":
+                return f"row {i}, column '{col}'"
+            if col in seen and seen[col] != s and not _compatible(seen[col], s):
+                return f"row {i}, column '{col}'"
+            seen.setdefault(col, s)
+    return ""
+
+
+def _compatible(a, b) -> bool:
+    """Shapes Arrow unifies: int/float, dicts with other keys, an empty list with any list."""
+    if {a, b} <= {"int", "float"}:
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0]:
+        if a[0] == "list":
+            return a[1] is None or b[1] is None or _compatible(a[1], b[1])
+        common = dict(a[1]).keys() & dict(b[1]).keys()
+        return all(dict(a[1])[k] == dict(b[1])[k] or _compatible(dict(a[1])[k], dict(b[1])[k]) for k in common)
+    return False
 
 
 def _a(noun: str) -> str:
