@@ -51,6 +51,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     model = models.build_empty(cfg.model, cfg.task, data.labels)
     arch = type(model).__name__
     _, total = models.count_parameters(model)
+    base_total = total  # the model row counts the base model, as %peft_model does; the adapter adds to `total`
     method = get_method(cfg.method.name)
     trainable = None
     try:
@@ -73,7 +74,7 @@ def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides
     eval_text = f"eval {data.eval_rows:,} ({data.source_names['eval']})" if data.eval_rows else "no eval"
     plan.rows = {
         "model": f"{cfg.model.name_or_path}{' / ' + cfg.model.gguf_file if cfg.model.gguf_file else ''} "
-        f"({arch}, {format_count(total)} params){quant_text}",
+        f"({arch}, {format_count(base_total)} params){quant_text}",
         **({"task": cfg.task_note} if getattr(cfg, "task_note", None) else {}),
         "method": f"{method_label(cfg.method)} · "
         + (format_params(trainable, total) if trainable else "trainable count known after loading"),

