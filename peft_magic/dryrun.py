@@ -20,6 +20,7 @@ class Plan:
     memory: object = None  # preflight.MemoryEstimate, when available
     fit: object = None  # preflight.FitReport
     preview: object = None  # data.preview.Preview: the first training example, trained tokens highlighted
+    details: list = field(default_factory=list)  # what the libraries warned or logged meanwhile (library_output)
 
     def text(self) -> str:
         width = max(len(k) for k in self.rows)
@@ -34,7 +35,20 @@ class Plan:
 
 def dry_run(config=None, *, namespace=None, defaults=None, name="run", overrides=None) -> Plan:
     """Resolve the config, read and tokenize the data, build the model on the meta device, count parameters and
-    plan the steps. Trains nothing and loads no weights."""
+    plan the steps. Trains nothing and loads no weights. The libraries' warnings go to `Plan.details`."""
+    from .library_output import routed
+
+    details = []
+    with routed(details):
+        plan = _plan(config, namespace, defaults, name, overrides)
+    plan.details = details
+    if details:
+        noun = "message" if len(details) == 1 else "messages"
+        plan.rows["details"] = f"{len(details)} library {noun} (transformers, peft, ...), kept in plan.details"
+    return plan
+
+
+def _plan(config, namespace, defaults, name, overrides) -> Plan:
     from . import models
     from .session import resolve_config
     from .data.prepare import prepare

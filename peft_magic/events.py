@@ -53,6 +53,8 @@ class TrainState:
         output_note: Where checkpoints go, when that is a persistent folder chosen by default (Drive, Kaggle).
         data_warning: What is wrong with the tokenized data (many rows cut by max_length, with the length that
             keeps 95% of them whole), as the dry run says it.
+        details: What the libraries (transformers, peft, accelerate...) warned or logged while the run loaded and
+            trained, one line each: kept out of the cell, shown collapsed under the panel (`library_output`).
     """
 
     max_steps: int = 0
@@ -78,6 +80,7 @@ class TrainState:
     peak_tflops: float | None = None
     output_dir: str | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)  # GRPO: the last few completions and rewards
+    details: list[str] = field(default_factory=list)
     time_budget: float | None = None
     start_step: int = 0
     stop_note: str | None = None

@@ -38,7 +38,7 @@ class Run:
         self.metrics: dict = {}
         self.state = TrainState()
         self.output_dir = config.train.output_dir
-        self.warnings: list[str] = []
+        self.warnings: list[str] = self.state.details  # library warnings and logs of the run (see library_output)
         self.preflight = None  # preflight.FitReport measured before loading the model
         self.cell: str | None = None  # the %%peft_train cell that made it (for the model card)
         self.error: BaseException | None = None

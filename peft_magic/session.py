@@ -148,7 +148,10 @@ def train_in_process(cfg: Config, *, name="run", namespace=None, callbacks=(), d
         resume_meta, replace = rerun.decide(cfg, resume, overwrite)  # at once: before any loading
     else:
         resume_meta, replace = find_resume(resume, cfg), False
-    setup_guarded(run, namespace, bus, replaces)
+    from .library_output import routed
+
+    with routed(run.warnings):  # the libraries' warnings, logs and bars go to the run's details, not the cell
+        setup_guarded(run, namespace, bus, replaces)
     if resume_meta is not None:
         resume_meta["method"] = run.method
     if main and check_rerun:
@@ -158,9 +161,15 @@ def train_in_process(cfg: Config, *, name="run", namespace=None, callbacks=(), d
 
 def start(run: Run, bus: EventBus, resume_meta, background: bool) -> Run:
     """Run the loop here, or in a thread (one background run at a time, see `check_idle`)."""
+    from .library_output import routed
+
+    def work():
+        with routed(run.warnings):
+            fit(run, bus, resume_meta)
+
     if background:
-        return in_background(run, lambda: fit(run, bus, resume_meta))
-    fit(run, bus, resume_meta)
+        return in_background(run, work)
+    work()
     return run
 
 

@@ -189,11 +189,11 @@ def test_show_and_summary_in_a_shell(shell):
     outputs = captured.outputs
     assert "application/vnd.jupyter.widget-view+json" in outputs[0].data  # the panel, shown once
     assert outputs[0].data["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.widget.model_id
-    slot, final = outputs[1], outputs[-1]
-    assert len(outputs) == 3
-    # The summary fills the slot reserved under the panel (an update of the same display id).
-    assert not slot.update and slot.data["text/html"] == ""
-    assert final.update and final.transient["display_id"] == slot.transient["display_id"]
+    shown, final = outputs[0], outputs[-1]
+    assert len(outputs) == 2
+    # One copy of the result: the summary replaces the panel (an update of the panel's own display id).
+    assert not shown.update and final.update and final.transient["display_id"] == shown.transient["display_id"]
+    assert "application/vnd.jupyter.widget-view+json" not in final.data
     html = final.data["text/html"]
     assert html == panel.summary
     assert "runs/tiny" in html and "%peft_export run ./adapter" in html and "completed 100/100 steps" in html

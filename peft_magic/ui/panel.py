@@ -2,8 +2,13 @@
 
 Core widgets (HTML, IntProgress, Button, boxes) render in JupyterLab, Notebook 7, Colab, Kaggle and VS Code
 without any front-end extension. The loss curve is an SVG string in an ``HTML`` widget. Redraws go through a
-`Throttle` (each one is a message to the browser), forced after an evaluation and at the end. When the run
-ends the panel also leaves a static HTML summary, because widget state does not survive reopening a notebook.
+`Throttle` (each one is a message to the browser), forced after an evaluation and at the end.
+
+When the run ends, the live panel gives way to a static HTML summary in the same output (its display handle is
+updated): the summary holds everything the finished panel showed (curve, figures, evaluation, where the files
+are, the export command, the libraries' messages) and, unlike widget state, survives saving and reopening the
+notebook, so the live view and the saved notebook both show the result once. Embedded in the `%peft_ui` form, the
+panel hides and the form's summary slot shows the summary.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .lines import (
     progress_text,
     throughput_text,
 )
-from .summary import confusion_of, metrics_table_html, summary_html, svg_data_uri
+from .summary import confusion_of, details_html, metrics_table_html, summary_html, svg_data_uri
 from .throttle import Throttle
 
 __all__ = ["LivePanel", "summary_html"]
@@ -107,6 +112,8 @@ class LivePanel(Callback):
         self.stats = widgets.HTML(layout=layout(flex="1 1 auto", margin="0 0 0 12px"))
         self.metrics = widgets.HTML()
         self.status = widgets.HTML(value=self._status_html("starting"))
+        self.details = widgets.HTML()  # the libraries' warnings and logs, collapsed (redrawn when one is added)
+        self._details_count = 0
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.header, self.stop_hint, self.stop_button], layout=layout(align_items="center")),
@@ -114,6 +121,7 @@ class LivePanel(Callback):
                 widgets.HBox([self.chart, self.stats], layout=layout(align_items="flex-start")),
                 self.metrics,
                 self.status,
+                self.details,
             ],
             layout=layout(border="1px solid #ddd", padding="6px 10px", width="100%"),
         )
@@ -122,25 +130,24 @@ class LivePanel(Callback):
         return self.widget._repr_mimebundle_(**kwargs)
 
     def show(self) -> None:
-        """Display the panel and reserve the output slot below it where the summary will go (idempotent)."""
+        """Display the panel in an output that the summary replaces when the run ends (idempotent)."""
         if self._shown:
             return
         self._shown = True
-        ipy_display.display(self.widget)
-        # Reserving the slot now, from the cell's thread, makes the summary land under the panel even when the
-        # run ends in a background thread while another cell is executing.
-        self._summary_handle = ipy_display.display(ipy_display.HTML(""), display_id=True)
+        # A display handle, taken now from the cell's thread, makes the summary replace the panel in this cell
+        # even when the run ends in a background thread while another cell is executing.
+        self._summary_handle = ipy_display.display(self.widget, display_id=True)
 
     def embed(self, summary: widgets.HTML | None = None) -> widgets.Widget:
         """The panel's widget, to place inside another widget (the `%peft_ui` form) instead of displaying it.
 
         Args:
-            summary: An HTML widget that receives the end-of-run summary; without it the summary is displayed in
-                whatever output is current when the run ends.
+            summary: An HTML widget that receives the end-of-run summary (the panel then hides); without it the
+                summary is displayed in whatever output is current when the run ends.
         """
         self._shown = True
         if summary is not None:
-            self._summary_handle = _HtmlSlot(summary)
+            self._summary_handle = _HtmlSlot(summary, hide=self.widget)
         return self.widget
 
     def _maybe_show(self) -> None:
@@ -280,6 +287,10 @@ class LivePanel(Callback):
             self.metrics.value = table + answers_html(self._eval_rows)  # eval.samples: grows with each evaluation
             self._metrics_dirty = False
         self.status.value = self._status_html(state.status, state)
+        details = getattr(state, "details", ())
+        if len(details) != self._details_count:
+            self._details_count = len(details)
+            self.details.value = details_html(details)
         if state.stop_reason is not None:
             self.progress.bar_style = {"completed": "success", "failed": "danger"}.get(state.stop_reason, "warning")
 
@@ -287,8 +298,11 @@ class LivePanel(Callback):
 class _HtmlSlot:
     """Stands in for a display handle (`update`) when the summary goes into an HTML widget."""
 
-    def __init__(self, widget: widgets.HTML):
+    def __init__(self, widget: widgets.HTML, hide: widgets.Widget | None = None):
         self.widget = widget
+        self.hide = hide
 
     def update(self, obj) -> None:
         self.widget.value = obj.data
+        if self.hide is not None:  # one copy of the result: the summary takes the finished panel's place
+            self.hide.layout.display = "none"

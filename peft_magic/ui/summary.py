@@ -106,6 +106,21 @@ def _is_rich(value: Any) -> bool:
     return callable(getattr(value, "_repr_html_", None))
 
 
+def details_html(details) -> str:
+    """The libraries' warnings and logs of a run, collapsed: ``▸ details: 3 library messages`` (plain HTML
+    ``<details>``, so it opens in every front end and in a saved notebook), or '' when there are none."""
+    details = list(details or ())
+    if not details:
+        return ""
+    noun = "message" if len(details) == 1 else "messages"
+    lines = "\n".join(escape(line) for line in details)
+    return (
+        '<details class="peft-details" style="font-size:12px;color:#666;margin-top:4px">'
+        f"<summary>details: {len(details)} library {noun} (transformers, peft, ...)</summary>"
+        f'<pre style="white-space:pre-wrap;max-height:240px;overflow:auto;margin:2px 0">{lines}</pre></details>'
+    )
+
+
 def summary_html(state, history: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> str:
     """Self-contained HTML summary of a finished (or failed) run.
 
@@ -157,5 +172,5 @@ def summary_html(state, history: Iterable[Mapping[str, Any]], extra: Mapping[str
         '<div style="display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start">'
         f'<img class="peft-curve" alt="loss curve" width="420" height="200" src="{svg_data_uri(svg)}"/>'
         f'<table style="{TABLE_STYLE}">{fact_rows}{extra_rows}</table></div>'
-        f"{metrics_block}</div>"
+        f"{metrics_block}{details_html(getattr(state, 'details', None))}</div>"
     )
