@@ -308,3 +308,40 @@ def test_too_little_room_is_refused_before_writing(run, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"not enough disk space for m.gguf: it needs .* GB and .* has 0.00 GB free"):
         write_merged_gguf(_merged(run), run.tokenizer, str(tmp_path / "m.gguf"), "f32")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("name", "weights", "output"), [("q4_k_m", "Q4_K", "Q6_K"), ("q5_k_m", "Q5_K", "Q6_K"),
+                                                         ("q6_k", "Q6_K", "Q6_K")])  # fmt: skip
+def test_k_quants_are_written_by_llama_cpps_quantizer(name, weights, output, tmp_path):
+    """With llama-cpp-python installed, the K-quants are accepted: an f16 file, then llama.cpp's quantizer (the
+    `_m` mixes keep attn_v, ffn_down and the output at Q6_K, as llama-quantize does); the result loads in llama.cpp
+    and scores text like the model (K-quant blocks are 256 wide, hence the wider model)."""
+    pytest.importorskip("llama_cpp")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_magic.gguf.merged import write_merged_gguf
+    from peft_magic.gguf.parity import LlamaCpp, notebook_loglik
+
+    tok = make_bpe_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6)  # logits far from uniform, so the log-likelihood sees the weights
+    path = write_merged_gguf(model, tok, str(tmp_path / "m.gguf"), name)
+    assert os.listdir(tmp_path) == ["m.gguf"]  # the f16 intermediate is gone
+    reader = gguf.GGUFReader(path)
+    assert gguf.LlamaFileType(reader.get_field("general.file_type").contents()).name == f"MOSTLY_{name.upper()}"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == weights
+    assert types["output.weight"] == types["blk.0.attn_v.weight"] == output and types["blk.0.attn_norm.weight"] == "F32"
+    ids = tok(TEXT)["input_ids"]
+    cpp = LlamaCpp(path, n_ctx=128)
+    try:
+        got = cpp.mean_loglik(ids[:3], ids[3:])
+    finally:
+        cpp.close()
+    want = notebook_loglik(model, ids[:3], ids[3:])
+    assert want < -7 and abs(got - want) < 0.1  # measured 0.02 (q4_k_m), 0.04 (q5_k_m), 0.001 (q6_k) per token

@@ -209,6 +209,17 @@ def test_form_export_button_writes_the_gguf(run, tmp_path):  # noqa: F811
     path = form.export(str(tmp_path / "f"))
     assert path and os.path.isfile(os.path.join(path, "run-q8_0.gguf"))
     assert "run-q8_0.gguf" in form.message.value and form.error.value == ""
+    # the button itself: the Export tab's folder, q4_0 and the adapter GGUF, the parity tables under the message
+    form.export_dir.value, form.export_gguf.value, form.export_gguf_adapter.value = str(tmp_path / "b"), "q4_0", True
+    form.export_button.click()
+    assert form.error.value == "" and {"run-q4_0.gguf", "run-adapter.gguf", "Modelfile.adapter"} <= set(os.listdir(tmp_path / "b"))
+    if HAS_LLAMA_CPP:  # the parity tables of both files, under the message
+        assert form.message.value.count("<b>GGUF parity</b>") == 2 and "run-q4_0.gguf" in form.message.value
+    else:
+        assert "parity check skipped: llama-cpp-python is not installed" in form.message.value
+    form.export_gguf.value, form.export_overwrite.value = "f16", False
+    form.export_button.click()  # the folder holds files now: refused in the form, nothing replaced
+    assert "already holds files" in form.error.value and not os.path.exists(tmp_path / "b" / "run-f16.gguf")
 
 
 # ---------------------------------------------------------------- the Hub, offline
@@ -279,6 +290,49 @@ def test_failed_upload_is_one_line_and_the_export_stays(run, tmp_path, monkeypat
     assert message.startswith("push_to_hub: the upload to me/tiny failed") and f"the export in '{target}' is intact" in message
     assert f"hf upload me/tiny {target}" in message
     assert "run-q8_0.gguf" in os.listdir(target) and run.last_export.folder == target
+
+
+class RefusingHub(FakeHub):
+    """A Hub that answers the upload with an HTTP error (its message echoing the token, as a careless proxy may)
+    or a dropped connection."""
+
+    def __init__(self, status):
+        super().__init__()
+        self.status = status
+
+    def upload_folder(self, **kw):
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError
+
+        request = httpx2.Request("POST", "https://huggingface.co/api/models/me/tiny/commit/main")
+        if self.status is None:
+            raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+        raise HfHubHTTPError(f"{self.status} Client Error for url {request.url} (Authorization: Bearer {FAKE_TOKEN})",
+                             response=httpx2.Response(self.status, request=request))  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "fix"), [
+    (401, "the token was refused: set HF_TOKEN to a write token"),
+    (403, "the token cannot write there: use a token with write access"),
+    (None, "check the network connection"),
+])  # fmt: skip
+def test_hub_refusals_are_one_line_with_the_fix_and_never_show_the_token(shell, run, tmp_path, monkeypatch,
+                                                                         capsys, status, fix):  # noqa: F811
+    from IPython.core.error import UsageError
+
+    from peft_magic.export import hub
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(hub, "push_folder", _with_api(hub.push_folder, RefusingHub(status)))
+    shell.user_ns["tuned"] = run
+    target = tmp_path / "exp"
+    with pytest.raises(UsageError) as err:
+        shell.run_line_magic("peft_export", f"tuned {target} --gguf q8_0 --no-parity --push-to-hub me/tiny")
+    message = str(err.value)
+    assert "\n" not in message and f"Fix: {fix}" in message and f"hf upload me/tiny {target}" in message
+    printed = capsys.readouterr()
+    assert FAKE_TOKEN not in message + printed.out + printed.err and FAKE_TOKEN.encode() not in _all_text(target)
+    assert {"run-q8_0.gguf", "Modelfile", "README.md"} <= set(os.listdir(target))  # the local export stays
 
 
 @pytest.mark.parametrize("repo_id", ["me/my model", "me/name/extra", "me/", "-me/x", "me/x--y", "me/x.git"])
