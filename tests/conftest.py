@@ -164,6 +164,7 @@ def shell(workdir):
         run.stop()
         run.wait(60)
     sh.reset(new_session=False)
+    sh.config.pop("PeftMagics", None)  # a `%config PeftMagics.display = ...` of this test ends with it
 
 
 def publishing_shell():
@@ -171,8 +172,12 @@ def publishing_shell():
     (for fixtures of tests that check what %peft_eval / %peft_compare show)."""
     from IPython.core.interactiveshell import InteractiveShell
 
+    from peft_magic.magics import PeftMagics
+
     sh = InteractiveShell.instance()
-    sh.extension_manager.load_extension("peft_magic")
+    # fresh magics, as `%load_ext peft_magic` registers them: the shell is a singleton, and an earlier test's
+    # magics (e.g. one set to display="panel") would otherwise still answer %peft_compare here
+    sh.register_magics(PeftMagics(sh))
     published = []
     original = sh.display_pub.publish
     sh.display_pub.publish = lambda data, metadata=None, **kw: published.append(data)
