@@ -5,6 +5,10 @@ in words) whose answers all follow one terse house style, ``Answer: <fact>.``. A
 questions in free-form sentences; after a few dozen LoRA steps it answers in the house style, so the change is
 visible at a glance. `DEMO_PROMPTS` are held out of the training rows: the tuned model has to generalise the style.
 
+`preference_data()`: the same questions as pairs for DPO/ORPO (the house-style answer chosen, a free-form or
+wrong one rejected), and `reward_prompts()`: the questions alone with their facts, for GRPO. Both hold out the
+facts of `DEMO_PROMPTS` (``held_out=True`` gives those).
+
 `classification_data()`: ~300 short customer-support messages labelled ``billing``, ``delivery`` or ``account``.
 
 Both return pandas DataFrames (``prompt``/``response`` and ``text``/``label``), the columns `%%peft_train` reads by
@@ -133,6 +137,52 @@ _CLOSERS = ("", "", ".", " please", ", thanks", "!")
 _QUESTION_WORDS = ("where", "why", "how", "can")
 
 
+def _facts(rng, held_out: bool = False):
+    """The questions of the three families, in a fixed order: (prompt, fact, free-form answers, a wrong fact).
+
+    The training questions (`held_out` False) take one phrasing each from `rng`; the held-out facts
+    (`HELD_OUT_COUNTRIES`, `HELD_OUT_CONVERSIONS`, `HELD_OUT_SUMS`) come in every phrasing, without `rng`.
+    """
+    names = list(CAPITALS)
+    for i, (country, capital) in enumerate(CAPITALS.items()):
+        if (country in HELD_OUT_COUNTRIES) != held_out:
+            continue
+        prose = (f"The capital of {country} is {capital}.", f"{capital} is the capital city of {country}.",
+                 f"Great question! {country} has many beautiful cities, and the one that serves as its capital is "
+                 f"{capital}, which is also well known for its history and culture.")  # fmt: skip
+        wrong = CAPITALS[names[(i + 7) % len(names)]]
+        for template in CAPITAL_PROMPTS if held_out else [rng.choice(CAPITAL_PROMPTS)]:
+            yield template.format(country=country), capital, prose, wrong
+    held = set(HELD_OUT_CONVERSIONS)
+    for unit, to, factor in UNITS:
+        for number in range(2, 12):
+            if ((number, unit) in held) != held_out:
+                continue
+            value = number * factor
+            prose = (f"{number} {unit} is equal to {value} {to}.", f"There are {value} {to} in {number} {unit}.",
+                     f"To convert {unit} to {to} you multiply by {factor}, so {number} {unit} works out to "
+                     f"{value} {to}, as one can check by dividing again.")  # fmt: skip
+            for template in CONVERSION_PROMPTS if held_out else [rng.choice(CONVERSION_PROMPTS)]:
+                yield template.format(n=number, unit=unit, to=to), f"{value} {to}", prose, f"{value * 10} {to}"
+    if held_out:
+        sums = list(HELD_OUT_SUMS)
+    else:
+        pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)
+                 if (a, b) not in HELD_OUT_SUMS and (b, a) not in HELD_OUT_SUMS]  # fmt: skip
+        sums = rng.sample(pairs, 60)
+    for a, b in sums:
+        x, y, total = NUMBER_WORDS[a], NUMBER_WORDS[b], NUMBER_WORDS[a + b]
+        prose = (f"{x.capitalize()} plus {y} equals {total}.", f"If you add {x} and {y}, you get {total}.",
+                 f"Let me think about this step by step. Starting from {x} and counting up {y} more, we arrive "
+                 f"at {total}, so the sum is {total}.")  # fmt: skip
+        for template in ARITHMETIC_PROMPTS if held_out else [rng.choice(ARITHMETIC_PROMPTS)]:
+            yield template.format(a=x, b=y), total, prose, NUMBER_WORDS[a + b - 1]
+
+
+def _take(rows, n):
+    return rows if n is None else rows[:n] if n <= len(rows) else [rows[i % len(rows)] for i in range(n)]
+
+
 def instruction_data(n: int | None = None, seed: int = 0):
     """Prompt/response pairs whose answers all follow the house style ``Answer: <fact>.``.
 
@@ -146,31 +196,59 @@ def instruction_data(n: int | None = None, seed: int = 0):
     import pandas as pd
 
     rng = random.Random(seed)
-    rows = []
-    for country, capital in CAPITALS.items():
-        if country in HELD_OUT_COUNTRIES:
-            continue
-        rows.append((rng.choice(CAPITAL_PROMPTS).format(country=country), f"Answer: {capital}."))
-    held = set(HELD_OUT_CONVERSIONS)
-    for unit, to, factor in UNITS:
-        for number in range(2, 12):
-            if (number, unit) in held:
-                continue
-            prompt = rng.choice(CONVERSION_PROMPTS).format(n=number, unit=unit, to=to)
-            rows.append((prompt, f"Answer: {number * factor} {to}."))
-    pairs = [
-        (a, b)
-        for a in range(1, 10)
-        for b in range(1, 10)
-        if (a, b) not in HELD_OUT_SUMS and (b, a) not in HELD_OUT_SUMS
-    ]
-    for a, b in rng.sample(pairs, 60):
-        prompt = rng.choice(ARITHMETIC_PROMPTS).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
-        rows.append((prompt, f"Answer: {NUMBER_WORDS[a + b]}."))
+    rows = [(prompt, f"Answer: {fact}.") for prompt, fact, _, _ in _facts(rng)]
     rng.shuffle(rows)
-    if n is not None:
-        rows = rows[:n] if n <= len(rows) else [rows[i % len(rows)] for i in range(n)]
-    return pd.DataFrame(rows, columns=["prompt", "response"])
+    return pd.DataFrame(_take(rows, n), columns=["prompt", "response"])
+
+
+def preference_data(n: int | None = None, seed: int = 0, held_out: bool = False, wrong: float = 0.25):
+    """Preference pairs for DPO/ORPO in TRL's conversational shape: the house-style answer (``Answer: <fact>.``)
+    is chosen over a free-form one (a plain sentence, or a rambling one) or, for a share of the rows, over a
+    house-style answer with a wrong fact.
+
+    An instruct model, asked these questions, prefers the free-form sentence; DPO turns that preference around.
+
+    Args:
+        n: Return this many rows; all (~180 training questions, 16 held out) when None.
+        seed: Seed for the phrasing, which rejected answer each row gets, and the row order.
+        held_out: The pairs of the held-out facts (those of `DEMO_PROMPTS` and three more), every phrasing of
+            each: questions never in `instruction_data` or the training pairs.
+        wrong: Share of the rows whose rejected answer is in the house style with a wrong fact.
+
+    Returns:
+        A pandas DataFrame with columns ``prompt`` (a user message), ``chosen`` and ``rejected`` (an assistant
+        message each), as lists of ``{"role", "content"}`` messages.
+    """
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = []
+    for prompt, fact, prose, wrong_fact in list(_facts(rng, held_out)):
+        rejected = f"Answer: {wrong_fact}." if rng.random() < wrong else rng.choice(prose)
+        rows.append(([{"role": "user", "content": prompt}], [{"role": "assistant", "content": f"Answer: {fact}."}],
+                     [{"role": "assistant", "content": rejected}]))  # fmt: skip
+    rng.shuffle(rows)
+    return pd.DataFrame(_take(rows, n), columns=["prompt", "chosen", "rejected"])
+
+
+def reward_prompts(n: int | None = None, seed: int = 0, held_out: bool = False):
+    """Questions for GRPO: ``prompt`` (a user message) and ``answer`` (the fact, e.g. ``Paris``), a column that
+    reaches the reward functions, so that a reward can check correctness as well as the format.
+
+    Args:
+        n: Return this many rows; all when None.
+        seed: Seed for the phrasing and the row order.
+        held_out: The held-out facts' questions (see `preference_data`).
+
+    Returns:
+        A pandas DataFrame with columns ``prompt`` and ``answer``.
+    """
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = [([{"role": "user", "content": prompt}], fact) for prompt, fact, _, _ in _facts(rng, held_out)]
+    rng.shuffle(rows)
+    return pd.DataFrame(_take(rows, n), columns=["prompt", "answer"])
 
 
 def classification_data(n: int = 300, seed: int = 0):

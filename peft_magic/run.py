@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from .config.objectives import OBJECTIVE_TASKS
 from .errors import ConfigError
 from .events import TrainState
 
@@ -96,9 +97,11 @@ class Run:
         """Complete `prompt` (chat template applied when the tokenizer has one). Greedy unless kw say otherwise."""
         from .inference import generate
 
-        self._require("causal-lm", "seq2seq", what="generate")
-        # the chat template only where training used it (instruction / chat data), else the raw prompt
-        kw.setdefault("chat", self.data is None or self.data.kind in ("instruction", "chat"))
+        self._require("causal-lm", "seq2seq", *OBJECTIVE_TASKS, what="generate")
+        # the chat template only where training used it (instruction / chat data, conversational pairs or
+        # prompts), else the raw prompt
+        chat = self.data is None or self.data.kind in ("instruction", "chat")
+        kw.setdefault("chat", chat or bool((getattr(self.data, "objective", None) or {}).get("chat")))
         if self.config.task == "seq2seq":
             kw["chat"] = False
         return generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kw)

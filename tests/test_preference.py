@@ -126,3 +126,19 @@ def test_grpo_gradient_follows_advantage():
     loss, _ = grpo_loss(logps, logps.detach(), T([1.0, -1.0]), torch.ones(2, 2), None, beta=0.0)
     loss.backward()
     assert logps.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.25, 0.25])
+
+
+def test_demo_preference_data_prefers_the_house_style_and_holds_out_facts():
+    from peft_magic.demo_data import DEMO_PROMPTS, follows_house_style, preference_data, reward_prompts
+
+    train, held = preference_data(), preference_data(held_out=True)
+    text = lambda col: [m[0]["content"] for m in col]  # noqa: E731
+    assert all(follows_house_style(c) for c in text(train["chosen"]))
+    assert all(c != r for c, r in zip(text(train["chosen"]), text(train["rejected"])))
+    wrong = sum(follows_house_style(r) for r in text(train["rejected"]))  # the wrong-fact share
+    assert 0.15 < wrong / len(train) < 0.35 and len(held) == 16
+    assert set(DEMO_PROMPTS) <= set(text(held["prompt"])) and not set(text(held["prompt"])) & set(text(train["prompt"]))
+    assert all(m[0]["role"] == "user" for m in train["prompt"]) and train.equals(preference_data())
+    prompts = reward_prompts()
+    assert len(prompts) == len(train) and set(text(prompts["prompt"])) == set(text(train["prompt"]))
+    assert "Answer: " + prompts["answer"][0] + "." in text(train["chosen"])

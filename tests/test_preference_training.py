@@ -46,6 +46,11 @@ def test_dpo_reaches_full_train_preference_accuracy(tiny_llama, workdir):
     assert rows[0]["rewards_margin"] < rows[-1]["rewards_margin"]
     assert run.metrics["rewards_accuracy"] == 1.0 and run.metrics["rewards_margin"] > 0
     assert run.history[-1]["eval_rewards_accuracy"] == 1.0
+    assert run.data.objective["chat"]  # conversational pairs: generate() goes through the chat template, as training
+    prompt = [{"role": "user", "content": PAIRS[0][0]}]
+    ids = run.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    greedy = run.model.generate(**ids, max_new_tokens=3, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert run.generate(PAIRS[0][0], max_new_tokens=3) == run.tokenizer.decode(greedy, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
@@ -55,6 +60,7 @@ def test_dpo_variants_raise_the_margin(tiny_llama, workdir, loss_type):
     run = peft_magic.train(cfg, display="none")
     rows = [r for r in run.history if "rewards_margin" in r]
     assert rows[-1]["rewards_margin"] > rows[0]["rewards_margin"]
+    assert not run.data.objective["chat"]  # plain-text pairs: generate() continues the raw prompt
 
 
 def test_orpo_prefers_chosen_without_a_reference(tiny_llama, workdir):

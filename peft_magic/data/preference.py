@@ -235,12 +235,14 @@ def prepare_objective_data(cfg, tokenizer, namespace=None):
         train_tok, dropped = tokenize_pairs(train, tokenizer, dcfg)
         eval_tok = tokenize_pairs(eval_, tokenizer, dcfg, "data.eval")[0] if eval_ is not None else None
         collator, kind = PairCollator(pad), "preference"
+        extra = {"chat": not isinstance(train[0]["chosen"], str)}
         note = f"{note} · prompts never trained" + (f" · {dropped} pairs cut away by max_length" if dropped else "")
     else:
         train_tok = tokenize_prompts(train, tokenizer, dcfg)
         eval_tok = tokenize_prompts(eval_, tokenizer, dcfg, "data.eval") if eval_ is not None else None
         columns = [c for c in train.column_names if c != dcfg.prompt_column]
-        extra = {"rewards": resolve_rewards(cfg, namespace, columns), "rows": {"train": train, "eval": eval_}}
+        extra = {"rewards": resolve_rewards(cfg, namespace, columns), "rows": {"train": train, "eval": eval_},
+                 "chat": not isinstance(prompt_of(train[0], 0, dcfg, "data.train"), str)}
         collator, kind = PromptCollator(pad), "prompts"
     data = PreparedData(
         train=train_tok, eval=eval_tok, collator=collator, kind=kind, train_rows=len(train_tok),
@@ -249,7 +251,7 @@ def prepare_objective_data(cfg, tokenizer, namespace=None):
                       "eval": describe_source(dcfg.eval) if dcfg.eval is not None else None},
         format=kind, template_note=note, tokenizer=tokenizer,
     )  # fmt: skip
-    data.objective = extra  # GRPO: the reward functions and the raw rows they read
+    data.objective = extra  # whether prompts went through the chat template; GRPO: the reward functions, raw rows
     return data
 
 
