@@ -501,6 +501,108 @@ def full_vs_peft() -> list:
     return cells
 
 
+# ---------------------------------------------------------------- 07 preferences and rewards
+
+REWARDS = """
+def starts_with_answer(prompts, completions, **columns):
+    return [1.0 if c.strip().startswith("Answer:") else 0.0 for c in completions]
+
+
+def is_correct(prompts, completions, answer, **columns):
+    return [1.0 if a.lower() in c.lower() else 0.0 for c, a in zip(completions, answer)]
+
+
+print(starts_with_answer(["?", "?"], ["Answer: Paris.", "It is Paris."]),
+      is_correct(["?", "?"], ["Answer: Paris.", "Lyon"], answer=["Paris", "Paris"]))
+
+# each question asks for the format: some samples follow it, most not yet (all zeros would teach nothing)
+questions = reward_prompts(hint=True)
+held_questions = reward_prompts(held_out=True, hint=True)
+questions.head(3)"""
+
+
+def preference_and_rewards() -> list:
+    cells = header(
+        "07_preference_and_rewards.ipynb",
+        "Preferences and rewards: DPO, then GRPO with reward functions written in the notebook",
+        "The quickstart's house style (`Answer: <fact>.`) taught two other ways. **DPO** learns from pairs: for "
+        "each question, the house-style answer is *chosen* over a free-form, rambling or wrong one. **GRPO** "
+        "learns from reward functions you write in a cell: the model samples a few answers per question, each is "
+        "scored, and the better-than-average ones are made more likely. Both on "
+        f"`{SMOLLM2}`, in peft_magic's own training loop: the live panel, Stop, resume and export work as for "
+        "supervised training. See `docs/preference.md`.",
+    )
+    cells += opening(f'''
+MODEL = "{SMOLLM2}"  # a hub id, a local folder or a .gguf file
+DPO_STEPS = 20  # optimizer steps of 4 pairs
+GRPO_STEPS = 16  # optimizer steps of 2 questions x 4 sampled answers
+USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
+    cells += [
+        md(
+            "## Preference pairs\n\nWritten by the project (`peft_magic.demo_data`), in TRL's conversational "
+            "shape: `prompt` (the user's message), `chosen` and `rejected` (an assistant message each); plain "
+            "strings work too. The questions of `held_out` (the quickstart's demo questions and a few more) are "
+            "never trained on."
+        ),
+        code("%load_ext peft_magic"),
+        code(
+            "from peft_magic.demo_data import DEMO_PROMPTS, preference_data, reward_prompts\n\n"
+            "pairs = preference_data()\nheld_out = preference_data(held_out=True)\n"
+            "print(len(pairs), 'pairs,', len(held_out), 'held out')\npairs.head(3)"
+        ),
+        code("%peft_model $MODEL"),
+        md(
+            "## DPO\n\nThe reference policy DPO measures against is the base model itself: with an adapter, "
+            "peft_magic turns the adapter off for the reference pass, so no second copy of the model is loaded. "
+            "The panel shows the loss, the implicit rewards of the chosen and rejected answers, their margin and "
+            "the preference accuracy (the share of pairs whose chosen answer gained more than the rejected one), "
+            "for training and for the held-out pairs."
+        ),
+        code("""
+%%peft_train prefs --set train.max_steps=$DPO_STEPS --set train.output_dir=$RUNS/dpo
+task: dpo
+method: {name: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
+data: {train: $pairs, eval: $held_out, max_length: 80}
+dpo: {beta: 0.1, loss_type: sigmoid}
+train: {learning_rate: 5.0e-4, per_device_train_batch_size: 4, logging_steps: 2, eval_steps: 10}"""),
+        md("`%peft_eval` on a preference run reports the preference accuracy and the mean margin."),
+        code("%peft_eval prefs"),
+        code("""
+for prompt in DEMO_PROMPTS:
+    print(f"{prompt:32} {prefs.generate(prompt, max_new_tokens=16)}")"""),
+        md(
+            "## GRPO with reward functions\n\nA reward function takes the prompts, the completions and, as "
+            "keyword arguments, the row's other columns (here `answer`), and returns one number per completion. "
+            "Try it on a few strings first: during training, a function that raises or returns the wrong thing "
+            "stops the run with one line naming it, and the last checkpoint is kept."
+        ),
+        code(REWARDS),
+        md(
+            "Each step samples `num_generations` answers per question with the current policy (seeded: a "
+            "resumed run samples the same ones), scores them, and makes the ones above their group's mean more "
+            "likely. The panel shows the mean reward per function and in total, the spread within groups, the "
+            "completion length, the KL to the base, and a table of recent samples with their rewards."
+        ),
+        code("""
+%%peft_train rl --set train.max_steps=$GRPO_STEPS --set train.output_dir=$RUNS/grpo
+task: grpo
+method: {name: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
+data: {train: $questions, max_length: 64}
+grpo: {rewards: [$starts_with_answer, $is_correct], num_generations: 4, max_new_tokens: 12, temperature: 1.0,
+       beta: 0.04, epsilon: 0.2}
+train: {learning_rate: 1.0e-3, per_device_train_batch_size: 2, logging_steps: 2}"""),
+        code("""
+import pandas as pd
+
+pd.DataFrame(rl.history)[["step", "reward", "reward_starts_with_answer", "reward_is_correct", "kl"]].dropna().tail()"""),
+        md("`%peft_eval` on a GRPO run answers the eval prompts greedily and reports the mean reward per function."),
+        code("%peft_eval rl --data $held_questions"),
+        md("## Export\n\nAs for any run: a peft adapter (`--merge` for a full model, `--gguf q8_0` for llama.cpp)."),
+        code("%peft_export rl $RUNS/grpo-adapter --overwrite"),
+    ]
+    return cells
+
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": quickstart,
     "02_text_classification.ipynb": classification,
@@ -508,6 +610,7 @@ NOTEBOOKS = {
     "04_compare_methods.ipynb": compare_methods,
     "05_widget_form.ipynb": widget_form,
     "06_full_vs_peft.ipynb": full_vs_peft,  # issue 9 (full fine-tuning, forgetting, data efficiency)
+    "07_preference_and_rewards.ipynb": preference_and_rewards,  # issue 14 (DPO, GRPO)
 }
 
 

@@ -231,7 +231,10 @@ def preference_data(n: int | None = None, seed: int = 0, held_out: bool = False,
     return pd.DataFrame(_take(rows, n), columns=["prompt", "chosen", "rejected"])
 
 
-def reward_prompts(n: int | None = None, seed: int = 0, held_out: bool = False):
+REPLY_FORMAT = "Start your reply with 'Answer:'."
+
+
+def reward_prompts(n: int | None = None, seed: int = 0, held_out: bool = False, hint: bool = False):
     """Questions for GRPO: ``prompt`` (a user message) and ``answer`` (the fact, e.g. ``Paris``), a column that
     reaches the reward functions, so that a reward can check correctness as well as the format.
 
@@ -239,6 +242,8 @@ def reward_prompts(n: int | None = None, seed: int = 0, held_out: bool = False):
         n: Return this many rows; all when None.
         seed: Seed for the phrasing and the row order.
         held_out: The held-out facts' questions (see `preference_data`).
+        hint: End each question with `REPLY_FORMAT`: the base model then starts some of its samples with
+            ``Answer:``, which a format reward needs to tell completions apart (all zeros teach nothing).
 
     Returns:
         A pandas DataFrame with columns ``prompt`` and ``answer``.
@@ -246,7 +251,8 @@ def reward_prompts(n: int | None = None, seed: int = 0, held_out: bool = False):
     import pandas as pd
 
     rng = random.Random(seed)
-    rows = [([{"role": "user", "content": prompt}], fact) for prompt, fact, _, _ in _facts(rng, held_out)]
+    tail = " " + REPLY_FORMAT if hint else ""
+    rows = [([{"role": "user", "content": prompt + tail}], fact) for prompt, fact, _, _ in _facts(rng, held_out)]
     rng.shuffle(rows)
     return pd.DataFrame(_take(rows, n), columns=["prompt", "answer"])
 

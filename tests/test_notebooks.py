@@ -321,3 +321,22 @@ def test_06_full_vs_peft_notebook(kernel, tmp_path, tiny_llama):
         assert column in table, table[:2000]
     assert "<svg" in texts(cell_with(nb, "tradeoff_svg"), "image/svg+xml")
     assert "<svg" in texts(cell_with(nb, "size_svg"), "image/svg+xml")
+
+
+def test_07_preference_and_rewards_notebook(kernel, tmp_path, tiny_llama):
+    from peft_magic.demo_data import DEMO_PROMPTS
+
+    nb = execute("07_preference_and_rewards.ipynb", {"MODEL": tiny_llama, "DPO_STEPS": 4, "GRPO_STEPS": 2}, tmp_path,
+                 kernel)  # fmt: skip
+    dpo = texts(cell_with(nb, "%%peft_train prefs"), "text/html")
+    assert SUMMARY in dpo and "completed 4/4 steps" in dpo and "eval preferences" in dpo, dpo[-2000:]
+    assert "rewards accuracy" in texts(cell_with(nb, "%peft_eval prefs"))
+    answers = texts(cell_with(nb, "prefs.generate("))
+    assert all(re.search(rf"^{re.escape(p)} +\S", answers, re.MULTILINE) for p in DEMO_PROMPTS), answers
+    assert texts(cell_with(nb, "def starts_with_answer")).startswith("[1.0, 0.0] [1.0, 0.0]")
+    grpo = texts(cell_with(nb, "%%peft_train rl"), "text/html")
+    assert SUMMARY in grpo and "completed 2/2 steps" in grpo and "starts_with_answer" in grpo, grpo[-2000:]
+    assert 'class="peft-samples"' in grpo  # the recent samples with their rewards stay in the saved summary
+    assert "reward_is_correct" in texts(cell_with(nb, "pd.DataFrame(rl.history)"), "text/html")
+    assert "reward starts with answer" in texts(cell_with(nb, "%peft_eval rl"))
+    assert_adapter(tmp_path / "peft_runs" / "grpo-adapter")
