@@ -131,7 +131,37 @@ def device_info() -> DeviceInfo:
         limit = int(torch.mps.recommended_max_memory()) if hasattr(torch.mps, "recommended_max_memory") else total
         used = int(torch.mps.driver_allocated_memory()) if hasattr(torch.mps, "driver_allocated_memory") else 0
         return DeviceInfo("mps", "Apple MPS", limit, max(0, min(free, limit - used)), bf16=False)
-    return DeviceInfo("cpu", _cpu_name(), total, free, bf16=False)
+    return DeviceInfo("cpu", _cpu_name(), total, free, bf16=cpu_bf16(cpu_flags()))
+
+
+# x86 instruction sets that compute in bfloat16 natively (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4
+# and later). torch's CPU autocast uses them through oneDNN; without them bf16 is emulated and slower than float32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# Tasks whose training loss under CPU bf16 autocast was measured to stay within 1% of float32
+# (tests/test_precision.py, docs/benchmarks.md). Preference objectives compare log-probabilities of two models
+# (differences of sums over whole answers), where bf16's 8-bit mantissa matters more: they keep float32 on `auto`.
+CPU_BF16_TASKS = ("causal-lm", "seq-cls", "token-cls")
+# Below this width bf16 autocast is slower than float32 on CPU: the casts around each matmul cost more than the
+# bf16 matmul saves (hidden 64: 0.84x; 128: 2.3x; 256: 2.9x for a stack of Linear layers, one thread, this
+# repository's benchmark machine). 256: where a whole model was measured faster (1.5x, docs/benchmarks.md).
+CPU_BF16_MIN_HIDDEN = 256
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16(flags) -> bool:
+    """Whether a CPU with these flags computes in bfloat16 natively (AVX-512 BF16 or AMX-BF16)."""
+    return any(f in flags for f in BF16_CPU_FLAGS)
 
 
 def ram() -> tuple:
@@ -192,23 +222,52 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def resolve_mixed_precision(setting: str, info: DeviceInfo) -> str:
+def resolve_mixed_precision(setting: str, info: DeviceInfo, task: str | None = None, model_config=None) -> str:
     """Turn `train.mixed_precision` into what accelerate accepts: "no", "fp16" or "bf16".
 
-    auto picks bf16 where the device supports it, fp16 on GPUs without bf16 (T4, P100, V100), and no on CPU and
-    MPS. An explicit choice the device cannot run raises a `ConfigError` naming the fix.
+    auto picks bf16 where the device supports it, fp16 on GPUs without bf16 (T4, P100, V100); on a CPU, bf16
+    autocast where it has native bf16 (`BF16_CPU_FLAGS`), the task is one of `CPU_BF16_TASKS` and the model's
+    hidden size is at least `CPU_BF16_MIN_HIDDEN`; float32 otherwise (MPS: float32). An explicit choice the device
+    cannot run raises a `ConfigError` naming the fix.
 
     Args:
         setting: "auto", "no", "fp16" or "bf16".
         info: The device, from `device_info()` or `known_device()`.
+        task: The run's task (`config.TASKS`); decides `auto` on a CPU.
+        model_config: The model's transformers config (its hidden size decides `auto` on a CPU); None: unknown,
+            taken as large enough.
     """
+    return precision_choice(setting, info, task, model_config)[0]
+
+
+def hidden_size(model_config) -> int | None:
+    """The width of the model's hidden states, whatever its config calls it (None when it says none)."""
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def precision_choice(setting: str, info: DeviceInfo, task: str | None = None, model_config=None) -> tuple[str, str]:
+    """`resolve_mixed_precision`'s answer and why, for the plan: ("bf16", "bf16 autocast · this CPU has ...")."""
     setting = str(setting).lower()
     if setting == "auto":
         if info.kind == "cuda":
-            return "bf16" if info.bf16 else "fp16"
-        return "no"
+            mode = "bf16" if info.bf16 else "fp16"
+            return mode, f"{mode} autocast · auto on {info.label}"
+        width = hidden_size(model_config) if model_config is not None else None
+        if not info.bf16 or info.kind != "cpu":
+            why = "no native bf16 on this device"
+        elif task not in CPU_BF16_TASKS:
+            why = f"bf16 autocast not measured for {task} on CPU"
+        elif width is not None and width < CPU_BF16_MIN_HIDDEN:
+            why = f"hidden size {width} < {CPU_BF16_MIN_HIDDEN}: casts cost more than bf16 saves"
+        else:
+            return "bf16", "bf16 autocast, float32 weights · auto: this CPU computes in bf16 (AVX-512 BF16/AMX)"
+        return "no", f"float32 · auto: {why}"
     if setting == "no":
-        return "no"
+        return "no", "float32 · mixed_precision: no"
     if setting == "bf16" and info.kind == "cuda" and not info.bf16:
         raise ConfigError(
             f"{info.label} has no bfloat16 support. Fix: `mixed_precision: fp16` (or auto).",
@@ -220,7 +279,7 @@ def resolve_mixed_precision(setting: str, info: DeviceInfo) -> str:
             key="train.mixed_precision",
         )
     if setting in ("fp16", "bf16"):
-        return setting
+        return setting, f"{setting} autocast · mixed_precision: {setting}"
     raise ConfigError(f"unknown value '{setting}'. Use auto, no, fp16 or bf16.", key="train.mixed_precision")
 
 

@@ -257,8 +257,9 @@ def estimate_for_config(
     if own is not None:  # a method with a memory model of its own (full: every parameter trains)
         return with_reference_pass(own(config, info, seq_len=seq_len), config, seq)
     params = {k: v for k, v in config.method.params.items() if k != "from"}
+    model_config = model_config if model_config is not None else load_config(config.model)
     return with_reference_pass(estimate_memory(
-        model_config if model_config is not None else load_config(config.model),
+        model_config,
         task="causal-lm" if config.task in OBJECTIVE_TASKS else config.task,
         quantization=config.model.quantization,
         dtype=resolve_dtype(config.model.dtype, info),
@@ -268,7 +269,7 @@ def estimate_for_config(
         batch_size=config.train.per_device_train_batch_size,
         seq_len=seq_len or config.data.max_length,
         gradient_checkpointing=config.train.gradient_checkpointing,
-        mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info),
+        mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info, config.task, model_config),
         device=info,
     ), config, seq)
 

@@ -221,7 +221,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("Seed for weights init, data order and dropout."))
     mixed_precision: str = field(
         default="auto",
-        metadata=_help("auto: bf16 where supported, fp16 on GPUs without bf16, no on CPU.", choices=MIXED_PRECISIONS),
+        metadata=_help("auto: bf16 where supported, fp16 on GPUs without bf16; on CPUs with native bf16 (AVX-512 BF16 "
+                       "or AMX) bf16 autocast for causal-lm and classifiers; otherwise no (float32).",
+                       choices=MIXED_PRECISIONS),
     )
     gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for activation memory."))
     logging_steps: int = field(default=10, metadata=_help("Log train loss every N steps."))

@@ -216,7 +216,7 @@ def estimate_full(model, cfg, info, seq_len: int | None = None):
         model.config, task=cfg.task, dtype=dtype, trainable_params=n, method="full", method_params=_ACTIVATIONS_AS,
         batch_size=cfg.train.per_device_train_batch_size, seq_len=seq_len or cfg.data.max_length,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info), device=info,
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info, cfg.task, model.config), device=info,
     )  # fmt: skip
     n = est.params or n  # preflight's count from its own meta model: a tied lm_head is counted once
     per = preflight.DTYPE_BYTES[dtype]
@@ -279,7 +279,7 @@ def _lora_need(model, cfg, info, seq):
             model.config, task=cfg.task, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
             method="lora", batch_size=cfg.train.per_device_train_batch_size, seq_len=seq,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
-            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info), device=info,
+            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info, cfg.task, model.config), device=info,
         ).total  # fmt: skip
     except Exception:  # noqa: BLE001 - only advice: an architecture peft cannot wrap on meta just loses the figure
         return None

@@ -20,7 +20,7 @@ from .schedule import plan_steps
 from .stopping import SigintAsStop, StopRequested, StopSignal
 
 
-def make_accelerator(cfg):
+def make_accelerator(cfg, model_config=None):
     """An Accelerator for this run (one per run: a notebook may change mixed precision between runs)."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
@@ -28,7 +28,7 @@ def make_accelerator(cfg):
 
     from ..devices import device_info, resolve_mixed_precision
 
-    mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info())
+    mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info(), cfg.task, model_config)
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()  # single process: safe to re-initialise with new settings
     return Accelerator(
@@ -155,7 +155,7 @@ class Loop:
 
         cfg, t, model = self.cfg, self.cfg.train, self.model
         set_seed(t.seed)
-        accelerator = self.accelerator = make_accelerator(cfg)
+        accelerator = self.accelerator = make_accelerator(cfg, getattr(model, "config", None))
         self.stop = StopSignal(self.stop_event, accelerator)  # with several processes, all ranks stop after the same step
         train_dl, eval_dl = make_loaders(self.data, cfg, accelerator)
         self.order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)

@@ -250,7 +250,8 @@ def attach(run, tokenizer, namespace, bus):
 
     probe = ForgettingProbe(run, tokenized(cfg, tokenizer, namespace), make_collator(tokenizer, "causal-lm"),
                             cfg.train.per_device_eval_batch_size,
-                            resolve_mixed_precision(cfg.train.mixed_precision, device_info()),
+                            resolve_mixed_precision(cfg.train.mixed_precision, device_info(), cfg.task,
+                                                    getattr(run.model, "config", None)),
                             cfg.data.forgetting)  # fmt: skip
     setattr(run, PROBE_ATTR, probe)
     bus.subscribers.insert(0, probe)
