@@ -67,12 +67,12 @@ def make_loaders(data, cfg, accelerator):
     t = cfg.train
     gen = torch.Generator().manual_seed(t.seed)
     from .packing import example_lengths
-    from .sampling import ShuffledLengthGroupedSampler, decide, longest_first
+    from .sampling import class_labels, decide, longest_first, train_sampler
 
     # packed batches have no padding, but take the batches padded ones would (the same training either way)
     lengths = example_lengths(data.train)
     group, data.grouping = decide(cfg, data.train, lengths)
-    sampler = ShuffledLengthGroupedSampler(lengths, t.per_device_train_batch_size, gen) if group else None
+    sampler = train_sampler(group, lengths, t.per_device_train_batch_size, gen, class_labels(cfg, data.train))
     collate = getattr(data, "train_collator", None) or data.collator  # packing collates training batches apart
     pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU can overlap the previous step
     train_dl = DataLoader(data.train.with_format("python"), batch_size=t.per_device_train_batch_size,
