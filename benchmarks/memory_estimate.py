@@ -38,11 +38,16 @@ ARCHS = {
     "llama-small": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
                     "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,
                     "max_position_embeddings": 512},
+    "smollm2": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                "max_position_embeddings": 512, "tie_word_embeddings": True},  # SmolLM2-135M's shape
     "bert-small": {"model_type": "bert", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                    "num_attention_heads": 4, "vocab_size": 8192, "max_position_embeddings": 512},
 }  # fmt: skip
 
-# (name, arch, task, quantization, batch, seq_len, gradient_checkpointing)
+# (name, arch, task, quantization, batch, seq_len, gradient_checkpointing[, loss]): loss "plain" (the model's own,
+# positions x vocab logits) unless "chunked" (training/chunked_loss.py, peft_magic's default for causal-lm; every
+# position trained, the estimate's upper bound)
 CONFIGS = [
     ("tiny lora b4 s128", "llama-tiny", "causal-lm", "none", 4, 128, False),
     ("tiny lora b16 s256", "llama-tiny", "causal-lm", "none", 16, 256, False),
@@ -57,6 +62,11 @@ CONFIGS = [
     ("bert seq-cls b16 s256", "bert-small", "seq-cls", "none", 16, 256, False),
     ("bert seq-cls 8bit b4 s128", "bert-small", "seq-cls", "8bit", 4, 128, False),
     ("bert seq-cls 4bit b16 s128 gc", "bert-small", "seq-cls", "4bit", 16, 128, True),
+    ("small lora b16 s128 chunked", "llama-small", "causal-lm", "none", 16, 128, False, "chunked"),
+    ("small lora b8 s256 gc chunked", "llama-small", "causal-lm", "none", 8, 256, True, "chunked"),
+    ("small 4bit b16 s256 chunked", "llama-small", "causal-lm", "4bit", 16, 256, False, "chunked"),
+    ("smollm2 lora b4 s256", "smollm2", "causal-lm", "none", 4, 256, False),
+    ("smollm2 lora b4 s256 chunked", "smollm2", "causal-lm", "none", 4, 256, False, "chunked"),
 ]
 STEPS = 2  # the first step allocates the optimizer states; the second shows the steady state
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -87,7 +97,8 @@ def _hwm() -> int:
     return 0
 
 
-def run_one(arch: str, task: str, quantization: str, batch: int, seq_len: int, gc: bool, device: str) -> dict:
+def run_one(arch: str, task: str, quantization: str, batch: int, seq_len: int, gc: bool, device: str,
+            loss: str = "plain") -> dict:
     """Train `STEPS` steps in this process and return its peak memory (bytes)."""
     import torch
     import transformers
@@ -119,6 +130,10 @@ def run_one(arch: str, task: str, quantization: str, batch: int, seq_len: int, g
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    if loss == "chunked":
+        from peft_magic.training.chunked_loss import ChunkedCausalLMLoss
+
+        chunked = ChunkedCausalLMLoss(model)
     vocab = config.vocab_size
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     reset = _hwm_reset() if device == "cpu" else False
@@ -130,8 +145,12 @@ def run_one(arch: str, task: str, quantization: str, batch: int, seq_len: int, g
         ids = torch.randint(0, vocab, (batch, seq_len), device=device)
         labels = ids if task == "causal-lm" else torch.randint(0, 2, (batch,), device=device)
         # Same shape as the engine's loop: the outputs (and their logits) stay alive through backward.
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-        out.loss.backward()
+        if loss == "chunked":
+            out = chunked(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+            out.backward()
+        else:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+            out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del out
@@ -147,13 +166,14 @@ def run_one(arch: str, task: str, quantization: str, batch: int, seq_len: int, g
     return result
 
 
-def estimate(arch: str, task: str, quantization: str, batch: int, seq_len: int, gc: bool, device: str):
+def estimate(arch: str, task: str, quantization: str, batch: int, seq_len: int, gc: bool, device: str,
+             loss: str = "plain"):
     from peft_magic.preflight import estimate_memory
 
     return estimate_memory(
         build_config(arch), task=task, quantization=quantization, dtype="float32" if device == "cpu" else "bfloat16",
         method="lora", method_params=dict(LORA), batch_size=batch, seq_len=seq_len, gradient_checkpointing=gc,
-        device=device,
+        device=device, loss=loss,
     )  # fmt: skip
 
 
@@ -172,10 +192,10 @@ def main(argv=None) -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for name, arch, task, quant, batch, seq, gc in CONFIGS:
+    for name, arch, task, quant, batch, seq, gc, *loss in CONFIGS:
         if args.only not in name:
             continue
-        spec = [arch, task, quant, batch, seq, gc, device]
+        spec = [arch, task, quant, batch, seq, gc, device, *loss]
         proc = subprocess.run(
             [sys.executable, __file__, "--child", json.dumps(spec)], check=False, capture_output=True, text=True
         )

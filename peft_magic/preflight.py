@@ -136,6 +136,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     mixed_precision: str = "no",
     device="cpu",
+    loss: str = "plain",
 ) -> MemoryEstimate:
     """Estimate the peak memory of training, from the model's config alone (no weights are loaded).
 
@@ -153,6 +154,9 @@ def estimate_memory(
         optimizer: "adamw" (default), "adamw_8bit", "sgd", ...
         mixed_precision: "no", "fp16" or "bf16": with autocast, activations are half precision.
         device: "cpu", "cuda", "mps" or a `DeviceInfo`.
+        loss: "plain" (the model's own loss: positions x vocabulary logits) or "chunked" (causal-lm with
+            `train.kernels: auto`: the output layer and loss over trained positions, a chunk of rows at a time;
+            every position is counted as trained, an upper bound).
     """
     inputs = dict(locals())
     kind = getattr(device, "kind", device)
@@ -172,8 +176,9 @@ def estimate_memory(
     gradients = 4 * n_trainable
     optim = OPTIMIZER_BYTES[optimizer] * n_trainable
     seq = seq_len + ad.virtual_tokens
+    chunked = loss == "chunked" and task == "causal-lm" and not ad.virtual_tokens  # as chunked_loss.loss_function
     activations, layers = _activation_bytes(an, ad, batch_size * seq, seq, act_b, kind, quantization,
-                                            gradient_checkpointing, mixed_precision, task)  # fmt: skip
+                                            gradient_checkpointing, mixed_precision, task, chunked)  # fmt: skip
     if kind == "cuda":
         runtime, slack = CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_SLACK * activations
     else:
@@ -231,6 +236,12 @@ def check_fit(estimate: MemoryEstimate, info, *, gradient_accumulation_steps: in
     )
 
 
+def loss_kind(config) -> str:
+    """How the run computes its loss, for `estimate_memory`: "chunked" (causal-lm, `train.kernels` not none) or
+    "plain"."""
+    return "chunked" if config.task == "causal-lm" and config.train.kernels != "none" else "plain"
+
+
 def estimate_for_config(
     config, info=None, *, model_config=None, trainable_params: int | None = None, seq_len: int | None = None
 ) -> MemoryEstimate:
@@ -271,6 +282,7 @@ def estimate_for_config(
         gradient_checkpointing=config.train.gradient_checkpointing,
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info, config.task, model_config),
         device=info,
+        loss=loss_kind(config),
     ), config, seq)
 
 
@@ -532,7 +544,8 @@ def _weight_bytes(an: _Anatomy, quantization: str, weight_b: int) -> int:
     return an.quantizable + 4 * an.quantizable_rows + rest
 
 
-def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpointing, mixed_precision, task):
+def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpointing, mixed_precision, task,
+                      chunked=False):
     """(bytes alive at the peak, bytes the layers would keep without checkpointing).
 
     Without checkpointing the peak is at the loss: every layer's saved tensors plus the logits and their gradients.
@@ -549,7 +562,16 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
         kept += stack.layers * (tokens * an.hidden * act_b if checkpointing else block)
     kept += tokens * an.hidden * 4  # the final norm's input
     loss_peak = held = 0
-    if task in ("causal-lm", "seq2seq") and an.vocab:
+    if chunked and an.vocab:
+        # training/chunked_loss.py: the gathered hidden states of the trained positions and their gradient (filled
+        # in the forward), then per chunk its float32 logits turned into softmax in place, and logsumexp's
+        # temporary of the same size (plus a cast back under autocast). No positions x vocab tensor is kept.
+        from .training.chunked_loss import CHUNK_ELEMENTS
+
+        rows = min(tokens, max(16, CHUNK_ELEMENTS // an.vocab))
+        loss_peak = 2 * tokens * an.hidden * act_b + rows * an.vocab * (4 + 4 + (act_b if act_b != 4 else 0))
+        held = 0
+    elif task in ("causal-lm", "seq2seq") and an.vocab:
         # logits (kept by the outputs), their fp32 copy for the loss (when not fp32 already), the log-softmax the
         # loss keeps, then in backward the gradients of the log-softmax and of the logits, alive together.
         held = tokens * an.vocab * act_b

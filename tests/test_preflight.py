@@ -246,7 +246,7 @@ def test_estimate_for_config_maps_the_config_keys(tmp_path):
     t4 = known_device("T4")
     est = estimate_for_config(cfg, t4)
     same = estimate_memory(config, dtype="float16", mixed_precision="fp16", method_params={"r": 4}, batch_size=2,
-                           seq_len=64, gradient_checkpointing=True, device=t4)  # fmt: skip
+                           seq_len=64, gradient_checkpointing=True, device=t4, loss="chunked")  # fmt: skip
     assert (est.device, est.total, est.trainable_params) == ("cuda", same.total, same.trainable_params)
     assert est.trainable_params < estimate_memory(config).trainable_params  # r=4 against the default r=8
 
@@ -273,3 +273,36 @@ def test_deepspeed_is_told_the_cpu_is_meant_only_on_a_machine_without_an_acceler
     monkeypatch.delenv("DS_ACCELERATOR")
     quiet_deepspeed()
     assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_the_chunked_loss_estimate_drops_the_logits():
+    """With `loss="chunked"` (causal-lm, `train.kernels: auto`) no positions x vocab tensor is counted: the
+    estimate falls by about the logits, their float32 copies and gradients."""
+    config = llama_config(vocab=32000, hidden=256, layers=2)
+    plain = estimate_memory(config, batch_size=8, seq_len=256)
+    chunked = estimate_memory(config, batch_size=8, seq_len=256, loss="chunked")
+    logits = 8 * 256 * 32000 * 4
+    assert plain.activations - chunked.activations > 3 * logits
+    assert chunked.total < 0.5 * plain.total
+    assert estimate_memory(config, task="seq-cls", loss="chunked").total == estimate_memory(config, task="seq-cls").total
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's per-process peak RSS reset")
+def test_the_chunked_loss_estimate_is_within_20_percent_of_a_measured_peak():
+    """A real LoRA training step with the chunked loss (benchmarks/memory_estimate.py's child, a fresh process):
+    the peak RSS of the training steps against the estimate."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = ["llama-small", "causal-lm", "none", 16, 128, False, "cpu", "chunked"]
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "memory_estimate.py"), "--child",
+                           json.dumps(spec)], capture_output=True, text=True, check=False, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})  # fmt: skip
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stderr[-2000:]
+    measured = json.loads(line[len("RESULT ") :])["train_peak"]
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    from memory_estimate import estimate
+
+    assert estimate(*spec).total == pytest.approx(measured, rel=0.2)

@@ -217,6 +217,7 @@ def estimate_full(model, cfg, info, seq_len: int | None = None):
         batch_size=cfg.train.per_device_train_batch_size, seq_len=seq_len or cfg.data.max_length,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info, cfg.task, model.config), device=info,
+        loss=preflight.loss_kind(cfg),
     )  # fmt: skip
     n = est.params or n  # preflight's count from its own meta model: a tied lm_head is counted once
     per = preflight.DTYPE_BYTES[dtype]
@@ -280,6 +281,7 @@ def _lora_need(model, cfg, info, seq):
             method="lora", batch_size=cfg.train.per_device_train_batch_size, seq_len=seq,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info, cfg.task, model.config), device=info,
+            loss=preflight.loss_kind(cfg),
         ).total  # fmt: skip
     except Exception:  # noqa: BLE001 - only advice: an architecture peft cannot wrap on meta just loses the figure
         return None

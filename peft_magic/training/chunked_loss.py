@@ -25,7 +25,7 @@ import inspect
 import warnings
 
 IGNORE_INDEX = -100
-_ELEMENTS = 1 << 25  # logits elements per chunk (128 MB in float32): 682 rows for SmolLM2's 49k vocab
+CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MB in float32): 682 rows for SmolLM2's 49k vocab
 _WARNED: set = set()
 
 
@@ -146,7 +146,7 @@ def _module_chunks(head, hidden, targets, chunk, scale, softcap):
 class ChunkedCausalLMLoss:
     """`loss(model, batch)`: the mean cross-entropy over trained tokens, without full logits (see module doc)."""
 
-    def __init__(self, model, accelerator=None, chunk_elements: int = _ELEMENTS):
+    def __init__(self, model, accelerator=None, chunk_elements: int = CHUNK_ELEMENTS):
         base = _unwrap(model)
         self.backbone = base.base_model
         self.head = base.get_output_embeddings()
