@@ -253,8 +253,8 @@ class TrainConfig:
     )  # fmt: skip
     group_by_length: str = field(
         default="auto",
-        metadata=_help("Batch examples of similar length (less padding), batches in random order. auto: when random "
-                       "batches would be >= 10% padding and, for classifiers, lengths do not differ by label.",
+        metadata=_help("Batch examples of similar length (less padding), batches in random order; a classifier's "
+                       "batches keep their labels mixed. auto: when random batches would be >= 10% padding.",
                        choices=GROUPINGS),
     )  # fmt: skip
     kernels: str = field(
