@@ -157,3 +157,24 @@ def test_training_run_logs_the_same_losses(tiny_llama, workdir):
         losses[kernels] = [r["loss"] for r in run.history if "loss" in r]
     assert losses["auto"][0] > losses["auto"][-1]
     assert losses["auto"] == pytest.approx(losses["none"], rel=1e-4)
+
+
+def test_under_accelerate_bf16_autocast_it_stays_chunked_and_matches_the_plain_loss():
+    """accelerate autocasts the model's forward only: the one-time check must compare its bf16 logits with ours
+    computed the same way (a float32 reference differs by bf16 rounding and used to switch the chunked loss off,
+    running a second forward on top of the first), and the loss must match the model's own under autocast."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        model = accelerator.prepare(lora(tiny()))
+        chunked = ChunkedCausalLMLoss(model, accelerator)
+        with torch.no_grad():
+            ours = chunked(model, batch())
+            plain = model(**batch()).loss
+        assert chunked.fallback is None and chunked.checked
+        assert ours.item() == pytest.approx(plain.item(), rel=2e-2)
+    finally:
+        AcceleratorState._reset_state()

@@ -21,12 +21,24 @@ gives 0 here, NaN there). Evaluation and generation keep `model(...).logits`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MB in float32): 682 rows for SmolLM2's 49k vocab
 _WARNED: set = set()
+
+
+def _autocasting(tensor) -> bool:
+    """Whether autocast to a 16-bit type is on for the device of `tensor` here."""
+    import torch
+
+    kind = tensor.device.type
+    try:
+        return torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4: per-device functions
+        return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
 
 
 def plain_loss(model, batch):
@@ -156,6 +168,9 @@ class ChunkedCausalLMLoss:
         self.checked = False
         self.fallback = None  # a reason once the one-time check failed
         self.name = type(base).__name__
+        # mixed precision: accelerate autocasts the model's forward only; the output layer here runs under the same
+        # autocast (bf16 matmuls, float32 loss, as the model's own loss does) and the check compares like with like
+        self.autocast = getattr(accelerator, "autocast", None) or contextlib.nullcontext
 
     def _fused(self) -> bool:
         import torch
@@ -182,31 +197,35 @@ class ChunkedCausalLMLoss:
             out = model(**inputs, logits_to_keep=1)
         finally:
             handle.remove()
-        hidden = captured[-1]
+        hidden = captured.pop()
         if not self.checked and not self._agrees(hidden[:, -1], out.logits[:, -1]):
             self.fallback = "its logits differ from the output layer's (the model transforms them in its own way)"
             _say_once(self.name, f"chunked loss off for {self.name}: {self.fallback}; using the plain loss.")
+            del out, hidden  # this forward's activations go before the plain loss's forward allocates its own
             return plain_loss(model, batch)
         self.checked = True
+        del out
         # position t predicts labels[t + 1]; the last position predicts nothing
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         n = keep.sum()
         selected = hidden[:, :-1][keep]
-        total = self._loss_sum(selected, targets[keep])
+        with self.autocast():
+            total = self._loss_sum(selected, targets[keep])
         return total / n.clamp(min=1).to(total.dtype)
 
     def _agrees(self, hidden_last, model_logits) -> bool:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             ours = self.head(hidden_last).float()
             if self.scale != 1.0:
                 ours = ours * self.scale
             if self.softcap:
                 ours = torch.tanh(ours / self.softcap) * self.softcap
             ref = model_logits.float()
-            tol = 1e-3 if hidden_last.dtype == torch.float32 and ref.dtype == torch.float32 else 3e-2
+            exact = hidden_last.dtype == torch.float32 and ref.dtype == torch.float32 and not _autocasting(hidden_last)
+            tol = 1e-3 if exact else 3e-2
             return bool(((ours - ref).norm() <= tol * ref.norm().clamp(min=1e-6)).item())
 
 
