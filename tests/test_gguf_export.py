@@ -150,6 +150,18 @@ def test_gguf_adapter_of_an_ia3_run_suggests_the_merged_gguf(bpe_llama, tmp_path
     assert os.path.isfile(os.path.join(path, "run-f16.gguf"))
 
 
+def test_gguf_without_the_gguf_package_is_refused_before_work(run, tmp_path, monkeypatch):  # noqa: F811
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    for kwargs in ({"gguf": "q8_0"}, {"gguf_adapter": True}):
+        with pytest.raises(ConfigError, match=r"GGUF export needs the gguf package, which is not installed. Fix: pip "
+                                              r"install gguf"):  # fmt: skip
+            run.export(str(tmp_path / "x"), display="none", **kwargs)
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_gguf_of_a_classifier_is_refused_before_work(tiny_bert, sentiment, tmp_path):
     cfg = {"model": tiny_bert, "task": "seq-cls", "method": {"name": "lora", "r": 2},
            "data": {"train": sentiment.head(16)}, "train": {"max_steps": 1, "output_dir": str(tmp_path / "o")}}  # fmt: skip

@@ -82,9 +82,11 @@ class ExportResult:
 def check_options(run, gguf=None, gguf_adapter=False, push_to_hub=None, private=False, parity=True,
                   prompts=None) -> ExportOptions:  # fmt: skip
     """Refuse, in one line and before anything is written, what cannot be exported."""
-    from ..gguf.quant import parse_quant
+    from ..gguf.quant import parse_quant, require_gguf
 
     opts = ExportOptions(adapter=bool(gguf_adapter), parity=parity, private=bool(private))
+    if gguf not in (None, False) or opts.adapter:
+        require_gguf()
     if gguf not in (None, False):
         opts.quant = parse_quant(gguf)
     if opts.any_gguf:

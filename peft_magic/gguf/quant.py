@@ -41,6 +41,13 @@ QUANTS = {
 }
 
 
+def require_gguf() -> None:
+    """The `gguf` package writes every GGUF file: refuse, before any work, when it is missing."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("GGUF export needs the gguf package, which is not installed. Fix: pip install gguf (or "
+                          "'peft-magic[gguf]'); it is pure Python, no compiler.", key="gguf")  # fmt: skip
+
+
 def k_quantizer_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
