@@ -66,9 +66,11 @@ def routed(record: list):
         _depth += 1
         outer = _depth == 1
     if not outer:
-        yield record
-        with _lock:
-            _depth -= 1
+        try:
+            yield record
+        finally:
+            with _lock:
+                _depth -= 1
         return
     _configure_library_loggers()
     shown = warnings.showwarning

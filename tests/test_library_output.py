@@ -61,3 +61,19 @@ def test_the_summary_keeps_the_details_collapsed():
     assert '<details class="peft-details"' in html and "<details class=\"peft-details\" open" not in html
     assert "details: 1 library message" in html and "&lt;b&gt;" in html
     assert details_html([]) == ""
+
+
+def test_a_nested_block_that_fails_leaves_the_next_run_routed():
+    import pytest
+    import transformers
+
+    from peft_magic.library_output import routed
+
+    with routed([]):
+        with pytest.raises(ValueError), routed([]):  # a comparison's variant failing inside a run
+            raise ValueError("variant failed")
+    record = []
+    with warnings.catch_warnings(record=True) as shown, routed(record):
+        warnings.simplefilter("always")
+        warnings.warn_explicit("routed again", FutureWarning, transformers.modeling_utils.__file__, 1)
+    assert record == ["FutureWarning: routed again (modeling_utils.py:1)"] and not shown
