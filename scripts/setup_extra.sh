@@ -5,8 +5,9 @@
 #   scripts/setup.sh --test runs this when it is present.
 set -euo pipefail
 PIP="python3 -m pip install -q --disable-pip-version-check"
-# jupyterlab_widgets is the JupyterLab side of ipywidgets 8 (core widgets only, no other extension needed).
-$PIP jupyterlab "ipywidgets>=8" jupyterlab_widgets playwright
+# jupyterlab_widgets is the JupyterLab side of ipywidgets 8 (core widgets only, no other extension needed); notebook
+# (Notebook 7) is the second front end the browser test drives.
+$PIP jupyterlab "notebook>=7" "ipywidgets>=8" jupyterlab_widgets playwright
 if [ ! -x /usr/bin/chromium ]; then
   SUDO=""
   if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi

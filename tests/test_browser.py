@@ -1,5 +1,6 @@
 """The live panel in a real browser: JupyterLab in headless Chromium runs a ``%%peft_train run --background`` cell on
-a tiny model, and the page's DOM shows the progress bar advancing, the loss chart drawn, and Stop stopping the run.
+a tiny model, and the page's DOM shows the progress bar advancing, the loss chart drawn, Stop stopping the run, and
+the finished run shown once (the panel gives way to the static summary).
 
 Needs JupyterLab and Playwright for Python (``scripts/setup_extra.sh``, run by ``scripts/setup.sh --test``) and
 Debian's ``chromium``: Playwright drives /usr/bin/chromium through ``executable_path`` (browser downloads are
@@ -74,10 +75,18 @@ def write_notebook(path: Path) -> None:
                                 "nbformat_minor": 5}))  # fmt: skip
 
 
-@pytest.fixture
-def lab(tmp_path, tiny_llama):
-    """A JupyterLab server on 127.0.0.1 (free port, no token, tmp root holding the notebook and the tiny model),
-    isolated from the user's Jupyter/IPython settings. Yields the notebook's URL."""
+FRONTENDS = {  # front end -> (server module, its app class for settings, the notebook's URL path)
+    "jupyterlab": ("jupyterlab", "LabApp", "lab/tree/panel.ipynb"),
+    "notebook7": ("notebook", "JupyterNotebookApp", "notebooks/panel.ipynb"),
+}
+
+
+@pytest.fixture(params=list(FRONTENDS))
+def lab(request, tmp_path, tiny_llama):
+    """A JupyterLab or Notebook 7 server on 127.0.0.1 (free port, no token, tmp root holding the notebook and the
+    tiny model), isolated from the user's Jupyter/IPython settings. Yields the notebook's URL."""
+    module, app, url_path = FRONTENDS[request.param]
+    pytest.importorskip(module)
     root, home = tmp_path / "root", tmp_path / "home"
     root.mkdir()
     shutil.copytree(tiny_llama, root / "tiny-llama")
@@ -95,10 +104,10 @@ def lab(tmp_path, tiny_llama):
            # search path (the venv's prefix, user and system folders) leaves out
            "JUPYTER_PATH": os.pathsep.join(filter(None, [os.path.join(sys.base_prefix, "share", "jupyter"),
                                                          os.environ.get("JUPYTER_PATH")]))}  # fmt: skip
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+    cmd = [sys.executable, "-m", module, "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
-           f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={home / 'settings'}",
-           f"--LabApp.workspaces_dir={home / 'workspaces'}", "--allow-root"]  # fmt: skip
+           f"--ServerApp.root_dir={root}", f"--{app}.user_settings_dir={home / 'settings'}",
+           f"--{app}.workspaces_dir={home / 'workspaces'}", "--allow-root"]  # fmt: skip
     log = open(tmp_path / "jupyterlab.log", "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -107,16 +116,16 @@ def lab(tmp_path, tiny_llama):
         while True:
             if server.poll() is not None:
                 pytest.fail(
-                    f"JupyterLab exited ({server.returncode}):\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}"
+                    f"{module} exited ({server.returncode}):\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}"
                 )
             try:
                 urllib.request.urlopen(f"{base}/api/status", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail("JupyterLab did not answer within 60 s")
+                    pytest.fail(f"{module} did not answer within 60 s")
                 time.sleep(0.3)
-        yield f"{base}/lab/tree/panel.ipynb"
+        yield f"{base}/{url_path}"
     finally:
         # The server and the kernel it started share this process group: end both.
         try:
@@ -158,12 +167,25 @@ def steps_done(panel) -> int:
     return int(match.group(1)) if match else -1
 
 
-def test_live_panel_in_jupyterlab(page):
+def wait_for_idle_kernel(page) -> None:
+    """The notebook's kernel has started and is idle (asked of the server, the same in every front end)."""
+    base = re.match(r"https?://[^/]+", page.url).group(0)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        kernels = json.load(urllib.request.urlopen(f"{base}/api/kernels", timeout=5))
+        if kernels and all(k["execution_state"] == "idle" for k in kernels):
+            return
+        time.sleep(0.5)
+    pytest.fail("the notebook's kernel did not become idle within 90 s")
+
+
+def test_live_panel_in_the_browser(page):
+    """In JupyterLab and in Notebook 7 (the same DOM classes: Notebook 7 is built from JupyterLab's parts)."""
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / ".gitignore").write_text("*\n")  # screenshots are test output, never committed from here
     page.wait_for_selector(".jp-Notebook .jp-Cell")
-    page.wait_for_function("document.querySelector('.jp-StatusBar-TextItem') && "
-                           "[...document.querySelectorAll('.jp-StatusBar-TextItem')].some(e => /Idle/.test(e.textContent))")  # fmt: skip
+    wait_for_idle_kernel(page)
+    time.sleep(1)  # the page connects to the idle kernel
     run_cell(page, 0)
     run_cell(page, 1)
     cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
@@ -188,13 +210,12 @@ def test_live_panel_in_jupyterlab(page):
         (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "img" / "panel.png")
 
-    # Stop: the run ends after its current step, and both the panel and the Run say so.
+    # Stop: the run ends after its current step, and both the cell and the Run say so.
     cell.get_by_role("button", name="Stop").click()
-    status = cell.get_by_text(re.compile(rf"status: stopped at step \d+/{STEPS}"))
-    status.wait_for(timeout=30_000)
-    stopped_at = int(re.search(r"stopped at step (\d+)/", status.inner_text()).group(1))
+    check_result_shown_once(cell)
+    status = cell.locator(".peft-magic-summary .peft-end")
+    stopped_at = int(re.search(rf"stopped at step (\d+)/{STEPS}", status.inner_text()).group(1))
     assert 0 < stopped_at < STEPS
-    cell.get_by_role("button", name="Stopped").wait_for(timeout=10_000)
     run_cell(page, 2)
     after = page.locator(".jp-Notebook .jp-Cell").nth(2).get_by_text(re.compile(r"status: stopped stopped \d+"))
     after.wait_for(timeout=30_000)
@@ -203,13 +224,28 @@ def test_live_panel_in_jupyterlab(page):
     check_form(page)
 
 
+def check_result_shown_once(cell) -> None:
+    """One copy of the result: the live panel gave way to the static summary in the same output (one curve, one
+    set of figures), and the libraries' messages, if any, sit collapsed inside it."""
+    cell.locator(".peft-magic-summary").wait_for(timeout=30_000)
+    page_text = cell.locator(".jp-OutputArea").first
+    assert cell.locator(".peft-magic-summary").count() == 1
+    assert cell.locator(".jp-OutputArea-output .widget-vbox").count() == 0  # the panel is gone
+    assert cell.locator("svg.peft-loss-chart").count() == 0 and cell.locator("img.peft-curve").count() == 1
+    assert page_text.inner_text().count("stopped at step") == 1
+    assert cell.locator("details.peft-details[open]").count() == 0  # collapsed when present
+    assert "Warning" not in cell.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")\
+        .all_inner_texts().__str__()  # fmt: skip
+
+
 def check_form(page) -> None:
     """`%peft_ui`: tabs in order, help as the tooltip, a bad value refused inline, and Copy as cell."""
     run_cell(page, 3)
     cell = page.locator(".jp-Notebook .jp-Cell").nth(3)
     tabs = cell.locator(".lm-TabBar-tab")
     tabs.first.wait_for(timeout=30_000)
-    assert [t.strip() for t in tabs.all_inner_texts()] == ["Model", "Method", "Data", "Training", "Export"]
+    assert [t.strip() for t in tabs.all_inner_texts()] == ["Model", "Method", "Data", "Training", "DPO", "ORPO",
+                                                          "GRPO", "Export"]  # fmt: skip
     cell.locator(".lm-TabBar-tab", has_text="Data").click()
     # The notebook's rows are offered by name (the label says what they are).
     cell.locator("select:visible").first.select_option(label="$rows · list of 64 dicts", timeout=10_000)
