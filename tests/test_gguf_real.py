@@ -46,6 +46,20 @@ def test_quickstart_model_runs_in_llama_cpp_like_in_the_notebook(quick, tmp_path
         assert all(r.same_prompt_tokens for r in report.rows)
     assert all(r.notebook.startswith("Answer:") for r in adapter.rows), adapter.text()  # the trained style
 
+    # the tokenizer round trip: the merged file's vocabulary, special tokens and chat template are the tokenizer's
+    import gguf
+
+    tok = quick.tokenizer
+    fields = gguf.GGUFReader(os.path.join(path, "quickstart-q8_0.gguf")).fields
+    vocab = tok.get_vocab()
+    assert fields["tokenizer.ggml.tokens"].contents() == sorted(vocab, key=vocab.get)
+    for key, want in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
+                      ("padding_token_id", tok.pad_token_id)):  # fmt: skip
+        assert fields[f"tokenizer.ggml.{key}"].contents() == want, key
+    assert fields["tokenizer.chat_template"].contents() == tok.chat_template
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert all(types[i] == gguf.TokenType.CONTROL for t, i in vocab.items() if t in ("<|im_start|>", "<|im_end|>"))
+
     # the adapter is what moves llama.cpp towards the training style: base file alone vs base + adapter
     base_file = os.path.join(quick.config.model.name_or_path, quick.config.model.gguf_file)
     rows = instruction_data(n=6, seed=1)
