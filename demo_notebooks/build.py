@@ -603,6 +603,106 @@ pd.DataFrame(rl.history)[["step", "reward", "reward_starts_with_answer", "reward
     return cells
 
 
+# ---------------------------------------------------------------- 08 data formats (issue 16)
+
+
+def data_formats() -> list:
+    cells = header(
+        "08_data_formats.ipynb",
+        "Data formats: ShareGPT, messages, alpaca, and seeing exactly what is trained",
+        "Public instruction datasets come in a handful of shapes: ShareGPT (`conversations` of `from`/`value`), "
+        "OpenAI/TRL `messages` (`role`/`content`), alpaca (`instruction`/`input`/`output`), TRL "
+        "prompt/completion. peft_magic detects the shape from the columns, renders conversations with the "
+        "tokenizer's chat template, and trains **every assistant turn** and nothing else. This notebook shows what "
+        "is trained before training, then trains with `eval.samples`: the model answers a few fixed held-out "
+        "questions at each evaluation, in a table that grows with the run.",
+    )
+    cells += opening(f'''
+MODEL = "{SMOLLM2}"  # a hub id, a local folder or a .gguf file
+STEPS = 30  # optimizer steps of 8 conversations
+USE_DRIVE = False  # Colab: keep outputs in Google Drive''')
+    cells += [
+        md(
+            "## A ShareGPT dataset\n\nThe demo questions (`peft_magic.demo_data`), two per conversation, with a "
+            "system turn: the shape of ShareGPT exports (`from`: `system`, `human`, `gpt`)."
+        ),
+        code("""
+%load_ext peft_magic
+from peft_magic.demo_data import instruction_data
+
+qa = instruction_data()
+SYSTEM = "You answer in one terse line."
+chats = [{"conversations": [{"from": "system", "value": SYSTEM},
+                            {"from": "human", "value": a.prompt}, {"from": "gpt", "value": a.response},
+                            {"from": "human", "value": b.prompt}, {"from": "gpt", "value": b.response}]}
+         for a, b in zip(qa[0::2].itertuples(), qa[1::2].itertuples())]
+print(len(chats), "conversations")
+chats[0]"""),
+        code("%peft_model $MODEL"),
+        md(
+            "## What will be trained?\n\n`--dry-run` loads nothing heavy. Besides the plan and the memory estimate "
+            "it says which format was detected (and how to pick another when two fit), which chat template renders "
+            "the conversations, the tokens per example, the share of tokens trained, how many rows `max_length` "
+            "cuts, and the first example with the trained text in `[[brackets]]`: both answers, never the system "
+            "turn or the questions."
+        ),
+        code("""
+%%peft_train chat --dry-run --set train.max_steps=$STEPS
+data: {train: $chats, eval: 0.1, max_length: 128}"""),
+        md(
+            "## Train, with sample answers at each evaluation\n\n`eval: {samples: 3}` generates greedy answers "
+            "(adapter on) to the first three held-out conversations, cut where their last answer begins, at each "
+            "evaluation. The panel shows them under the metrics as the run goes; the summary, `chat.history` and "
+            "the model card keep them. Training is the same with or without them."
+        ),
+        code("""
+%%peft_train chat --set train.max_steps=$STEPS --set train.output_dir=$RUNS/data_formats
+method: {name: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
+data: {train: $chats, eval: 0.1, max_length: 128}
+eval: {samples: 3, max_new_tokens: 24}
+train: {learning_rate: 2.0e-3, per_device_train_batch_size: 8, logging_steps: 5, eval_steps: 10}"""),
+        md(
+            "## Any example, from Python\n\n`run.data.preview(i)` (or a list or a range) is the same view as "
+            "`%peft_data NAME -i I`: highlighted text is in the loss, grey is context only, with each example's "
+            "token count and trained share."
+        ),
+        code("chat.data.preview(range(2))"),
+        code("%peft_data chat -i 2"),
+        md("The sample answers, as kept in the history (one list per evaluation):"),
+        code("""
+import pandas as pd
+
+pd.DataFrame([{"step": r["step"], **s} for r in chat.history for s in r.get("samples", [])])"""),
+        md(
+            "## Other shapes, same result\n\nThe same conversations as OpenAI `messages` and the same questions "
+            "as alpaca rows are detected without configuration (`data.format` picks one when two fit)."
+        ),
+        code("""
+import peft_magic
+
+ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+messages = [{"messages": [{"role": ROLES[t["from"]], "content": t["value"]} for t in c["conversations"]]}
+            for c in chats]
+alpaca = [{"instruction": r.prompt, "input": "", "output": r.response} for r in qa.itertuples()]
+for rows in (messages, alpaca):
+    plan = peft_magic.dry_run({"model": MODEL, "data": {"train": rows, "max_length": 128}})
+    print(plan.rows["format"])"""),
+        md(
+            "## Bad rows are one line naming the row and the fix\n\nA conversation that ends with a question has "
+            "no answer to learn:"
+        ),
+        code("""
+from peft_magic.errors import ConfigError
+
+bad = chats[:5] + [{"conversations": chats[0]["conversations"][:2]}]
+try:
+    peft_magic.dry_run({"model": MODEL, "data": {"train": bad}})
+except ConfigError as e:
+    print(e)"""),
+    ]
+    return cells
+
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": quickstart,
     "02_text_classification.ipynb": classification,
@@ -611,6 +711,7 @@ NOTEBOOKS = {
     "05_widget_form.ipynb": widget_form,
     "06_full_vs_peft.ipynb": full_vs_peft,  # issue 9 (full fine-tuning, forgetting, data efficiency)
     "07_preference_and_rewards.ipynb": preference_and_rewards,  # issue 14 (DPO, GRPO)
+    "08_data_formats.ipynb": data_formats,  # issue 16 (data shapes, what is trained, eval.samples)
 }
 
 

@@ -340,3 +340,21 @@ def test_07_preference_and_rewards_notebook(kernel, tmp_path, tiny_llama):
     assert "reward_is_correct" in texts(cell_with(nb, "pd.DataFrame(rl.history)"), "text/html")
     assert "reward starts with answer" in texts(cell_with(nb, "%peft_eval rl"))
     assert_adapter(tmp_path / "peft_runs" / "grpo-adapter")
+
+
+def test_08_data_formats_notebook(kernel, tmp_path, tiny_llama):
+    nb = execute("08_data_formats.ipynb", {"MODEL": tiny_llama, "STEPS": 4}, tmp_path, kernel)
+    plan = texts(cell_with(nb, "--dry-run"))
+    assert "sharegpt (conversations)" in plan, plan[-2000:]
+    assert "[[" in plan and "of tokens trained" in plan  # the first example, its answers bracketed
+    train = texts(cell_with(nb, "eval: {samples: 3"), "text/html")
+    assert SUMMARY in train and "sample answers (greedy)" in train
+    preview = texts(cell_with(nb, "chat.data.preview(range(2))"), "text/html")
+    assert preview.count("title='trained'") >= 4 and "example 1 · " in preview  # two answers in each of two
+    data = cell_with(nb, "%peft_data chat -i 2")
+    assert "example 2 · " in texts(data, "text/html") + texts(data)
+    table = texts(cell_with(nb, "pd.DataFrame([{"), "text/html")
+    assert table.count("</tr>") >= 1 + 3  # a header, then 3 prompts at each evaluation (here only the final one)
+    shapes = texts(cell_with(nb, "for rows in (messages, alpaca)"))
+    assert shapes.splitlines()[0].startswith("messages") and shapes.splitlines()[1].startswith("alpaca")
+    assert "row 5: the conversation ends with a user turn" in texts(cell_with(nb, "bad = chats[:5]"))
