@@ -97,7 +97,7 @@ def _plan(config, namespace, defaults, name, overrides) -> Plan:
         f"max_length {cfg.data.max_length} · ~{format_count(data.train_tokens)} tokens/epoch",
         "plan": f"{max_steps:,} steps ({format_epochs(max_steps / per_epoch)}) · batch {t.per_device_train_batch_size} x "
         f"accum {t.gradient_accumulation_steps} · lr {t.learning_rate:g} {t.lr_scheduler_type} · "
-        f"{_eval_schedule(t.eval_steps, max_steps, data.eval_rows)}output {t.output_dir}",
+        f"{_eval_schedule(t.eval_steps, max_steps, data.eval_rows, t.eval_samples)}output {t.output_dir}",
         "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
         "precision": precision_choice(t.mixed_precision, device_info(), cfg.task, getattr(model, "config", None))[1],
     }
@@ -114,13 +114,15 @@ def _plan(config, namespace, defaults, name, overrides) -> Plan:
     return plan
 
 
-def _eval_schedule(eval_steps, max_steps, eval_rows) -> str:
-    """``eval every 50 · `` only when there is an eval set and it comes before the end; the end always evaluates."""
+def _eval_schedule(eval_steps, max_steps, eval_rows, samples=0) -> str:
+    """``eval every 50 · `` only when there is an eval set and it comes before the end; the end always evaluates.
+    With `eval.samples`: ``eval every 50 and at the end, with 4 sample answers · ``."""
     if not eval_rows:
         return ""
+    answers = f", with {min(samples, eval_rows)} sample answers" if samples else ""
     if eval_steps and eval_steps < max_steps:
-        return f"eval every {eval_steps} and at the end · "
-    return "eval at the end · "
+        return f"eval every {eval_steps} and at the end{answers} · "
+    return f"eval at the end{answers} · "
 
 
 def _add_data_rows(plan, data) -> None:

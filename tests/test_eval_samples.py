@@ -115,3 +115,8 @@ def test_eval_section_spells_train_keys_and_keeps_forgetting():
     cfg = parse_config({"model": "m", "data": {"train": "x.csv", "eval": 0.1},
                         "eval": {"samples": 4, "max_new_tokens": 16, "forgetting": "default"}})  # fmt: skip
     assert (cfg.train.eval_samples, cfg.train.eval_max_new_tokens, cfg.data.forgetting) == (4, 16, "default")
+
+
+def test_the_dry_run_plan_says_how_many_answers_each_evaluation_generates(tiny_llama, tmp_path):
+    plan = peft_magic.dry_run(config(tiny_llama, tmp_path / "plan", samples=2))
+    assert "eval every 3 and at the end, with 2 sample answers · " in plan.rows["plan"]
