@@ -356,5 +356,6 @@ def test_08_data_formats_notebook(kernel, tmp_path, tiny_llama):
     table = texts(cell_with(nb, "pd.DataFrame([{"), "text/html")
     assert table.count("</tr>") >= 1 + 3  # a header, then 3 prompts at each evaluation (here only the final one)
     shapes = texts(cell_with(nb, "for rows in (messages, alpaca)"))
-    assert shapes.splitlines()[0].startswith("messages") and shapes.splitlines()[1].startswith("alpaca")
+    lines = [line for line in shapes.splitlines() if line.strip()]
+    assert lines[0].startswith("messages (messages)") and lines[1].startswith("alpaca (instruction, input, output)")
     assert "row 5: the conversation ends with a user turn" in texts(cell_with(nb, "bad = chats[:5]"))
