@@ -56,14 +56,19 @@ def test_export_writes_the_gguf_files_beside_the_adapter_with_a_card_listing_eac
     assert reports[0].max_ll_gap < 1e-3 and f"| {PROMPTS[0]} | {reports[0].rows[0].notebook} |" in card
 
 
-def test_default_parity_prompts_are_the_runs_held_out_prompts(bpe_llama, tmp_path):  # noqa: F811
+def test_default_parity_prompts_are_the_runs_held_out_prompts(bpe_llama, tmp_path, capfd):  # noqa: F811
+    import datasets
+
     from peft_magic.export.gguf_export import default_prompts
 
     rows = [{"prompt": f"say {w}", "response": w} for w in ("a", "b", "c", "d", "e", "f", "g", "h")]
     cfg = {"model": bpe_llama, "method": {"name": "lora", "r": 2, "target_modules": ["q_proj"]},
            "data": {"train": rows, "eval": 0.25}, "train": {"max_steps": 1, "output_dir": str(tmp_path / "o")}}  # fmt: skip
     tuned = peft_magic.train(cfg, display="none")
+    datasets.enable_progress_bars()
+    capfd.readouterr()
     prompts = default_prompts(tuned)
+    assert "Map" not in capfd.readouterr().err  # no datasets bar in the export's output
     trained = [tuned.tokenizer.decode(ex["input_ids"]) for ex in tuned.data.train]
     assert len(prompts) == 2 and set(prompts) <= {r["prompt"] for r in rows}
     assert not any(p + "<" in t or p + "\n" in t for p in prompts for t in trained)  # held out, never trained

@@ -166,6 +166,18 @@ def test_01_quickstart_notebook(kernel, tmp_path):
     assert len(tuned) == 3, answers
     assert all(t.startswith("Answer:") for t in tuned), answers  # the house style, on held-out questions
     assert_adapter(tmp_path / "peft_runs" / "quickstart-adapter")
+    gguf = cell_with(nb, "--gguf q8_0")  # the last cell: the GGUF file, checked against the notebook's model
+    assert texts(gguf).strip().endswith("(+ run-q8_0.gguf)"), texts(gguf)
+    assert {"run-q8_0.gguf", "Modelfile"} <= set(os.listdir(tmp_path / "peft_runs" / "quickstart-gguf"))
+    bars = [o for o in gguf.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(bars) == 1, bars  # the export's own progress bar, no library bar beside it
+    table = texts(gguf, "text/html")
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert "parity check skipped: llama-cpp-python is not installed" in table, table
+    else:
+        assert "<b>GGUF parity</b>: notebook model vs <code>run-q8_0.gguf</code>" in table, table
+        assert table.count("<td style='color:green'>yes</td>") == 3, table
+        assert "the GGUF answers like the notebook model: 3/3 greedy answers identical" in table, table
 
 
 @pytest.mark.real_model

@@ -172,13 +172,15 @@ def default_prompts(run, n: int = PARITY_PROMPTS, namespace=None) -> list[str]:
     """The first `n` user prompts of the run's eval data (its train data when it has none); [] when they cannot
     be read back (the parity check then asks for `prompts=`)."""
     from ..data.prepare import resolve, shape_rows
+    from ..models import quiet_loading
 
     dcfg = run.config.data
     try:
         held_out = isinstance(dcfg.eval, float)
         src = dcfg.train if dcfg.eval is None or held_out else dcfg.eval
-        ds = resolve(src, namespace, "data.eval")
-        ds, kind, _ = shape_rows(ds, dcfg, run.config.task, "data.eval")
+        with quiet_loading():  # no "Map: 100%" bar from datasets under the export's own bar
+            ds = resolve(src, namespace, "data.eval")
+            ds, kind, _ = shape_rows(ds, dcfg, run.config.task, "data.eval")
         if held_out:
             ds = ds.train_test_split(test_size=dcfg.eval, seed=run.config.train.seed)["test"]
     except (ConfigError, ValueError, KeyError, OSError, TypeError):
