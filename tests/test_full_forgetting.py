@@ -202,7 +202,7 @@ def test_forgetting_reads_the_source_it_is_given(tiny_llama, tokenizer, workdir)
     [
         ({"task": "seq-cls", "data": {"train": [{"text": "a", "label": 0}], "forgetting": "default"}},
          "data.forgetting", "no language-model head"),
-        ({"data": {"train": [{"text": "a"}]}, "eval": {"forgetting": "default", "steps": 3}}, "eval", "only"),
+        ({"data": {"train": [{"text": "a"}]}, "eval": {"forgetting": "default", "steps": 3}}, "eval", "takes `forgetting: SOURCE`"),
         ({"data": {"train": [{"text": "a"}]}, "eval": 0.1}, "eval", "data: \\{eval"),
         ({"data": {"train": [{"text": "a"}], "forgetting": " "}}, "data.forgetting", "empty"),
     ],

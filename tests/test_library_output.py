@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import pytest
 from conftest import lm_rows
 
 import peft_magic
@@ -28,7 +29,19 @@ class Noisy:
             warnings.warn("the user's own warning (test)")
 
 
-def test_library_messages_go_to_the_runs_details_not_the_terminal(tiny_llama, workdir, capfd):
+@pytest.fixture
+def library_verbosity():
+    """transformers' default verbosity (warning), whatever an earlier test or import left: a record below the
+    library's level is never emitted, so there would be nothing to route."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    yield
+    hf_logging.set_verbosity(previous)
+
+
+def test_library_messages_go_to_the_runs_details_not_the_terminal(tiny_llama, workdir, capfd, library_verbosity):
     cfg = {"model": tiny_llama, "method": {"name": "lora", "r": 2}, "data": {"train": lm_rows(24)},
            "train": {"max_steps": 4, "logging_steps": 1}}  # fmt: skip
     with warnings.catch_warnings(record=True) as shown:  # what Python would show
