@@ -192,14 +192,15 @@ class ForgettingProbe(Callback):
         dataset: The tokenized general text.
         collator: Pads its batches.
         batch_size: Rows per forward pass (``train.per_device_eval_batch_size``).
-        mixed_precision: Resolved mixed precision of the run (``no``, ``bf16``, ``fp16``).
+        mixed_precision: The run's ``train.mixed_precision`` setting; resolved (``no``, ``bf16``, ``fp16``) on the
+            loaded model as the training loop resolves it (``auto`` depends on the model's width on a CPU).
         source: The configured source, for descriptions.
     """
 
     def __init__(self, run, dataset, collator, batch_size, mixed_precision, source):
         self.run = run
         self.dataset, self.collator = dataset, collator
-        self.batch_size, self.mixed_precision = batch_size, mixed_precision
+        self.batch_size, self.setting = batch_size, mixed_precision
         self.source = source
         self.base: dict | None = None
         self.seconds = 0.0  # spent measuring at the end (compare leaves it out of the training time)
@@ -214,7 +215,11 @@ class ForgettingProbe(Callback):
         self.base = self._measure(model, predicts_first=False)
 
     def _measure(self, model, predicts_first):
-        return measure(model, self.dataset, self.collator, self.batch_size, self.mixed_precision, predicts_first)
+        from ..devices import device_info, resolve_mixed_precision
+
+        precision = resolve_mixed_precision(self.setting, device_info(), self.run.config.task,
+                                            getattr(model, "config", None))  # fmt: skip
+        return measure(model, self.dataset, self.collator, self.batch_size, precision, predicts_first)
 
     def on_train_end(self, state) -> None:
         model = self.run.model
@@ -246,12 +251,9 @@ def attach(run, tokenizer, namespace, bus):
     if cfg.data.forgetting is None or not is_main_process():  # under a launcher, rank 0 measures and reports
         return None
     from ..data.prepare import make_collator
-    from ..devices import device_info, resolve_mixed_precision
 
     probe = ForgettingProbe(run, tokenized(cfg, tokenizer, namespace), make_collator(tokenizer, "causal-lm"),
-                            cfg.train.per_device_eval_batch_size,
-                            resolve_mixed_precision(cfg.train.mixed_precision, device_info(), cfg.task,
-                                                    getattr(run.model, "config", None)),
+                            cfg.train.per_device_eval_batch_size, cfg.train.mixed_precision,
                             cfg.data.forgetting)  # fmt: skip
     setattr(run, PROBE_ATTR, probe)
     bus.subscribers.insert(0, probe)
