@@ -130,11 +130,30 @@ def load_tokenizer(mcfg):
     return tok
 
 
+_GGUF_CONFIGS: dict = {}  # (file, mtime, revision, trust_remote_code) -> config read from a GGUF file
+
+
 def load_config(mcfg):
+    """The model's transformers config. Read from a GGUF file (~10-20 s for SmolLM2's: transformers parses the
+    file) once per process and file version; each caller gets its own copy to change."""
+    import copy
+
     from transformers import AutoConfig
 
-    with quiet_loading():
-        return AutoConfig.from_pretrained(os.path.expanduser(mcfg.name_or_path), **_common_kwargs(mcfg))
+    def read():
+        with quiet_loading():
+            return AutoConfig.from_pretrained(os.path.expanduser(mcfg.name_or_path), **_common_kwargs(mcfg))
+
+    if not mcfg.gguf_file:
+        return read()
+    path = os.path.join(os.path.expanduser(mcfg.name_or_path), mcfg.gguf_file)
+    try:
+        key = (os.path.abspath(path), os.stat(path).st_mtime_ns, mcfg.revision, bool(mcfg.trust_remote_code))
+    except OSError:
+        return read()
+    if key not in _GGUF_CONFIGS:
+        _GGUF_CONFIGS[key] = read()
+    return copy.deepcopy(_GGUF_CONFIGS[key])
 
 
 def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pad_token_id=None):

