@@ -106,10 +106,12 @@ def _check_export_options(args) -> None:
                               ("--push-to-hub", args.push_to_hub)) if on]  # fmt: skip
     if wanted and not args.export:
         raise ConfigError(f"{wanted[0]} needs --export DIR (the folder the files go to).", key=wanted[0])
-    if args.gguf:
-        from .gguf.quant import parse_quant
+    if args.gguf or args.gguf_adapter:
+        from .gguf.quant import parse_quant, require_gguf
 
-        parse_quant(args.gguf)
+        require_gguf()
+        if args.gguf:
+            parse_quant(args.gguf)
     if args.push_to_hub:
         from .export.hub import check_push
 

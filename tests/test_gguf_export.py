@@ -206,7 +206,9 @@ def test_full_disk_mid_gguf_keeps_the_previous_export(run, tmp_path, monkeypatch
     assert sorted(os.listdir(target)) == before and os.listdir(tmp_path) == ["exp"]
 
 
-def test_cli_refuses_a_bad_quantization_before_training(tmp_path, capsys):
+def test_cli_refuses_a_bad_quantization_before_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
     from peft_magic.cli import main
 
     cfg = tmp_path / "c.yaml"
@@ -215,6 +217,32 @@ def test_cli_refuses_a_bad_quantization_before_training(tmp_path, capsys):
     assert "did you mean 'q8_0'?" in capsys.readouterr().err
     assert main(["train", str(cfg), "--gguf", "q8_0"]) == 2
     assert "--gguf needs --export DIR" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    assert main(["train", str(cfg), "--export", str(tmp_path / "e"), "--gguf-adapter"]) == 2
+    assert "GGUF export needs the gguf package, which is not installed. Fix: pip install gguf" in capsys.readouterr().err
+
+
+def test_cli_trains_and_writes_the_gguf_with_its_parity_table(bpe_llama, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from peft_magic.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_rows(16)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {bpe_llama}\nmethod: {{name: lora, r: 2, target_modules: all-linear}}\n"
+                   f"data: {{train: {data}}}\ntrain: {{max_steps: 2, output_dir: {tmp_path / 'out'}}}\n")  # fmt: skip
+    assert main(["train", str(cfg), "--export", str(tmp_path / "e"), "--gguf", "f16", "--gguf-adapter"]) == 0
+    out = capsys.readouterr().out
+    assert {"run-f16.gguf", "run-adapter.gguf", "base-f16.gguf", "Modelfile", "Modelfile.adapter"} <= set(
+        os.listdir(tmp_path / "e"))  # fmt: skip
+    assert f"exported to {tmp_path / 'e'}" in out
+    if HAS_LLAMA_CPP:
+        assert "parity: notebook model vs run-f16.gguf in llama.cpp (greedy)" in out
+        assert "parity: notebook model vs base-f16.gguf + run-adapter.gguf in llama.cpp (greedy)" in out
+    else:
+        assert "parity check skipped" in out
 
 
 def test_form_export_button_writes_the_gguf(run, tmp_path):  # noqa: F811
