@@ -132,6 +132,39 @@ def test_stop_and_resume_equal_an_uninterrupted_run(tiny_llama, workdir, task):
         [r["loss"] for r in resumed.history if "loss" in r][-1], rel=1e-5)
 
 
+@pytest.mark.parametrize("task", ["dpo", "grpo"])
+def test_stop_mid_run_and_resume_equal_an_uninterrupted_run(tiny_llama, workdir, task, monkeypatch):
+    from peft_magic import session
+    from peft_magic.run import Run
+
+    runs = []  # the Run that train() creates: Stop is asked of it, as the panel's button does
+
+    class Recorded(Run):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            runs.append(self)
+
+    class StopAtThree:
+        def on_step_end(self, state):
+            if state.step == 3:
+                runs[-1].stop()
+
+    monkeypatch.setattr(session, "Run", Recorded)
+    ns = {"says_good": says_good}
+    cfg = (lambda out: grpo_config(tiny_llama, out, steps=6) if task == "grpo" else pref_config(tiny_llama, out, steps=6))
+    whole = peft_magic.train(cfg(workdir / "a"), namespace=ns, display="none")
+    stopped = peft_magic.train(cfg(workdir / "b"), namespace=ns, display="none", callbacks=[StopAtThree()])
+    assert stopped.state.stop_reason == "stopped" and os.listdir(workdir / "b") == ["checkpoint-3"]
+    resumed = peft_magic.train(cfg(workdir / "b"), namespace=ns, display="none", resume=True)
+    assert resumed.state.step == 6 and resumed.state.stop_reason == "completed"
+    a, b = _weights(whole), _weights(resumed)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    key = "reward" if task == "grpo" else "rewards_margin"  # the same samples, the same figures
+    assert [r[key] for r in whole.history if key in r][-1] == pytest.approx(
+        [r[key] for r in resumed.history if key in r][-1], rel=1e-5)
+
+
 def broken(prompts, completions, **columns):
     raise ValueError("no score")
 
