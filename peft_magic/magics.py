@@ -298,7 +298,12 @@ def _describe_architecture(mcfg) -> str:
     try:
         config = models.load_config(mcfg)
         empty = models.build_empty(mcfg, "causal-lm" if models.is_decoder(config) else "seq-cls")
-    except (ValueError, KeyError, OSError):
+    except OSError as e:  # its config cannot be read or fetched: never "base model: ..." for a model not found
+        from .errors import ConfigError
+
+        raise ConfigError(f"'{mcfg.name_or_path}' cannot be read as a model ({str(e).splitlines()[0]}). Fix: check "
+                          "the hub id or the path.", key="model.name_or_path") from None  # fmt: skip
+    except (ValueError, KeyError):
         return ""
     name = (getattr(config, "architectures", None) or [type(empty).__name__])[0]
     return f" ({name}, {format_count(models.count_parameters(empty)[1])} params)"

@@ -221,3 +221,14 @@ def test_a_model_folder_with_a_generic_name_is_titled_with_its_parent(tmp_path, 
         "support-classifier/model"  # fmt: skip
     assert ModelConfig(name_or_path=tiny_llama).display_name == os.path.basename(tiny_llama)
     assert ModelConfig(name_or_path="org/model").display_name == "org/model"  # a hub id stays whole
+
+
+def test_peft_model_never_reports_a_model_it_cannot_read(shell, tmp_path):
+    from IPython.core.error import UsageError
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{ not json")
+    with pytest.raises(UsageError) as e:
+        shell.run_line_magic("peft_model", str(tmp_path / "broken"))
+    assert "cannot be read as a model" in str(e.value) and "\n" not in str(e.value)
+    assert shell.peft.default_model is None
