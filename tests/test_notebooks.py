@@ -350,7 +350,7 @@ def test_07_preference_and_rewards_notebook(kernel, tmp_path, tiny_llama):
     assert SUMMARY in grpo and "completed 2/2 steps" in grpo and "starts_with_answer" in grpo, grpo[-2000:]
     assert 'class="peft-samples"' in grpo  # the recent samples with their rewards stay in the saved summary
     assert "reward_is_correct" in texts(cell_with(nb, "pd.DataFrame(rl.history)"), "text/html")
-    assert "reward starts with answer" in texts(cell_with(nb, "%peft_eval rl"))
+    assert "reward starts_with_answer" in texts(cell_with(nb, "%peft_eval rl"))
     assert_adapter(tmp_path / "peft_runs" / "grpo-adapter")
 
 

@@ -124,6 +124,8 @@ def test_metric_names():
     assert metric_name("eval_f1") == "F1"
     assert metric_name("eval_loss") == "loss"
     assert metric_name("learning_rate") == "learning rate"
+    assert metric_name("eval_reward_starts_with_answer") == "reward starts_with_answer"  # as the function is named
+    assert metric_name("reward_std") == "reward std"
 
 
 def test_build_title():

@@ -183,8 +183,11 @@ def format_memory(memory: Mapping[str, float] | None) -> str:
 
 
 def metric_name(key: str) -> str:
-    """Display name of a log key: ``eval_accuracy`` -> ``accuracy``, ``eval_f1`` -> ``F1``."""
+    """Display name of a log key: ``eval_accuracy`` -> ``accuracy``, ``eval_f1`` -> ``F1``; a GRPO reward
+    function keeps the name it has in the notebook: ``reward_is_correct`` -> ``reward is_correct``."""
     name = key.removeprefix("eval_")
+    if name.startswith("reward_") and name != "reward_std":
+        return "reward " + name[len("reward_"):]
     return {"f1": "F1", "mse": "MSE", "mae": "MAE", "rmse": "RMSE"}.get(name, name.replace("_", " "))
 
 
