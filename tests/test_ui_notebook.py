@@ -73,7 +73,7 @@ def test_summary_is_saved_in_the_panel_cell_even_from_a_background_thread():
     assert any(summary == out.get("data", {}).get("text/html") for out in reloaded.cells[1].outputs)
 
 
-def test_a_run_leaves_only_the_summary_in_its_cell_and_the_libraries_messages_in_its_details(tiny_llama):
+def test_a_run_leaves_only_the_summary_in_its_cell_and_the_libraries_messages_in_its_details(tiny_llama, tmp_path):
     """A real run in a real kernel whose libraries warn, log and draw a bar from inside the loop: the cell ends
     with the summary alone, and the libraries' messages are in its collapsed details; the user's own warning
     still shows."""
@@ -102,7 +102,9 @@ def test_a_run_leaves_only_the_summary_in_its_cell_and_the_libraries_messages_in
     """
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(textwrap.dedent(src)) for src in (setup, train)]
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    # the kernel works in tmp_path, so the run's folder (nb-run) lands there, not in the repository
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (tmp_path / "nb-run").is_dir()
     outputs = nb.cells[1].outputs
     streams = "".join(out.get("text", "") for out in outputs if out["output_type"] == "stream")
     assert "FutureWarning" not in streams and "library log line" not in streams and "library bar" not in streams
