@@ -257,7 +257,8 @@ def infer_task(cfg, raw: dict) -> tuple[str, str] | None:
         return None  # loading the model says what is wrong with it, in its turn
     arch = (getattr(config, "architectures", None) or [config.model_type])[0]
     if not is_decoder(config) and not getattr(config, "is_encoder_decoder", False):
-        return "seq-cls", f"seq-cls, inferred: {arch} is an encoder (it does not generate text). Set `task:` to choose another"
+        return "seq-cls", (f"seq-cls, inferred: {arch} is an encoder (it does not generate text). Set `task:` to "
+                           "choose another")
     data = raw.get("data")
     if isinstance(data, dict) and "label_column" in data:
         raise ConfigError(f"data.label_column is set but no task is, and the default task, causal-lm, ignores labels. "

@@ -103,7 +103,8 @@ def test_a_run_leaves_only_the_summary_in_its_cell_and_the_libraries_messages_in
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(textwrap.dedent(src)) for src in (setup, train)]
     # the kernel works in tmp_path, so the run's folder (nb-run) lands there, not in the repository
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    resources = {"metadata": {"path": str(tmp_path)}}
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
     assert (tmp_path / "nb-run").is_dir()
     outputs = nb.cells[1].outputs
     streams = "".join(out.get("text", "") for out in outputs if out["output_type"] == "stream")
