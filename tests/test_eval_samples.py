@@ -120,3 +120,17 @@ def test_eval_section_spells_train_keys_and_keeps_forgetting():
 def test_the_dry_run_plan_says_how_many_answers_each_evaluation_generates(tiny_llama, tmp_path):
     plan = peft_magic.dry_run(config(tiny_llama, tmp_path / "plan", samples=2))
     assert "eval every 3 and at the end, with 2 sample answers · " in plan.rows["plan"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "gemma", "zephyr"])
+def test_the_shown_prompt_is_the_question_without_the_template_around_it(template):
+    from test_data_formats import SYSTEM, TWO_TURNS, word_tokenizer
+
+    from peft_magic.data import chat
+
+    tok = word_tokenizer()
+    tok.chat_template = chat.builtin(template, tok)
+    ids, labels, _ = chat.Encoder(tok).conversation(SYSTEM + TWO_TURNS)
+    [(prompt, shown)] = pick_prompts([{"input_ids": ids, "labels": labels}], tok, 1)
+    assert shown == "say no"  # not the system turn, the first exchange, role names or the generation prompt
+    assert tok.decode(ids[len(prompt):], skip_special_tokens=True).split()[:2] == ["no", "ok"]

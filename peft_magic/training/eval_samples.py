@@ -41,9 +41,53 @@ def pick_prompts(ds, tokenizer, n: int) -> list[tuple[list, str]]:
         cut = prompt_of(ids, labels)
         if cut is None:
             continue
-        shown = tokenizer.decode(ids[cut[0]:cut[1]], skip_special_tokens=True)
-        out.append((ids[: cut[1]], " ".join(shown.split())))
+        out.append((ids[: cut[1]], shown_prompt(tokenizer, ids[cut[0]:cut[1]])))
     return out
+
+
+def shown_prompt(tokenizer, ids) -> str:
+    """The prompt as the table shows it: the last user turn's text without the template around it (a default
+    system prompt, role headers, the generation prompt) when the chat template says where it sits; else the
+    context with special tokens dropped."""
+    inner = _user_content(tokenizer, list(ids))
+    return " ".join(tokenizer.decode(ids if inner is None else inner, skip_special_tokens=True).split())
+
+
+_PROBE = "peftmagicprobe"
+
+
+def _user_content(tokenizer, ids: list) -> list | None:
+    """The tokens of `ids` between the template's user header and its generation prompt, found by rendering a
+    probe message (matched as tokens: whitespace need not survive decoding); None without a template or when
+    `ids` does not hold them."""
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+    except Exception:  # noqa: BLE001 - no template, or one that refuses a lone user turn: show the plain text
+        return None
+    if not isinstance(rendered, str) or rendered.count(_PROBE) != 1:
+        return None
+    prefix, suffix = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in rendered.split(_PROBE))
+    # the longest end of the header found in ids: the user turn's start (a default system prompt may differ)
+    start = None
+    for k in range(len(prefix), 0, -1):
+        at = _last_index(ids, prefix[-k:])
+        if at is not None:
+            start = at + k
+            break
+    if start is None:
+        return None
+    inner = ids[start:]
+    if suffix and len(inner) > len(suffix) and inner[-len(suffix):] == suffix:  # the generation prompt
+        inner = inner[: -len(suffix)]
+    return inner or None
+
+
+def _last_index(seq: list, sub: list) -> int | None:
+    for i in range(len(seq) - len(sub), -1, -1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    return None
 
 
 class EvalSamples:
