@@ -30,7 +30,7 @@ cross-entropy over the answers of ``--eval-rows`` held-out rows, float32), and t
 any heavy import) to the end of the first optimizer step. Ratios are to ``trainer`` and ``trl-sft`` of the same
 run.
 
-    python benchmarks/sft_real.py                       # defaults: 12 steps x 8 rows, max_length 512
+    python benchmarks/sft_real.py                       # defaults: 4 steps x 8 rows, max_length 512 (~22 min)
     python benchmarks/sft_real.py --steps 6 --sides trainer,ours
     python benchmarks/sft_real.py --quant 4bit          # QLoRA: the base in bitsandbytes NF4 on every side
 """
