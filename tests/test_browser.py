@@ -199,6 +199,10 @@ def test_live_panel_in_the_browser(page):
     page.wait_for_function("""([el, w]) => parseFloat(el.style.width) > w""", arg=[progress.element_handle(), width],
                            timeout=60_000)  # fmt: skip
     assert float(progress.evaluate("el => parseFloat(el.style.width)")) > width
+    # the label is another widget's update: it may arrive a moment after the bar's width
+    deadline = time.monotonic() + 30
+    while steps_done(panel) <= step and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
     assert steps_done(panel) > step > 0
 
     # The loss chart: an SVG with the logged losses drawn in it, and the eval points once evaluations ran.

@@ -182,7 +182,7 @@ def test_01_quickstart_notebook(kernel, tmp_path):
 
 @pytest.mark.real_model
 def test_02_text_classification_notebook(kernel, tmp_path):
-    nb = execute("02_text_classification.ipynb", {"MODEL": minilm(), "STEPS": 30}, tmp_path, kernel)
+    nb = execute("02_text_classification.ipynb", {"MODEL": minilm(), "STEPS": 50}, tmp_path, kernel)
     assert SUMMARY in texts(cell_with(nb, "%%peft_train clf"), "text/html")
     evaluation = cell_with(nb, "%peft_eval clf")
     text = texts(evaluation)
