@@ -298,8 +298,6 @@ def quiet_loading(record: list | None = None):
     ds_bars = datasets.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
-    tqdm_env = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # bars made with plain tqdm (GGUF dequantization) read this
     datasets.disable_progress_bars()
     prev = logging.getLogger("bitsandbytes").level
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -311,10 +309,6 @@ def quiet_loading(record: list | None = None):
             record.extend(str(w.message) for w in caught)
     finally:
         tlog.set_verbosity(verbosity)
-        if tqdm_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_env
         if bars:
             tlog.enable_progress_bar()
         if ds_bars:

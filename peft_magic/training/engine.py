@@ -71,8 +71,9 @@ def make_loaders(data, cfg, accelerator):
 
     # packed batches have no padding, but take the batches padded ones would (the same training either way)
     lengths = example_lengths(data.train)
-    group, data.grouping = decide(cfg, data.train, lengths)
-    sampler = train_sampler(group, lengths, t.per_device_train_batch_size, gen, class_labels(cfg, data.train))
+    labels = class_labels(cfg, data.train)  # read once from the dataset: the decision and the sampler use them
+    group, data.grouping = decide(cfg, data.train, lengths, labels)
+    sampler = train_sampler(group, lengths, t.per_device_train_batch_size, gen, labels)
     collate = getattr(data, "train_collator", None) or data.collator  # packing collates training batches apart
     pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU can overlap the previous step
     train_dl = DataLoader(data.train.with_format("python"), batch_size=t.per_device_train_batch_size,

@@ -181,12 +181,12 @@ def class_labels(cfg, train):
     return train["labels"] if cfg.task == "seq-cls" and "labels" in train.column_names else None
 
 
-def decide(cfg, train, lengths=None) -> tuple[bool, str]:
-    """`grouping_decision` for a run: `train` is the tokenized training set (a `datasets.Dataset`), `lengths` its
-    example lengths when the caller already has them."""
+def decide(cfg, train, lengths=None, labels=None) -> tuple[bool, str]:
+    """`grouping_decision` for a run: `train` is the tokenized training set (a `datasets.Dataset`), `lengths` and
+    `labels` (`class_labels`) its example lengths and classes when the caller already has them."""
     from .packing import example_lengths
 
-    labels = class_labels(cfg, train)
+    labels = class_labels(cfg, train) if labels is None else labels
     lengths = example_lengths(train) if lengths is None else lengths
     t = cfg.train
     return grouping_decision(t.group_by_length, lengths, t.per_device_train_batch_size, labels, t.seed)
