@@ -170,13 +170,18 @@ def steps_done(panel) -> int:
 def wait_for_idle_kernel(page) -> None:
     """The notebook's kernel has started and is idle (asked of the server, the same in every front end)."""
     base = re.match(r"https?://[^/]+", page.url).group(0)
-    deadline = time.monotonic() + 90
+    deadline, last = time.monotonic() + 90, "no answer"
     while time.monotonic() < deadline:
-        kernels = json.load(urllib.request.urlopen(f"{base}/api/kernels", timeout=5))
+        try:
+            kernels = json.load(urllib.request.urlopen(f"{base}/api/kernels", timeout=5))
+        except OSError as err:  # HTTPError 500 included: Notebook 7's server answered one while the kernel started
+            last, kernels = repr(err), None
         if kernels and all(k["execution_state"] == "idle" for k in kernels):
             return
+        if kernels is not None:
+            last = f"kernels: {kernels}"
         time.sleep(0.5)
-    pytest.fail("the notebook's kernel did not become idle within 90 s")
+    pytest.fail(f"the notebook's kernel did not become idle within 90 s (last: {last})")
 
 
 def test_live_panel_in_the_browser(page):
