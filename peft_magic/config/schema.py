@@ -259,8 +259,9 @@ class TrainConfig:
     )  # fmt: skip
     kernels: str = field(
         default="auto",
-        metadata=_help("Causal-LM loss: auto/chunked computes the output layer and cross-entropy only at trained "
-                       "positions, in chunks (no positions x vocab logits); none: the model's own loss.",
+        metadata=_help("auto/chunked: the causal-LM loss's output layer and cross-entropy only at trained positions, "
+                       "in chunks (no positions x vocab logits); on CPU, LoRA dropout with a one-byte mask. none: "
+                       "the model's own loss and torch's dropout.",
                        choices=KERNELS),
     )  # fmt: skip
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
