@@ -189,6 +189,10 @@ def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pa
             raise
     if mcfg.gguf_file:
         _make_gguf_trainable(model)
+    if quantization == "4bit":
+        from .training.quantized_cpu import never_repack
+
+        never_repack(model)  # bitsandbytes' CPU inference repack would cut gradients and round the block scales
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model

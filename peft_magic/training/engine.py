@@ -121,23 +121,29 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         resume: A loaded checkpoint dict from `checkpoint.load`, or None.
         evaluate_fn: `evaluate_fn(model, eval_dl, accelerator) -> metrics dict` (required when there is eval data).
     """
+    from .quantized_cpu import hold_training_layout
+
     loop = Loop(model, cfg, data, method, state, bus, stop_event, history, checkpointer, resume, evaluate_fn)
-    loop.prepare()  # accelerator, loaders, steps, optimizer and schedule, objective
-    loop.begin()  # resume, time budget, on_train_begin
+    release = hold_training_layout(model)  # bitsandbytes' CPU inference repack would cut 4-bit layers' gradients
     try:
-        with SigintAsStop(stop_event):
-            loop.train()  # epochs of micro-batches until max_steps, a stop or the time budget
-        state.stop_reason = "completed"
-        loop.stop.close()
-    except StopRequested:
-        state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"
-        loop.stop.close()
-    except Exception as e:
-        state.stop_reason, state.status = "failed", "failed"
-        state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        bus.emit("on_train_end", state)
-        raise
-    return loop.finish()  # final checkpoint, last log row, final evaluation, on_train_end
+        loop.prepare()  # accelerator, loaders, steps, optimizer and schedule, objective
+        loop.begin()  # resume, time budget, on_train_begin
+        try:
+            with SigintAsStop(stop_event):
+                loop.train()  # epochs of micro-batches until max_steps, a stop or the time budget
+            state.stop_reason = "completed"
+            loop.stop.close()
+        except StopRequested:
+            state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"
+            loop.stop.close()
+        except Exception as e:
+            state.stop_reason, state.status = "failed", "failed"
+            state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            bus.emit("on_train_end", state)
+            raise
+        return loop.finish()  # final checkpoint, last log row, final evaluation, on_train_end
+    finally:
+        release()
 
 
 class Loop:

@@ -1,0 +1,63 @@
+"""4-bit layers on CPU during training: keep bitsandbytes' inference layout out of the run.
+
+bitsandbytes 0.50's `Linear4bit`, on a CPU with AVX-512 BF16, repacks its weight for a fast inference kernel the
+first time it runs in eval mode on an input without grad (an evaluation, `generate`, a no-grad check). The repack
+is permanent, and from then on every forward, training ones included, goes through `gemv_4bit`, which has no
+autograd formula: the gradient stops at each 4-bit layer (torch warns "an autograd kernel was not registered"),
+so every LoRA matrix below the last block trains on a wrong gradient. Measured on a tiny Llama: after one no-grad
+eval forward, LoRA gradients differed from the correct ones by 136% (tests/test_quantized_cpu.py).
+
+A model peft_magic loads never repacks (`never_repack`, at load): evaluation and `generate` take bitsandbytes'
+dequantizing path, the numerics training sees. For any other model, `hold_training_layout(model)` turns the repack
+off for the length of a run and undoes one that already happened, as well as the repack can be undone (its block
+scales were rounded to bfloat16; said once); the returned function turns it back on after the run.
+"""
+
+from __future__ import annotations
+
+
+def _unpack(weight):
+    from bitsandbytes import functional as bnb_f
+
+    data, state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    # the repack stored the block scales as bfloat16 [1, blocks]; the matmul wants float32 [blocks] (the rounding
+    # to bfloat16 itself cannot be undone: a model loaded by peft_magic never repacks, see `never_repack`)
+    state.absmax = state.absmax.float().reshape(-1)
+    weight.data, weight.quant_state = data, state
+
+
+def hold_training_layout(model):
+    """Keep `model`'s 4-bit CPU layers in their trainable layout; returns a function that lets them repack again."""
+    held, unpacked = [], False
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.device.type != "cpu":
+            continue
+        module.support_avx512bf16_for_cpu = False
+        held.append(module)
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            _unpack(weight)
+            unpacked = True
+    if unpacked:
+        import warnings
+
+        warnings.warn("bitsandbytes had repacked this model's 4-bit layers for CPU inference (an evaluation or "
+                      "generate before training), which cuts their gradients; they are unpacked for training, with "
+                      "block scales rounded to bfloat16 by the repack.", stacklevel=2)  # fmt: skip
+
+    def release():
+        for module in held:
+            module.support_avx512bf16_for_cpu = True
+
+    return release
+
+
+def never_repack(model) -> None:
+    """Load-time: `model`'s 4-bit CPU layers keep their trainable layout for good (their inference then takes
+    bitsandbytes' dequantizing path, the numerics training sees), so an evaluation or `generate` before training
+    can neither cut gradients nor round the block scales to bfloat16."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
