@@ -68,6 +68,7 @@ def assert_same(model, chunk_elements=VOCAB * 5):
     chunked = ChunkedCausalLMLoss(model, chunk_elements=chunk_elements)
     loss, grads = loss_and_grads(model, chunked)
     assert chunked.fallback is None and chunked.checked
+    assert chunked.causal_only is True  # the right-padded batch ran without its mask, and gave the same loss
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     for name, g in plain_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
@@ -105,6 +106,42 @@ def test_4bit_base():
         base = AutoModelForCausalLM.from_pretrained(d, quantization_config=q, device_map="cpu")
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert_same(lora(base))
+
+
+def masks_seen(model):
+    """The attention_mask each forward of the transformers model receives."""
+    seen = []
+    base = model.get_base_model()
+    base.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    return seen
+
+
+def test_right_padded_batch_runs_without_its_mask():
+    model = lora(tiny())
+    seen = masks_seen(model)
+    chunked = ChunkedCausalLMLoss(model)
+    chunked(model, batch())
+    assert seen[-1] is None and chunked.causal_only is True
+    left = batch()
+    left["attention_mask"] = left["attention_mask"].flip(1)  # left padding: the mask is needed
+    chunked(model, left)
+    assert seen[-1] is not None
+
+
+def test_model_whose_padding_is_not_inert_keeps_the_mask():
+    """Bidirectional attention: without the mask real positions would see the padding; the one-time check sees it
+    and the loss stays the model's own (with its mask)."""
+    model = lora(tiny())
+    for layer in model.get_base_model().model.layers:
+        layer.self_attn.is_causal = False
+    bidirectional = model.get_base_model().config
+    bidirectional.use_bidirectional_attention = True
+    seen = masks_seen(model)
+    plain = model(**batch()).loss
+    chunked = ChunkedCausalLMLoss(model)
+    loss = chunked(model, batch())
+    assert chunked.causal_only is False and seen[-1] is not None
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_model_with_unknown_logit_transform_falls_back():

@@ -15,7 +15,8 @@ logits exist at once. The gradient flows through the gathered hidden states.
   `final_logit_softcapping`) are applied. Whatever else a model does to its logits is caught by a one-time check:
   the last position's logits computed here must equal the model's own; if not, the plain loss is used (said once).
 
-The loss is the mean over trained tokens, as transformers' `ForCausalLMLoss` (a batch with no trained token
+Right-padded batches run without their padding mask (the causal kernel alone; checked once per run, see
+`_drop_mask`). The loss is the mean over trained tokens, as transformers' `ForCausalLMLoss` (a batch with no trained token
 gives 0 here, NaN there). Evaluation and generation keep `model(...).logits`.
 """
 
@@ -39,6 +40,24 @@ def _autocasting(tensor) -> bool:
         return torch.is_autocast_enabled(kind)
     except TypeError:  # torch < 2.4: per-device functions
         return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
+
+
+def _autocast_dtype(tensor):
+    """The 16-bit type autocast casts to on the device of `tensor` here, or None when autocast is off."""
+    import torch
+
+    if not _autocasting(tensor):
+        return None
+    kind = tensor.device.type
+    try:
+        return torch.get_autocast_dtype(kind)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if kind == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def _right_padded(mask) -> bool:
+    """Every row of the attention mask is real tokens first, then padding (and starts with a real token)."""
+    return mask.dim() == 2 and bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def plain_loss(model, batch):
@@ -103,11 +122,14 @@ class _FrozenHeadCE:
             def forward(ctx, h):
                 need = h.requires_grad
                 grad = torch.empty_like(h) if need else None
-                w = weight.to(h.dtype)
-                b = bias.to(h.dtype) if bias is not None else None
+                # under autocast, the output layer's weight is cast once per step here, not once per chunk (28M
+                # elements for SmolLM2's tied embeddings); the matmuls are the same bf16 ones autocast would run
+                dt = _autocast_dtype(h) or h.dtype
+                w = weight.to(dt)
+                b = bias.to(dt) if bias is not None else None
                 total = torch.zeros((), dtype=torch.float32, device=h.device)
                 for s in range(0, h.shape[0], chunk):
-                    z = torch.nn.functional.linear(h[s : s + chunk], w, b).float()
+                    z = torch.nn.functional.linear(h[s : s + chunk].to(dt), w, b).float()
                     tgt = targets[s : s + chunk, None]
                     if scale != 1.0:
                         z.mul_(scale)
@@ -123,7 +145,7 @@ class _FrozenHeadCE:
                             g.mul_(1 - t * t)
                         if scale != 1.0:
                             g.mul_(scale)
-                        grad[s : s + chunk] = g.to(h.dtype) @ w
+                        grad[s : s + chunk] = g.to(dt) @ w
                 ctx.save_for_backward(grad)
                 return total
 
@@ -167,6 +189,7 @@ class ChunkedCausalLMLoss:
         self.chunk = max(16, chunk_elements // vocab)
         self.checked = False
         self.fallback = None  # a reason once the one-time check failed
+        self.causal_only = None  # right-padded batches run without the padding mask (checked once, see _drop_mask)
         self.name = type(base).__name__
         # mixed precision: accelerate autocasts the model's forward only; the output layer here runs under the same
         # autocast (bf16 matmuls, float32 loss, as the model's own loss does) and the check compares like with like
@@ -191,6 +214,7 @@ class ChunkedCausalLMLoss:
             return plain_loss(model, batch)
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        self._drop_mask(model, inputs)
         captured = []
         handle = self.backbone.register_forward_hook(lambda m, a, out: captured.append(out[0]))
         try:
@@ -213,6 +237,56 @@ class ChunkedCausalLMLoss:
         with self.autocast():
             total = self._loss_sum(selected, targets[keep])
         return total / n.clamp(min=1).to(total.dtype)
+
+    def _drop_mask(self, model, inputs) -> None:
+        """Right-padded rows of a causal model need no padding mask: a real position attends only to earlier
+        positions, all real, and padding (after them) is never trained. Without the mask, attention runs its
+        causal kernel (on CPU, sdpa's flash kernel is ~25% faster causal than with a mask) and no mask is built.
+        Checked once per run on a batch with padding, in float32 and eval mode: the most padded row's hidden
+        states batched without the mask must equal the row alone, unpadded; a model whose padding is not inert
+        (bidirectional attention, positions from the mask) keeps the mask."""
+        mask = inputs.get("attention_mask")
+        if mask is None or self.causal_only is False or "position_ids" in inputs or not _right_padded(mask):
+            return
+        if bool(mask.all()):  # no padding: nothing for the mask to hide
+            del inputs["attention_mask"]
+            return
+        if self.causal_only is None:
+            self.causal_only = self._padding_is_inert(model, inputs)
+            if not self.causal_only:
+                return
+        del inputs["attention_mask"]
+
+    def _padding_is_inert(self, model, inputs) -> bool:
+        import torch
+
+        mask = inputs["attention_mask"]
+        lengths = mask.sum(1)
+        short, long = int(lengths.argmin()), int(lengths.argmax())
+        n = int(lengths[short])
+        rows = {k: v[[short, long]] for k, v in inputs.items() if k != "attention_mask" and torch.is_tensor(v)
+                and v.dim() >= 1 and v.shape[0] == mask.shape[0]}  # fmt: skip
+        alone = {k: v[:1, :n] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v[:1] for k, v in rows.items()}
+        # the transformers model itself: no accelerate autocast wrapper (float32 compares sharply), no DDP hooks
+        from .quantized_cpu import hold_training_layout
+
+        base = _unwrap(model)
+        captured = []
+        handle = self.backbone.register_forward_hook(lambda m, a, out: captured.append(out[0].float()))
+        was_training = base.training
+        release = hold_training_layout(base)  # an eval forward must not repack 4-bit CPU layers (see there)
+        base.eval()
+        try:
+            with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
+                base(**rows, logits_to_keep=1)
+                base(**alone, logits_to_keep=1)
+        finally:
+            handle.remove()
+            base.train(was_training)
+            release()
+        batched, single = captured[0][0, :n], captured[1][0]
+        tol = 1e-3 if single.dtype == torch.float32 and self.head.weight.dtype == torch.float32 else 3e-2
+        return bool(((batched - single).norm() <= tol * single.norm().clamp(min=1e-6)).item())
 
     def _agrees(self, hidden_last, model_logits) -> bool:
         import torch
