@@ -137,6 +137,7 @@ def estimate_memory(
     mixed_precision: str = "no",
     device="cpu",
     loss: str = "plain",
+    kernels: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of training, from the model's config alone (no weights are loaded).
 
@@ -157,6 +158,7 @@ def estimate_memory(
         loss: "plain" (the model's own loss: positions x vocabulary logits) or "chunked" (causal-lm with
             `train.kernels: auto`: the output layer and loss over trained positions, a chunk of rows at a time;
             every position is counted as trained, an upper bound).
+        kernels: `train.kernels` is not none: on CPU, LoRA dropout keeps a one-byte mask (training/dropout.py).
     """
     inputs = dict(locals())
     kind = getattr(device, "kind", device)
@@ -178,7 +180,7 @@ def estimate_memory(
     seq = seq_len + ad.virtual_tokens
     chunked = loss == "chunked" and task == "causal-lm" and not ad.virtual_tokens  # as chunked_loss.loss_function
     activations, layers = _activation_bytes(an, ad, batch_size * seq, seq, act_b, kind, quantization,
-                                            gradient_checkpointing, mixed_precision, task, chunked)  # fmt: skip
+                                            gradient_checkpointing, mixed_precision, task, chunked, kernels)  # fmt: skip
     if kind == "cuda":
         runtime, slack = CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_SLACK * activations
     else:
@@ -283,6 +285,7 @@ def estimate_for_config(
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info, config.task, model_config),
         device=info,
         loss=loss_kind(config),
+        kernels=config.train.kernels != "none",
     ), config, seq)
 
 
@@ -545,7 +548,7 @@ def _weight_bytes(an: _Anatomy, quantization: str, weight_b: int) -> int:
 
 
 def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpointing, mixed_precision, task,
-                      chunked=False):
+                      chunked=False, kernels=False):
     """(bytes alive at the peak, bytes the layers would keep without checkpointing).
 
     Without checkpointing the peak is at the loss: every layer's saved tensors plus the logits and their gradients.
@@ -554,9 +557,11 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     """
     # On CUDA dropout keeps a bool mask; on CPU torch multiplies by a float noise tensor and keeps that.
     mask_b = act_b if kind == "cpu" else 1
+    lora_mask_b = 1 if kernels else mask_b  # training/dropout.py's one-byte mask for LoRA's dropout
     kept, layers, largest_block = 0, 0, 0
     for stack in an.stacks:
-        block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision)
+        block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision,
+                                                lora_mask_b)  # fmt: skip
         layers += stack.layers * block
         largest_block = max(largest_block, block)
         kept += stack.layers * (tokens * an.hidden * act_b if checkpointing else block)
@@ -580,7 +585,8 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     return int(peak), int(layers)
 
 
-def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision) -> float:
+def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision,
+                           lora_mask_b=None) -> float:
     h, a, kv, hd = an.hidden, an.heads, an.kv_heads, an.head_dim
     norm_b = 4 if (stack.rms or mixed_precision in ("fp16", "bf16")) else act_b  # norms run in fp32 under autocast
     b = stack.norms * h * norm_b
@@ -606,7 +612,7 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization
             continue
         b += r * act_b
         if p > 0:
-            b += d_in * (act_b + mask_b)
+            b += d_in * (act_b + (mask_b if lora_mask_b is None else lora_mask_b))
         else:
             inputs.add(_input_key(name, d_in))
     if quantization == "8bit":  # bitsandbytes' 8-bit matmul keeps its input for backward
