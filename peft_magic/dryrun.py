@@ -146,14 +146,14 @@ def _add_data_rows(plan, data) -> None:
 
 def _add_memory(plan, cfg, model, trainable, data) -> None:
     from .devices import device_info
-    from .preflight import check_fit, estimate_for_config
+    from .preflight import resolve_checkpointing
 
     avg_len = data.train_tokens / max(data.train_rows, 1)
     seq = min(cfg.data.max_length, max(int(avg_len * 1.5), 8))  # dynamic padding: batches pad to their longest
     info = device_info()
-    est = estimate_for_config(cfg, info, model_config=model.config, trainable_params=trainable, seq_len=seq)
-    plan.memory = est
-    plan.fit = check_fit(est, info, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
-    plan.rows["memory"] = est.summary(info)
+    choice = resolve_checkpointing(cfg, info, model_config=model.config, trainable_params=trainable, seq_len=seq)
+    plan.memory, plan.fit = choice.estimate, choice.fit
+    plan.rows["memory"] = choice.estimate.summary(info)
+    plan.rows["checkpointing"] = f"gradient checkpointing {choice.line}"
     for s in plan.fit.suggestions[:3]:
         plan.rows.setdefault("try", s)

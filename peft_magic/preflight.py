@@ -281,12 +281,75 @@ def estimate_for_config(
         method_params=params,
         batch_size=config.train.per_device_train_batch_size,
         seq_len=seq_len or config.data.max_length,
-        gradient_checkpointing=config.train.gradient_checkpointing,
+        gradient_checkpointing=config.train.checkpointing,
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision, info, config.task, model_config),
         device=info,
         loss=loss_kind(config),
         kernels=config.train.kernels != "none",
     ), config, seq)
+
+
+@dataclass
+class Checkpointing:
+    """What `train.gradient_checkpointing` comes to for a run on a device, and why.
+
+    Args:
+        on: Whether the run checkpoints.
+        line: The dry run's row: ``on (auto: needs ~9.1 GB without, 5.2 GB with; 7.4 GB free)``.
+        auto: The config says auto and this estimate decided it (False for true/false, and for a resumed run,
+            which keeps its checkpoint's choice).
+        estimate: The estimate of the chosen setting (with it, when auto found that nothing fits).
+        fit: `check_fit` of that estimate: its suggestions treat auto as off.
+    """
+
+    on: bool
+    line: str
+    auto: bool = False
+    estimate: MemoryEstimate | None = None
+    fit: FitReport | None = None
+
+
+def with_checkpointing(config, on: bool):
+    """A copy of `config` (a `Config`) whose `train.gradient_checkpointing` is `on`; the rest is shared."""
+    from dataclasses import replace
+
+    return replace(config, train=replace(config.train, gradient_checkpointing=bool(on)))
+
+
+def resolve_checkpointing(config, info=None, **estimate_args) -> Checkpointing:
+    """Decide `train.gradient_checkpointing: auto` for `config` on `info`: on only when the run does not fit the
+    free memory without it and does with it (it costs ~25-35% speed). true/false, and an auto already decided
+    (`TrainConfig.auto_checkpointing`, a resumed run's), are kept; they are estimated as they are.
+
+    Args:
+        config: A validated `Config`.
+        info: The device (`devices.device_info()` when omitted).
+        estimate_args: For `estimate_for_config` (model_config, trainable_params, seq_len).
+    """
+    from .devices import device_info
+
+    info = info or device_info()
+    t = config.train
+    accum = t.gradient_accumulation_steps
+
+    def estimate(on):
+        est = estimate_for_config(with_checkpointing(config, on), info, **estimate_args)
+        return est, check_fit(est, info, gradient_accumulation_steps=accum)
+
+    if t.gradient_checkpointing != "auto" or t.auto_checkpointing is not None:
+        est, fit = estimate(t.checkpointing)
+        why = "as set" if t.gradient_checkpointing != "auto" else "auto: as the run it continues"
+        return Checkpointing(t.checkpointing, f"{'on' if t.checkpointing else 'off'} ({why})", False, est, fit)
+    without, fit_without = estimate(False)
+    free = f"{gb(_usable(info))} GB free"
+    if fit_without.fits:
+        line = f"off (auto: fits without it, ~{gb(_need(without, info))} GB; {free})"
+        return Checkpointing(False, line, True, without, fit_without)
+    with_, fit_with = estimate(True)
+    sizes = f"needs ~{gb(_need(without, info))} GB without, {gb(_need(with_, info))} GB with; {free}"
+    if fit_with.fits:
+        return Checkpointing(True, f"on (auto: {sizes})", True, with_, fit_with)
+    return Checkpointing(False, f"off (auto: does not fit either way: {sizes})", True, without, fit_without)
 
 
 # -- what the model is made of (from the meta device)

@@ -148,6 +148,8 @@ def train_in_process(cfg: Config, *, name="run", namespace=None, callbacks=(), d
         resume_meta, replace = rerun.decide(cfg, resume, overwrite)  # at once: before any loading
     else:
         resume_meta, replace = find_resume(resume, cfg), False
+    # `gradient_checkpointing: auto` is decided by the pre-flight in `setup`; a resumed run keeps its choice
+    cfg.train.auto_checkpointing = (resume_meta or {}).get("gradient_checkpointing")
     from .library_output import routed
 
     with routed(run.warnings):  # the libraries' warnings, logs and bars go to the run's details, not the cell
@@ -223,7 +225,7 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
     method = get_method(cfg.method.name)
     if probe is not None:  # before apply: selective and full methods change the base weights in place
         probe.measure_base(model, method)
-    if cfg.train.gradient_checkpointing:
+    if cfg.train.checkpointing:  # as written, or as the pre-flight decided `auto`
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.quantization == "none" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -247,22 +249,27 @@ def setup(run: Run, namespace, bus: EventBus, replaces=None) -> Run:
 
 
 def _preflight(run, data):
-    """The memory pre-flight before every run: warn (not refuse: it is an estimate) when the run looks too big
-    for the device, with the first concrete setting that fits. Never blocks a run on its own failure."""
+    """The memory pre-flight before every run: decide `train.gradient_checkpointing: auto` (on only when the run
+    needs it to fit, said in one line), and warn (not refuse: it is an estimate) when the run looks too big for the
+    device, with the first concrete setting that fits. Never blocks a run on its own failure."""
     import warnings
 
     from .devices import device_info
-    from .preflight import check_fit, estimate_for_config
+    from .preflight import resolve_checkpointing
 
     cfg = run.config
     try:
         info = device_info()
         seq = min(cfg.data.max_length, max(int(1.5 * data.train_tokens / max(data.train_rows, 1)), 8))
-        fit_report = check_fit(estimate_for_config(cfg, info, seq_len=seq), info,
-                               gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)  # fmt: skip
+        choice = resolve_checkpointing(cfg, info, seq_len=seq)
     except Exception as e:  # noqa: BLE001 - an estimate for an exotic architecture must not stop training
         run.warnings.append(f"memory pre-flight skipped: {type(e).__name__}: {e}")
         return None
+    if cfg.train.gradient_checkpointing == "auto":
+        cfg.train.auto_checkpointing = choice.on  # what the model is set up with, and what checkpoints record
+    if choice.auto and choice.on:
+        warnings.warn(f"peft_magic: gradient checkpointing {choice.line}", stacklevel=3)
+    fit_report = choice.fit
     if not fit_report.fits:
         advice = f" Try: {fit_report.suggestions[0]}" if fit_report.suggestions else ""
         warnings.warn(f"peft_magic: {fit_report.message}{advice}", stacklevel=3)

@@ -59,7 +59,7 @@ def _type_name(f) -> str:
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if typ.startswith("Optional[") and typ.endswith("]"):
         return f"{typ[9:-1]} or null"
-    return {"Any": "source"}.get(typ, typ)
+    return {"Any": "source", "Union[bool, str]": "auto or bool"}.get(typ, typ)
 
 
 def _default(f) -> str:

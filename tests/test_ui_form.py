@@ -70,7 +70,7 @@ def test_every_config_field_has_a_widget_with_its_help_as_tooltip(tiny_llama):
         assert isinstance(field.widget, WIDGET_OF_KIND[field.kind]), key
         if spec.metadata.get("choices"):
             assert tuple(field.widget.options) == tuple(spec.metadata["choices"]), key
-    assert isinstance(form.fields["train.gradient_checkpointing"].widget, widgets.Checkbox)
+    assert form.fields["train.gradient_checkpointing"].widget.options == ("auto", "true", "false")
     assert isinstance(form.fields["train.max_steps"].widget, widgets.IntText)
     assert isinstance(form.fields["train.learning_rate"].widget, widgets.FloatText)
     assert form.fields["train.lr_scheduler_type"].widget.options == SCHEDULERS
@@ -190,7 +190,7 @@ def test_the_cell_round_trips_to_the_same_config(tiny_llama, shell):
     f["train.learning_rate"].widget.value = 3e-3
     f["train.lr_scheduler_type"].widget.value = "cosine"
     f["train.report_to"].widget.value = "tensorboard"
-    f["train.gradient_checkpointing"].widget.value = True
+    f["train.gradient_checkpointing"].widget.value = "true"
     m["r"].widget.value, m["lora_dropout"].widget.value = 4, 0.0
     m["target_modules"].widget.value = "[q_proj, v_proj]"
     form.name_text.value = "tuned"

@@ -13,7 +13,7 @@ from dataclasses import fields
 from ..errors import ConfigError, did_you_mean
 from .checks import check_config
 from .coerce import coerce
-from .schema import ALIASES, QUANT_ALIASES, SECTIONS, Config, MethodConfig
+from .schema import ALIASES, QUANT_ALIASES, SECTIONS, Config, MethodConfig, checkpointing_choice
 
 
 def parse_config(source=None, overrides=(), defaults: dict | None = None) -> Config:
@@ -195,6 +195,9 @@ def build_section(cls, values: dict, section: str):
             value = QUANT_ALIASES.get(str(value), str(value))
         if section == "train" and key == "group_by_length" and isinstance(value, bool):
             value = str(value).lower()  # YAML true/false for the auto/true/false choice
+        if section == "train" and key == "gradient_checkpointing":
+            kwargs[key] = checkpointing_choice(value)  # auto, or true/false (yes/no/on/off) kept as a bool
+            continue
         kwargs[key] = coerce(value, known[key].type, f"{section}.{key}")
     return cls(**kwargs)
 

@@ -45,6 +45,7 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=())
         f"| training data | {describe_source(cfg.data.train)} |",
         f"| eval data | {describe_source(cfg.data.eval) if cfg.data.eval is not None else 'none'} |",
         f"| steps | {s.step} of {s.max_steps} ({s.stop_reason or s.status}) |",
+        f"| gradient checkpointing | {_checkpointing(cfg.train)} |",
         f"| export | {'merged full model' if merged else 'full model' if full else 'adapter only'} |",
         "",
     ]
@@ -69,6 +70,11 @@ def model_card(run, merged: bool = False, folder: str = "ADAPTER_DIR", extra=())
     lines += list(extra)
     lines += ["## Versions", "", ", ".join(f"{n} {_version(n)}" for n in LIBRARIES), ""]
     return "\n".join(lines)
+
+
+def _checkpointing(train) -> str:
+    """``on (auto)``: what the run used, and whether the pre-flight chose it (`gradient_checkpointing: auto`)."""
+    return ("on" if train.checkpointing else "off") + (" (auto)" if train.gradient_checkpointing == "auto" else "")
 
 
 def _load_snippet(run, merged, folder):

@@ -215,7 +215,7 @@ def estimate_full(model, cfg, info, seq_len: int | None = None):
     est = preflight.estimate_memory(
         model.config, task=cfg.task, dtype=dtype, trainable_params=n, method="full", method_params=_ACTIVATIONS_AS,
         batch_size=cfg.train.per_device_train_batch_size, seq_len=seq_len or cfg.data.max_length,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing=cfg.train.checkpointing,
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info, cfg.task, model.config), device=info,
         loss=preflight.loss_kind(cfg),
     )  # fmt: skip
@@ -252,6 +252,10 @@ def check_memory(model, cfg, info=None, seq_len: int | None = None) -> None:
     resident = est.weights if _resident_on(model, info.kind) else 0
     if preflight.check_fit(replace(est, total=est.total - resident), info).fits:
         return
+    if cfg.train.gradient_checkpointing == "auto" and not cfg.train.checkpointing:  # the pre-flight turns it on
+        with_ = estimate_full(model, preflight.with_checkpointing(cfg, True), info, seq_len)
+        if preflight.check_fit(replace(with_, total=with_.total - resident), info).fits:
+            return
     gb = preflight.gb
     lora = _lora_need(model, cfg, info, est.inputs.get("seq_len", cfg.data.max_length))
     alt = f"a PEFT method (`method: lora` needs ~{gb(lora)} GB)" if lora else "a PEFT method (`method: lora`)"
@@ -279,7 +283,7 @@ def _lora_need(model, cfg, info, seq):
         return preflight.estimate_memory(
             model.config, task=cfg.task, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
             method="lora", batch_size=cfg.train.per_device_train_batch_size, seq_len=seq,
-            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing=cfg.train.checkpointing,
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, info, cfg.task, model.config), device=info,
             loss=preflight.loss_kind(cfg),
         ).total  # fmt: skip

@@ -136,7 +136,7 @@ class PeftMethod:
 
         if cfg.model.quantization != "none":
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+                model, use_gradient_checkpointing=cfg.train.checkpointing
             )
         src = cfg.method.params.get("from")
         if src:

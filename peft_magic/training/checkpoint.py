@@ -145,6 +145,8 @@ class Checkpointer:
         meta = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
                 "tokens_seen": state.tokens_seen, "max_steps": state.max_steps, "log_history": history,
                 "config": described(self.cfg), **(extra or {})}  # fmt: skip
+        if self.cfg is not None:  # what `gradient_checkpointing: auto` chose: a resumed run keeps it
+            meta["gradient_checkpointing"] = self.cfg.train.checkpointing
         if ranks:
             meta["per_process"] = [e for _, e in ranks]
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:  # written last: its presence marks a complete one

@@ -145,7 +145,7 @@ def out_of_memory_advice(cfg) -> str:
         acc = t.gradient_accumulation_steps * (t.per_device_train_batch_size // b)
         tips.append(f"--set train.per_device_train_batch_size={b} --set train.gradient_accumulation_steps={acc} "
                     "(same effective batch)")  # fmt: skip
-    if not t.gradient_checkpointing:
+    if not t.checkpointing:
         tips.append("--set train.gradient_checkpointing=true")
     if m.quantization == "none" and not m.gguf_file:
         tips.append("--set model.quantization=4bit (QLoRA, needs a CUDA GPU and bitsandbytes)")

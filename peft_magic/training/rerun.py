@@ -22,11 +22,12 @@ import shutil
 from ..errors import ConfigError
 from . import checkpoint
 
-# what may change between a run and its continuation without changing what it trains
+# what may change between a run and its continuation without changing what it trains (gradient checkpointing
+# recomputes the same activations, dropout masks included: it trades speed for memory, not results)
 NOT_COMPARED = {
     "train": {"max_time", "resume", "output_dir", "save_steps", "save_minutes", "save_total_limit", "logging_steps",
               "eval_steps", "report_to", "per_device_eval_batch_size", "num_processes", "eval_samples",
-              "eval_max_new_tokens"},
+              "eval_max_new_tokens", "gradient_checkpointing"},
     "data": {"cache_tokenized"},
 }  # fmt: skip
 # what an explicit `--resume` may change: more steps or epochs (the same run, longer), and the reward functions (a

@@ -304,12 +304,12 @@ class Form:
         except ConfigError as e:
             return f"pre-flight: fix the form first ({e.key})", WARN_COLOR
         from ..devices import device_info
-        from ..preflight import check_fit, estimate_for_config
+        from ..preflight import resolve_checkpointing
 
         try:
             info = device_info()
-            estimate = estimate_for_config(cfg, info)
-            fit = check_fit(estimate, info, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+            choice = resolve_checkpointing(cfg, info)  # `gradient_checkpointing: auto` as the run would decide it
+            estimate, fit = choice.estimate, choice.fit
         except ConfigError as e:
             return f"pre-flight: {e}", WARN_COLOR
         except Exception as e:  # noqa: BLE001 - e.g. a .gguf or remote-code model whose config cannot be built here
@@ -323,6 +323,8 @@ class Form:
             params = "trainable count known after loading"
         peak = estimate.summary().split(" (")[0]
         text = f"pre-flight: {params} · base {format_count(estimate.params)} params · {peak} · {fit.message}"
+        if choice.auto and choice.on:
+            text += " · gradient checkpointing on (auto: fits only with it)"
         return text, OK_COLOR if fit.fits else ERROR_COLOR
 
     def update_preflight(self) -> str:

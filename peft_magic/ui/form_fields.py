@@ -82,6 +82,8 @@ class Field:
 
     def set(self, value: Any) -> None:
         if self.kind == "choice":
+            if isinstance(value, bool):  # an auto/true/false choice holds true and false as bools
+                value = str(value).lower()
             if value not in self.widget.options:  # shown (and refused by validation) rather than lost
                 self.widget.options = [*self.widget.options, value]
             self.widget.value = value
