@@ -158,7 +158,7 @@ def estimate_memory(
         loss: "plain" (the model's own loss: positions x vocabulary logits) or "chunked" (causal-lm with
             `train.kernels: auto`: the output layer and loss over trained positions, a chunk of rows at a time;
             every position is counted as trained, an upper bound).
-        kernels: `train.kernels` is not none: on CPU, LoRA dropout keeps a one-byte mask (training/dropout.py).
+        kernels: `train.kernels` is not none: on CPU, dropout modules keep a one-byte mask (training/dropout.py).
     """
     inputs = dict(locals())
     kind = getattr(device, "kind", device)
@@ -620,7 +620,7 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     """
     # On CUDA dropout keeps a bool mask; on CPU torch multiplies by a float noise tensor and keeps that.
     mask_b = act_b if kind == "cpu" else 1
-    lora_mask_b = 1 if kernels else mask_b  # training/dropout.py's one-byte mask for LoRA's dropout
+    lora_mask_b = 1 if kernels else mask_b  # training/dropout.py's one-byte mask (LoRA's and the model's dropout)
     kept, layers, largest_block = 0, 0, 0
     for stack in an.stacks:
         block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision,
@@ -666,7 +666,7 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization
     # MLP: a SwiGLU keeps the gate's output, its activation and the up projection; a plain MLP keeps the
     # activation's input.
     b += (3 if stack.gated else 1) * stack.intermediate * act_b
-    b += stack.residual_dropouts * h * mask_b
+    b += stack.residual_dropouts * h * (mask_b if lora_mask_b is None else lora_mask_b)
     # Adapters: LoRA with dropout keeps the dropped input and the mask for each adapted layer, and A's output;
     # without dropout the layer's input itself, which siblings (q, k, v) share.
     inputs = set()

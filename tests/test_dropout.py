@@ -93,6 +93,26 @@ def test_swapped_into_lora_layers_only_on_cpu():
     assert use_mask_dropout(model, "cpu") == 0  # already swapped
 
 
+def test_a_models_own_dropout_is_swapped_too():
+    """BERT's hidden and embedding dropout (modules) as well as LoRA's; its attention reads only `.p`."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(tf.BertForSequenceClassification(cfg),
+                           LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], lora_dropout=0.1))
+    before = sum(type(m) is torch.nn.Dropout for m in model.modules())
+    assert use_mask_dropout(model, "cpu") == before > 4  # 4 LoRA layers, and BERT's own
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    model.train()
+    ids = torch.randint(1, 64, (4, 10))
+    out = model(input_ids=ids, labels=torch.tensor([0, 1, 2, 0]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("kernels", ["auto", "none"])
 def test_training_run_uses_it_with_kernels_auto_and_learns(tiny_llama, workdir, kernels):
     config = {"model": tiny_llama, "data": {"train": instruction_rows(32)},

@@ -13,8 +13,9 @@ Each element is dropped with probability p rounded to 1/65536 (0.05 -> 0.0500031
 torch's default generator, so seeds, exact resume and activation checkpointing (which replays the RNG state)
 behave as with `nn.Dropout`. In eval mode it is the identity.
 
-`use_mask_dropout(model)` swaps it in for the `nn.Dropout` modules of peft's LoRA layers (`lora_dropout`), only on
-CPU (on GPUs torch's fused dropout already keeps a one-byte mask) and only where `train.kernels` is not `none`.
+`use_mask_dropout(model)` swaps it in for the plain `nn.Dropout` modules (peft's `lora_dropout`, a model's own
+hidden dropout), only on CPU (on GPUs torch's fused dropout already keeps a one-byte mask) and only where
+`train.kernels` is not `none`.
 """
 
 from __future__ import annotations
@@ -75,19 +76,17 @@ class MaskDropout(torch.nn.Module):
 
 
 def use_mask_dropout(model, device) -> int:
-    """Swap `MaskDropout` in for the plain `nn.Dropout` modules of peft's LoRA layers when training on CPU.
-    Returns how many were swapped (0 on other devices or without LoRA dropout)."""
+    """Swap `MaskDropout` in for every plain `nn.Dropout` of `model` when training on CPU: peft's LoRA dropout
+    (`lora_dropout`) and the model's own (BERT's hidden and embedding dropout). Modules that read only `.p` (an
+    attention module passing it to sdpa) see the same p. Returns how many were swapped (0 on other devices)."""
     if torch.device(device).type != "cpu":
         return 0
     swapped = 0
     for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, layer in list(dropouts.items()):
-            if type(layer) is torch.nn.Dropout and not layer.inplace and 0.0 < layer.p < 1.0:
-                replacement = MaskDropout(layer.p)
-                replacement.train(layer.training)
-                dropouts[name] = replacement
+        for name, child in list(module._modules.items()):
+            if type(child) is torch.nn.Dropout and not child.inplace and 0.0 < child.p < 1.0:
+                replacement = MaskDropout(child.p)
+                replacement.train(child.training)
+                module._modules[name] = replacement
                 swapped += 1
     return swapped
