@@ -144,6 +144,7 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
         return loop.finish()  # final checkpoint, last log row, final evaluation, on_train_end
     finally:
         release()
+        loop.release_casts()
 
 
 class Loop:
@@ -154,6 +155,7 @@ class Loop:
         self.model, self.cfg, self.data, self.method = model, cfg, data, method
         self.state, self.bus, self.stop_event, self.history = state, bus, stop_event, history
         self.checkpointer, self.resume, self.evaluate_fn = checkpointer, resume, evaluate_fn
+        self.release_casts = lambda: None  # set by prepare under mixed precision (training/lora_casts.py)
 
     def prepare(self) -> None:
         """Everything the steps need, prepared by Accelerate (devices, processes, mixed precision)."""
@@ -184,6 +186,9 @@ class Loop:
             from .dropout import use_mask_dropout
 
             use_mask_dropout(model, accelerator.device)  # CPU: LoRA dropout with a one-byte mask, a third faster
+            from .lora_casts import skip_input_casts
+
+            self.release_casts = skip_input_casts(model, str(accelerator.mixed_precision))  # 16-bit stays 16-bit
         if cfg.data.packing:
             from .packing import check_packing
 
