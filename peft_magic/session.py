@@ -255,6 +255,7 @@ def _preflight(run, data):
     import warnings
 
     from .devices import device_info
+    from .distributed.ranks import from_main_process, is_main_process
     from .preflight import resolve_checkpointing
 
     cfg = run.config
@@ -264,10 +265,13 @@ def _preflight(run, data):
         choice = resolve_checkpointing(cfg, info, seq_len=seq)
     except Exception as e:  # noqa: BLE001 - an estimate for an exotic architecture must not stop training
         run.warnings.append(f"memory pre-flight skipped: {type(e).__name__}: {e}")
+        choice = None
+    if cfg.train.gradient_checkpointing == "auto":  # what the model is set up with, and what checkpoints record;
+        # every process of a launched run takes rank 0's choice (their free memory differs a little)
+        cfg.train.auto_checkpointing = from_main_process(choice.on if choice else bool(cfg.train.auto_checkpointing))
+    if choice is None:
         return None
-    if cfg.train.gradient_checkpointing == "auto":
-        cfg.train.auto_checkpointing = choice.on  # what the model is set up with, and what checkpoints record
-    if choice.auto and choice.on:
+    if choice.auto and choice.on and is_main_process():
         warnings.warn(f"peft_magic: gradient checkpointing {choice.line}", stacklevel=3)
     fit_report = choice.fit
     if not fit_report.fits:

@@ -62,11 +62,11 @@ def _needs(model, out):
     return without.total - runtime, with_.total - runtime
 
 
-def _train(cfg, monkeypatch):
+def _train(cfg, monkeypatch, **kwargs):
     counter = Checkpoints(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run = peft_magic.train(cfg, display="none", callbacks=[counter])
+        run = peft_magic.train(cfg, display="none", callbacks=[counter], **kwargs)
     said = [str(w.message) for w in caught if str(w.message).startswith("peft_magic: gradient checkpointing")]
     return run, counter.calls, said
 
@@ -162,3 +162,52 @@ def test_checkpointing_trains_the_same_weights(tiny_llama, workdir, monkeypatch)
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_resumed_run_keeps_the_choice_auto_made(tiny_llama, workdir, monkeypatch):
+    """Stopped at step 4 of a run that only fitted with checkpointing, then resumed with room to spare: the
+    continuation checkpoints too (the choice is recorded in the checkpoint), and is not refused as another config."""
+    from peft_magic import session
+    from peft_magic.run import Run
+
+    runs = []
+
+    class Recorded(Run):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            runs.append(self)
+
+    class StopAt4:
+        def on_step_end(self, state):
+            if state.step == 4:
+                runs[-1].stop()
+
+    without, with_ = _needs(tiny_llama, workdir / "plan")
+    monkeypatch.setattr(session, "Run", Recorded)
+    cfg = _config(tiny_llama, workdir / "run")
+    with monkeypatch.context() as tight:
+        _free_memory(tight, (with_ + without) // 2)
+        stopped = peft_magic.train(cfg, display="none", callbacks=[StopAt4()])
+    assert stopped.state.stop_reason == "stopped" and stopped.config.train.checkpointing
+    resumed, checkpointed, said = _train(cfg, monkeypatch, resume=True)
+    assert resumed.state.stop_reason == "completed" and resumed.state.step == 12
+    assert checkpointed >= 2 * 8 and said == []  # steps 5-12 checkpointed, without a second announcement
+    assert resumed.config.train.checkpointing and resumed.config.train.gradient_checkpointing == "auto"
+    # and a run started fresh with room decides afresh: off
+    fresh, checkpointed, _ = _train(_config(tiny_llama, workdir / "fresh"), monkeypatch)
+    assert checkpointed == 0 and not fresh.config.train.checkpointing
+
+
+def test_a_checkpoint_written_before_auto_resumes_under_auto(tiny_llama, workdir, monkeypatch):
+    """A run saved with the old default (`gradient_checkpointing: false`, no recorded choice) continues under the
+    new default (auto) instead of being refused as another config; auto decides for it (here: off)."""
+    out = workdir / "old"
+    first = _config(tiny_llama, out, gradient_checkpointing=False)
+    first["train"]["max_steps"] = 4
+    peft_magic.train(first, display="none")
+    state = out / "checkpoint-4" / "trainer_state.json"
+    meta = json.loads(state.read_text())
+    del meta["gradient_checkpointing"]  # as written before this key existed
+    state.write_text(json.dumps(meta))
+    resumed, checkpointed, _ = _train(_config(tiny_llama, out), monkeypatch, resume=True)
+    assert resumed.state.step == 12 and checkpointed == 0 and not resumed.config.train.checkpointing

@@ -54,3 +54,15 @@ def main_process_first():
 
     with PartialState(cpu=needs_cpu()).main_process_first():
         yield
+
+
+def from_main_process(value):
+    """Rank 0's `value` on every process of a launched run (`value` itself with one process): for a decision
+    each process makes from readings that differ a little between them (free memory), so that all take one."""
+    if world_size() <= 1:
+        return value
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=needs_cpu())  # the process group `main_process_first` set up (idempotent)
+    return broadcast_object_list([value], from_process=0)[0]
