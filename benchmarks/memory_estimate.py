@@ -67,6 +67,7 @@ CONFIGS = [
     ("small 4bit b16 s256 chunked", "llama-small", "causal-lm", "4bit", 16, 256, False, "chunked"),
     ("smollm2 lora b4 s256", "smollm2", "causal-lm", "none", 4, 256, False),
     ("smollm2 lora b4 s256 chunked", "smollm2", "causal-lm", "none", 4, 256, False, "chunked"),
+    ("smollm2 lora b4 s256 gc chunked", "smollm2", "causal-lm", "none", 4, 256, True, "chunked"),
 ]
 STEPS = 2  # the first step allocates the optimizer states; the second shows the steady state
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
