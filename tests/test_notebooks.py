@@ -156,7 +156,7 @@ def test_notebooks_are_what_build_py_writes():
 @pytest.mark.slow
 def test_01_quickstart_notebook(kernel, tmp_path, smollm2_folder):
     # the GGUF's weights as a plain folder (what the notebook's hub id gives): parsing the GGUF cost the kernel ~35 s;
-    # training on the GGUF file itself is tests/test_real_models.py's and tests/test_gguf_real.py's
+    # training on the GGUF file itself is tests/test_gguf_real.py's
     nb = execute("01_quickstart.ipynb", {"MODEL": smollm2_folder, "STEPS": 12}, tmp_path, kernel)
     train = cell_with(nb, "%%peft_train run")
     assert SUMMARY in texts(train, "text/html"), "the static summary is missing from the training cell"
