@@ -145,11 +145,6 @@ CPU_BF16_TASKS = ("causal-lm", "seq-cls", "token-cls")
 # bf16 matmul saves (hidden 64: 0.84x; 128: 2.3x; 256: 2.9x for a stack of Linear layers, one thread, this
 # repository's benchmark machine). 256: where a whole model was measured faster (1.5x, docs/benchmarks.md).
 CPU_BF16_MIN_HIDDEN = 256
-# Below this many tokens per micro-batch (the rows of every matmul) bf16 autocast is slower than float32 on CPU
-# too, whatever the width: all-MiniLM-L6-v2 + LoRA, one thread, fwd + bwd + step of 16 rows: 320 tokens 0.73x,
-# 640 about 1.0x, 1024 1.0-1.05x, 2048 1.4x (benchmarks/classifier_real.py, docs/benchmarks.md). A classifier of
-# short texts (16 rows of ~16 tokens) stays in float32; SmolLM2 at 8 rows of ~290 tokens gets bf16.
-CPU_BF16_MIN_BATCH_TOKENS = 1024
 
 
 def cpu_flags() -> frozenset:
@@ -227,15 +222,13 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def resolve_mixed_precision(setting: str, info: DeviceInfo, task: str | None = None, model_config=None,
-                            batch_tokens: int | None = None) -> str:  # fmt: skip
+def resolve_mixed_precision(setting: str, info: DeviceInfo, task: str | None = None, model_config=None) -> str:
     """Turn `train.mixed_precision` into what accelerate accepts: "no", "fp16" or "bf16".
 
     auto picks bf16 where the device supports it, fp16 on GPUs without bf16 (T4, P100, V100); on a CPU, bf16
     autocast where it has native bf16 (`BF16_CPU_FLAGS`), the task is one of `CPU_BF16_TASKS` and the model's
-    hidden size is at least `CPU_BF16_MIN_HIDDEN` and a micro-batch holds at least `CPU_BF16_MIN_BATCH_TOKENS`
-    tokens; float32 otherwise (MPS: float32). An explicit choice the device cannot run raises a `ConfigError`
-    naming the fix.
+    hidden size is at least `CPU_BF16_MIN_HIDDEN`; float32 otherwise (MPS: float32). An explicit choice the device
+    cannot run raises a `ConfigError` naming the fix.
 
     Args:
         setting: "auto", "no", "fp16" or "bf16".
@@ -243,18 +236,8 @@ def resolve_mixed_precision(setting: str, info: DeviceInfo, task: str | None = N
         task: The run's task (`config.TASKS`); decides `auto` on a CPU.
         model_config: The model's transformers config (its hidden size decides `auto` on a CPU); None: unknown,
             taken as large enough.
-        batch_tokens: Tokens per micro-batch (rows x the data's mean length); decides `auto` on a CPU. None:
-            unknown, taken as large enough.
     """
-    return precision_choice(setting, info, task, model_config, batch_tokens)[0]
-
-
-def batch_tokens(cfg, data) -> int | None:
-    """Tokens in one training micro-batch of a run: rows per batch x the mean length of `data` (its
-    `PreparedData`); None when no data is known."""
-    if data is None or not getattr(data, "train_rows", 0):
-        return None
-    return round(cfg.train.per_device_train_batch_size * data.train_tokens / data.train_rows)
+    return precision_choice(setting, info, task, model_config)[0]
 
 
 def hidden_size(model_config) -> int | None:
@@ -266,8 +249,7 @@ def hidden_size(model_config) -> int | None:
     return None
 
 
-def precision_choice(setting: str, info: DeviceInfo, task: str | None = None, model_config=None,
-                     batch_tokens: int | None = None) -> tuple[str, str]:  # fmt: skip
+def precision_choice(setting: str, info: DeviceInfo, task: str | None = None, model_config=None) -> tuple[str, str]:
     """`resolve_mixed_precision`'s answer and why, for the plan: ("bf16", "bf16 autocast · this CPU has ...")."""
     setting = str(setting).lower()
     if setting == "auto":
@@ -281,8 +263,6 @@ def precision_choice(setting: str, info: DeviceInfo, task: str | None = None, mo
             why = f"bf16 autocast not measured for {task} on CPU"
         elif width is not None and width < CPU_BF16_MIN_HIDDEN:
             why = f"hidden size {width} < {CPU_BF16_MIN_HIDDEN}: casts cost more than bf16 saves"
-        elif batch_tokens is not None and batch_tokens < CPU_BF16_MIN_BATCH_TOKENS:
-            why = f"~{batch_tokens} tokens per batch < {CPU_BF16_MIN_BATCH_TOKENS}: casts cost more than bf16 saves"
         else:
             return "bf16", "bf16 autocast, float32 weights · auto: this CPU computes in bf16 (AVX-512 BF16/AMX)"
         return "no", f"float32 · auto: {why}"

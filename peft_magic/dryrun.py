@@ -80,7 +80,7 @@ def _plan(config, namespace, defaults, name, overrides) -> Plan:
         cfg.model.quantization = quant
     t = cfg.train
     max_steps, per_epoch = plan_steps(cfg, data.train_rows)
-    from .devices import batch_tokens, device_info, precision_choice
+    from .devices import device_info, precision_choice
     from .training.sampling import decide
 
     grouped, why = decide(cfg, data.train)
@@ -99,8 +99,7 @@ def _plan(config, namespace, defaults, name, overrides) -> Plan:
         f"accum {t.gradient_accumulation_steps} · lr {t.learning_rate:g} {t.lr_scheduler_type} · "
         f"{_eval_schedule(t.eval_steps, max_steps, data.eval_rows, t.eval_samples)}output {t.output_dir}",
         "batches": ("length-grouped, in random order" if grouped else "shuffled") + f" · {why}",
-        "precision": precision_choice(t.mixed_precision, device_info(), cfg.task, getattr(model, "config", None),
-                                      batch_tokens(cfg, data))[1],
+        "precision": precision_choice(t.mixed_precision, device_info(), cfg.task, getattr(model, "config", None))[1],
     }
     _add_data_rows(plan, data)
     if cfg.task in ("dpo", "orpo", "grpo"):

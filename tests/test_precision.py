@@ -106,33 +106,3 @@ def test_bf16_training_reaches_the_float32_loss(task, tiny_llama, separable_bert
 def test_dry_run_says_the_precision(tiny_llama):
     plan = peft_magic.dry_run({"model": tiny_llama, "data": {"train": instruction_rows(8)}})
     assert plan.rows["precision"].startswith("float32 · auto: ")  # hidden 64, or no bf16 on this CPU
-
-
-MINILM = types.SimpleNamespace(hidden_size=384)
-
-
-def test_auto_keeps_float32_for_batches_of_few_tokens():
-    fast = cpu(SAPPHIRE_RAPIDS)
-    mode, why = precision_choice("auto", fast, "seq-cls", MINILM, batch_tokens=256)  # 16 short texts
-    assert mode == "no" and "~256 tokens per batch" in why
-    assert precision_choice("auto", fast, "seq-cls", MINILM, batch_tokens=2048)[0] == "bf16"
-    assert precision_choice("auto", fast, "seq-cls", MINILM)[0] == "bf16"  # unknown data: the width decides
-    assert precision_choice("bf16", fast, "seq-cls", MINILM, batch_tokens=256)[0] == "bf16"  # explicit: honoured
-
-
-def test_the_run_weighs_its_own_batches(monkeypatch, tmp_path):
-    """The training loop's accelerator gets the tokens per micro-batch from the prepared data."""
-    import torch
-
-    from peft_magic.training.engine import make_accelerator
-
-    if torch.cuda.is_available():
-        pytest.skip("the CPU rule")
-    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(SAPPHIRE_RAPIDS))
-    train = types.SimpleNamespace(mixed_precision="auto", per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                                  report_to=None, output_dir=str(tmp_path))  # fmt: skip
-    cfg = types.SimpleNamespace(task="seq-cls", train=train)
-    short = types.SimpleNamespace(train_rows=600, train_tokens=600 * 16)  # 16 x 16 = 256 tokens per batch
-    long = types.SimpleNamespace(train_rows=600, train_tokens=600 * 128)  # 16 x 128 = 2048
-    assert str(make_accelerator(cfg, MINILM, short).mixed_precision) == "no"
-    assert str(make_accelerator(cfg, MINILM, long).mixed_precision) == "bf16"

@@ -20,17 +20,15 @@ from .schedule import plan_steps
 from .stopping import SigintAsStop, StopRequested, StopSignal
 
 
-def make_accelerator(cfg, model_config=None, data=None):
-    """An Accelerator for this run (one per run: a notebook may change mixed precision between runs); `data` (the
-    run's `PreparedData`) gives the tokens per micro-batch that `mixed_precision: auto` weighs on a CPU."""
+def make_accelerator(cfg, model_config=None):
+    """An Accelerator for this run (one per run: a notebook may change mixed precision between runs)."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, PartialState
 
-    from ..devices import batch_tokens, device_info, resolve_mixed_precision
+    from ..devices import device_info, resolve_mixed_precision
 
-    tokens = batch_tokens(cfg, data)
-    mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info(), cfg.task, model_config, tokens)
+    mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info(), cfg.task, model_config)
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()  # single process: safe to re-initialise with new settings
     return Accelerator(
@@ -166,7 +164,7 @@ class Loop:
 
         cfg, t, model = self.cfg, self.cfg.train, self.model
         set_seed(t.seed)
-        accelerator = self.accelerator = make_accelerator(cfg, getattr(model, "config", None), self.data)
+        accelerator = self.accelerator = make_accelerator(cfg, getattr(model, "config", None))
         self.stop = StopSignal(self.stop_event, accelerator)  # with several processes, all ranks stop after the same step
         train_dl, eval_dl = make_loaders(self.data, cfg, accelerator)
         self.order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)
