@@ -49,6 +49,7 @@ def test_eval_mode_and_p_zero_are_the_identity():
     assert MaskDropout(0.0)(x) is x
     with pytest.raises(ValueError):
         MaskDropout(1.0)
+    assert MaskDropout(0.9999999).scale == pytest.approx(65536.0)  # finite: one value in 65536 is kept
 
 
 def test_seeded_draws_repeat_and_successive_draws_differ():

