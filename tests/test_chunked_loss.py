@@ -5,6 +5,8 @@ falls back to the plain loss."""
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 from conftest import instruction_rows
@@ -65,7 +67,7 @@ def loss_and_grads(model, fn):
 def assert_same(model, chunk_elements=VOCAB * 5):
     """Plain vs chunked (chunks of 5 rows, so several): same loss, same gradient for every trainable tensor."""
     plain_loss, plain_grads = loss_and_grads(model, lambda m, b: m(**b).loss)
-    chunked = ChunkedCausalLMLoss(model, chunk_elements=chunk_elements)
+    chunked = ChunkedCausalLMLoss(model, chunk_elements=chunk_elements, pads_right=True)
     loss, grads = loss_and_grads(model, chunked)
     assert chunked.fallback is None and chunked.checked
     assert chunked.causal_only is True  # the right-padded batch ran without its mask, and gave the same loss
@@ -119,13 +121,17 @@ def masks_seen(model):
 def test_right_padded_batch_runs_without_its_mask():
     model = lora(tiny())
     seen = masks_seen(model)
-    chunked = ChunkedCausalLMLoss(model)
+    chunked = ChunkedCausalLMLoss(model, pads_right=True)
     chunked(model, batch())
     assert seen[-1] is None and chunked.causal_only is True
     left = batch()
     left["attention_mask"] = left["attention_mask"].flip(1)  # left padding: the mask is needed
-    chunked(model, left)
-    assert seen[-1] is not None
+    on_the_left = ChunkedCausalLMLoss(model, pads_right=True)
+    on_the_left(model, left)  # the collator promised right padding; the first batch says otherwise: checked, kept
+    assert seen[-1] is not None and on_the_left.causal_only is False
+    unknown = ChunkedCausalLMLoss(model)  # no promise from the collator: never dropped
+    unknown(model, batch())
+    assert seen[-1] is not None and unknown.causal_only is False
 
 
 def test_model_whose_padding_is_not_inert_keeps_the_mask():
@@ -138,7 +144,7 @@ def test_model_whose_padding_is_not_inert_keeps_the_mask():
     bidirectional.use_bidirectional_attention = True
     seen = masks_seen(model)
     plain = model(**batch()).loss
-    chunked = ChunkedCausalLMLoss(model)
+    chunked = ChunkedCausalLMLoss(model, pads_right=True)
     loss = chunked(model, batch())
     assert chunked.causal_only is False and seen[-1] is not None
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
@@ -215,3 +221,29 @@ def test_under_accelerate_bf16_autocast_it_stays_chunked_and_matches_the_plain_l
         assert ours.item() == pytest.approx(plain.item(), rel=2e-2)
     finally:
         AcceleratorState._reset_state()
+
+
+def test_training_runs_right_padded_batches_without_their_mask(tiny_llama, workdir, monkeypatch):
+    """Through the engine: the collator pads on the right, so after the first batch's check the training
+    forwards get no attention mask (and the losses are those of the masked plain loss, test above)."""
+    from peft_magic import models
+
+    masks, real = [], models.load_model
+
+    def seen(module, args, kwargs):
+        frames = {f.name for f in traceback.extract_stack()}
+        if "micro_batch" in frames and "_padding_is_inert" not in frames:  # training forwards, not the check's
+            masks.append(kwargs.get("attention_mask") is None)
+
+    def load_model(*a, **kw):
+        model = real(*a, **kw)
+        model.register_forward_pre_hook(seen, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    config = {"model": tiny_llama, "data": {"train": instruction_rows(32)},
+              "train": {"max_steps": 4, "logging_steps": 2, "eval_steps": 0, "per_device_train_batch_size": 4,
+                        "output_dir": str(workdir / "out")}}  # fmt: skip
+    run = peft_magic.train(config, display="none")
+    assert run.status == "done"
+    assert masks == [True] * 4  # every training forward ran unmasked (the first after the one-time check)

@@ -609,7 +609,8 @@ def test_seq_cls_head_trains_and_reloads_through_the_engine(tiny_bert, tmp_path)
         "task": "seq-cls",
         "method": {"name": "layers", "last_n": 2},
         "data": {"train": sentiment_rows(64), "eval": sentiment_rows(16, seed=1)},
-        "train": {"max_steps": 30, "learning_rate": 3e-3, "logging_steps": 10, "eval_steps": 0,
+        # at 3e-3 the loss stayed at ln 2 (0.696 -> 0.6964 on seed 0): whether it fell was the dropout's draw
+        "train": {"max_steps": 30, "learning_rate": 1e-2, "logging_steps": 10, "eval_steps": 0,
                   "output_dir": str(tmp_path / "out")},
     }  # fmt: skip
     run = peft_magic.train(cfg, display="none")

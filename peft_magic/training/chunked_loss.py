@@ -180,7 +180,7 @@ def _module_chunks(head, hidden, targets, chunk, scale, softcap):
 class ChunkedCausalLMLoss:
     """`loss(model, batch)`: the mean cross-entropy over trained tokens, without full logits (see module doc)."""
 
-    def __init__(self, model, accelerator=None, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, model, accelerator=None, chunk_elements: int = CHUNK_ELEMENTS, pads_right: bool = False):
         base = _unwrap(model)
         self.backbone = base.base_model
         self.head = base.get_output_embeddings()
@@ -189,7 +189,9 @@ class ChunkedCausalLMLoss:
         self.chunk = max(16, chunk_elements // vocab)
         self.checked = False
         self.fallback = None  # a reason once the one-time check failed
-        self.causal_only = None  # right-padded batches run without the padding mask (checked once, see _drop_mask)
+        # batches padded on the right (the collator's tokenizer pads right) run without the padding mask once the
+        # first batch showed the model's padding is inert (_drop_mask); None: not checked yet
+        self.causal_only = None if pads_right else False
         self.name = type(base).__name__
         # mixed precision: accelerate autocasts the model's forward only; the output layer here runs under the same
         # autocast (bf16 matmuls, float32 loss, as the model's own loss does) and the check compares like with like
@@ -241,18 +243,16 @@ class ChunkedCausalLMLoss:
     def _drop_mask(self, model, inputs) -> None:
         """Right-padded rows of a causal model need no padding mask: a real position attends only to earlier
         positions, all real, and padding (after them) is never trained. Without the mask, attention runs its
-        causal kernel (on CPU, sdpa's flash kernel is ~25% faster causal than with a mask) and no mask is built.
-        Checked once per run on a batch with padding, in float32 and eval mode: the most padded row's hidden
-        states batched without the mask must equal the row alone, unpadded; a model whose padding is not inert
-        (bidirectional attention, positions from the mask) keeps the mask."""
+        causal kernel (on CPU the model's forward + backward took 0.84x the CPU time, benchmarks/cpu_kernels.py)
+        and no 4-D mask is built. The collator pads every batch on the right (`pads_right`); the first batch is
+        checked once, in float32 and eval mode: a row with the mask hiding its second half must give the same
+        hidden states over its first half without the mask. A model whose padding is not inert (bidirectional
+        attention, positions from the mask) keeps the mask. After the check no batch is read back (no host sync)."""
         mask = inputs.get("attention_mask")
-        if mask is None or self.causal_only is False or "position_ids" in inputs or not _right_padded(mask):
-            return
-        if bool(mask.all()):  # no padding: nothing for the mask to hide
-            del inputs["attention_mask"]
+        if mask is None or self.causal_only is False or "position_ids" in inputs or mask.dim() != 2:
             return
         if self.causal_only is None:
-            self.causal_only = self._padding_is_inert(model, inputs)
+            self.causal_only = _right_padded(mask) and self._padding_is_inert(model, inputs)
             if not self.causal_only:
                 return
         del inputs["attention_mask"]
@@ -260,16 +260,18 @@ class ChunkedCausalLMLoss:
     def _padding_is_inert(self, model, inputs) -> bool:
         import torch
 
-        mask = inputs["attention_mask"]
-        lengths = mask.sum(1)
-        short, long = int(lengths.argmin()), int(lengths.argmax())
-        n = int(lengths[short])
-        rows = {k: v[[short, long]] for k, v in inputs.items() if k != "attention_mask" and torch.is_tensor(v)
-                and v.dim() >= 1 and v.shape[0] == mask.shape[0]}  # fmt: skip
-        alone = {k: v[:1, :n] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v[:1] for k, v in rows.items()}
-        # the transformers model itself: no accelerate autocast wrapper (float32 compares sharply), no DDP hooks
         from .quantized_cpu import hold_training_layout
 
+        mask = inputs["attention_mask"]
+        if any(not (torch.is_tensor(v) and v.shape == mask.shape) for k, v in inputs.items()):
+            return False  # inputs other than per-token ids (images, ...): keep the mask
+        row = int(mask.sum(1).argmax())
+        n = int(mask[row].sum())
+        one = {k: v[row : row + 1, :n] for k, v in inputs.items() if k != "attention_mask"}
+        half = torch.zeros((1, n), dtype=mask.dtype, device=mask.device)
+        real = max(1, n // 2)
+        half[:, :real] = 1  # the row's second half as padding
+        # the transformers model itself: no accelerate autocast wrapper (float32 compares sharply), no DDP hooks
         base = _unwrap(model)
         captured = []
         handle = self.backbone.register_forward_hook(lambda m, a, out: captured.append(out[0].float()))
@@ -278,15 +280,15 @@ class ChunkedCausalLMLoss:
         base.eval()
         try:
             with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
-                base(**rows, logits_to_keep=1)
-                base(**alone, logits_to_keep=1)
+                base(**one, attention_mask=half, logits_to_keep=1)
+                base(**one, logits_to_keep=1)
         finally:
             handle.remove()
             base.train(was_training)
             release()
-        batched, single = captured[0][0, :n], captured[1][0]
-        tol = 1e-3 if single.dtype == torch.float32 and self.head.weight.dtype == torch.float32 else 3e-2
-        return bool(((batched - single).norm() <= tol * single.norm().clamp(min=1e-6)).item())
+        masked, unmasked = captured[0][0, :real], captured[1][0, :real]
+        tol = 1e-3 if self.head.weight.dtype == torch.float32 else 3e-2
+        return bool(((masked - unmasked).norm() <= tol * masked.norm().clamp(min=1e-6)).item())
 
     def _agrees(self, hidden_last, model_logits) -> bool:
         import torch
@@ -303,7 +305,7 @@ class ChunkedCausalLMLoss:
             return bool(((ours - ref).norm() <= tol * ref.norm().clamp(min=1e-6)).item())
 
 
-def loss_function(model, cfg, accelerator=None):
+def loss_function(model, cfg, accelerator=None, pads_right: bool = False):
     """The training loss for this run: `fn(model, batch) -> scalar`. The chunked loss for causal-LM supervised
     training when `train.kernels` allows it and the model supports it; `model(**batch).loss` otherwise."""
     choice = getattr(cfg.train, "kernels", "auto")
@@ -315,4 +317,4 @@ def loss_function(model, cfg, accelerator=None):
             _say_once(type(_unwrap(model)).__name__, f"train.kernels: chunked is not possible here ({why}); "
                                                      "using the plain loss.")  # fmt: skip
         return plain_loss
-    return ChunkedCausalLMLoss(model, accelerator)
+    return ChunkedCausalLMLoss(model, accelerator, pads_right=pads_right)

@@ -200,7 +200,10 @@ class Loop:
         from .objectives import make_objective
 
         self.objective = make_objective(cfg, self.data, accelerator, self.state)  # dpo/orpo/grpo; None: the model's loss
-        self.compute_loss = self.objective if self.objective else loss_function(model, cfg, accelerator)  # chunked causal-LM loss
+        tokenizer = getattr(getattr(self.data, "collator", None), "tokenizer", None)  # the collator pads its way
+        pads_right = getattr(tokenizer, "padding_side", None) == "right" and not cfg.data.packing
+        # chunked causal-LM loss (and right-padded batches without their mask)
+        self.compute_loss = self.objective or loss_function(model, cfg, accelerator, pads_right=pads_right)
         from .eval_samples import EvalSamples
 
         self.eval_samples = EvalSamples.from_config(cfg, self.data)  # eval.samples: greedy answers at each evaluation
