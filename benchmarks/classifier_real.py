@@ -29,13 +29,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from sft_real import hf_common, hf_clock, mark, parse_side  # benchmarks/ is on sys.path when run as a script
+from sft_real import hf_clock, hf_common, ours_clock, parse_side, run_side  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SIDES = "trainer ours ours:mixed_precision=no ours:group_by_length=false ours:kernels=none"
@@ -161,13 +160,6 @@ def train_ours(spec, rows, out_dir, clock, overrides):
     sys.path.insert(0, str(ROOT))
     import peft_magic
 
-    class Clock:
-        def on_train_begin(self, state):
-            clock["begin"] = mark()
-
-        def on_step_end(self, state):
-            clock["steps"].append((time.perf_counter(), time.process_time()))
-
     train = {"max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"], "learning_rate": spec["lr"],
              "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
              "logging_steps": 25, "eval_steps": 0, "save_steps": 0, "seed": spec["seed"], "output_dir": out_dir,
@@ -175,7 +167,7 @@ def train_ours(spec, rows, out_dir, clock, overrides):
     config = {"model": spec["model"], "task": "seq-cls", "train": train,
               "data": {"train": rows, "max_length": spec["max_length"]},
               "method": {"name": "lora", **LORA, "target_modules": TARGETS}}  # fmt: skip
-    run = peft_magic.train(config, callbacks=[Clock()], display="none", name="classifier-real")
+    run = peft_magic.train(config, callbacks=[ours_clock(clock)], display="none", name="classifier-real")
     return run.model, run.tokenizer
 
 
@@ -219,18 +211,6 @@ def worker(side: str, spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------- orchestration and the table
-
-
-def run_side(side: str, spec: dict, threads: int, timeout: float) -> dict:
-    env = {**os.environ, "PEFT_MAGIC_CACHE": tempfile.mkdtemp(prefix="cache-", dir=spec["workdir"]),  # cold
-           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    cmd = [sys.executable, __file__, "--worker", side, "--spec", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
 
 
 FIELDS = ("process_s", "process_cpu_s", "before_loop_s", "loop_s", "examples_per_s", "tokens_per_cpu_s", "peak_gb",
@@ -302,7 +282,7 @@ def main(argv=None) -> None:
     results = []
     for rep in range(args.repeats):
         for side in sides if rep % 2 == 0 else sides[::-1]:
-            r = run_side(side, spec, args.threads, timeout=1800)
+            r = run_side(side, spec, args.threads, timeout=1800, script=__file__)
             results.append(r)
             print(f"  {side:28} whole {r['process_s']:6.1f} s  loop {r['loop_s']:6.1f} s  "
                   f"{r['examples_per_s']:6.1f} ex/s  loss {r['eval_loss']:.4f}  acc {r['accuracy']:.3f}  "

@@ -209,6 +209,19 @@ def hf_clock(clock: dict):
     return Clock()
 
 
+def ours_clock(clock: dict):
+    """peft_magic's callback with the same marks as `hf_clock`."""
+
+    class Clock:
+        def on_train_begin(self, state):
+            clock["begin"] = mark()
+
+        def on_step_end(self, state):
+            clock["steps"].append((time.perf_counter(), time.process_time()))
+
+    return Clock()
+
+
 def load_base(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM
@@ -268,13 +281,6 @@ def train_ours(spec, rows, out_dir, clock, overrides):
     sys.path.insert(0, str(ROOT))
     import peft_magic
 
-    class Clock:
-        def on_train_begin(self, state):
-            clock["begin"] = mark()
-
-        def on_step_end(self, state):
-            clock["steps"].append((time.perf_counter(), time.process_time()))
-
     messages = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
                 for r in rows]  # fmt: skip
     train = {"num_train_epochs": 1, "per_device_train_batch_size": spec["batch"], "learning_rate": spec["lr"],
@@ -286,7 +292,7 @@ def train_ours(spec, rows, out_dir, clock, overrides):
     model = {"name_or_path": spec["model"], "dtype": "float32", "quantization": spec["quant"]}
     config = {"model": model, "task": "causal-lm", "data": data, "train": train,
               "method": {"name": "lora", **LORA, "target_modules": "all-linear"}}  # fmt: skip
-    run = peft_magic.train(config, callbacks=[Clock()], display="none", name="sft-real")
+    run = peft_magic.train(config, callbacks=[ours_clock(clock)], display="none", name="sft-real")
     return run.model, run.tokenizer
 
 
@@ -326,11 +332,12 @@ def worker(side: str, spec: dict) -> dict:
 # ---------------------------------------------------------------- orchestration and the table
 
 
-def run_side(side: str, spec: dict, threads: int, timeout: float) -> dict:
+def run_side(side: str, spec: dict, threads: int, timeout: float, script: str = __file__) -> dict:
+    """Run `side` in a fresh process of `script` (this file, or another benchmark built on it)."""
     env = {**os.environ, "PEFT_MAGIC_CACHE": tempfile.mkdtemp(prefix="cache-", dir=spec["workdir"]),  # cold
            "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    cmd = [sys.executable, __file__, "--worker", side, "--spec", json.dumps(spec)]
+    cmd = [sys.executable, script, "--worker", side, "--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
