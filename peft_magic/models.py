@@ -178,6 +178,8 @@ def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pa
     if labels is not None:
         kw.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
                   label2id={str(lab): i for i, lab in enumerate(labels)})  # fmt: skip
+    elif mcfg.gguf_file:
+        kw["config"] = load_config(mcfg)  # read once per process: from_pretrained would parse the GGUF's header again
     cls = getattr(transformers, AUTO_CLASSES[task])
     with quiet_loading():
         try:
