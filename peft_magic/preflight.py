@@ -620,11 +620,11 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     """
     # On CUDA dropout keeps a bool mask; on CPU torch multiplies by a float noise tensor and keeps that.
     mask_b = act_b if kind == "cpu" else 1
-    lora_mask_b = 1 if kernels else mask_b  # training/dropout.py's one-byte mask (LoRA's and the model's dropout)
+    module_mask_b = 1 if kernels else mask_b  # training/dropout.py's one-byte mask (LoRA's and the model's modules)
     kept, layers, largest_block = 0, 0, 0
     for stack in an.stacks:
-        block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision,
-                                                lora_mask_b)  # fmt: skip
+        block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kind, quantization,
+                                                mixed_precision)  # fmt: skip
         layers += stack.layers * block
         largest_block = max(largest_block, block)
         kept += stack.layers * (tokens * an.hidden * act_b if checkpointing else block)
@@ -648,8 +648,10 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     return int(peak), int(layers)
 
 
-def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization, mixed_precision,
-                           lora_mask_b=None) -> float:
+def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kind, quantization,
+                           mixed_precision) -> float:
+    """`mask_b`: bytes per element of a dropout mask inside attention (functional dropout); `module_mask_b`: of
+    an `nn.Dropout` module's (residual and LoRA dropout), one byte with `train.kernels` on CPU."""
     h, a, kv, hd = an.hidden, an.heads, an.kv_heads, an.head_dim
     norm_b = 4 if (stack.rms or mixed_precision in ("fp16", "bf16")) else act_b  # norms run in fp32 under autocast
     b = stack.norms * h * norm_b
@@ -666,7 +668,7 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization
     # MLP: a SwiGLU keeps the gate's output, its activation and the up projection; a plain MLP keeps the
     # activation's input.
     b += (3 if stack.gated else 1) * stack.intermediate * act_b
-    b += stack.residual_dropouts * h * (mask_b if lora_mask_b is None else lora_mask_b)
+    b += stack.residual_dropouts * h * module_mask_b
     # Adapters: LoRA with dropout keeps the dropped input and the mask for each adapted layer, and A's output;
     # without dropout the layer's input itself, which siblings (q, k, v) share.
     inputs = set()
@@ -675,7 +677,7 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, kind, quantization
             continue
         b += r * act_b
         if p > 0:
-            b += d_in * (act_b + (mask_b if lora_mask_b is None else lora_mask_b))
+            b += d_in * (act_b + module_mask_b)
         else:
             inputs.add(_input_key(name, d_in))
     if quantization == "8bit":  # bitsandbytes' 8-bit matmul keeps its input for backward

@@ -56,8 +56,8 @@ def _autocast_dtype(tensor):
 
 
 def _right_padded(mask) -> bool:
-    """Every row of the attention mask is real tokens first, then padding (and starts with a real token)."""
-    return mask.dim() == 2 and bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+    """Every row of the (2-D) attention mask is real tokens first, then padding (and starts with a real token)."""
+    return bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def plain_loss(model, batch):

@@ -82,11 +82,9 @@ def use_mask_dropout(model, device) -> int:
     if torch.device(device).type != "cpu":
         return 0
     swapped = 0
-    for module in model.modules():
-        for name, child in list(module._modules.items()):
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
             if type(child) is torch.nn.Dropout and not child.inplace and 0.0 < child.p < 1.0:
-                replacement = MaskDropout(child.p)
-                replacement.train(child.training)
-                module._modules[name] = replacement
+                setattr(module, name, MaskDropout(child.p).train(child.training))
                 swapped += 1
     return swapped
