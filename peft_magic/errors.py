@@ -1,19 +1,34 @@
 """User-facing errors.
 
-A `ConfigError` is a user mistake (a bad key, a missing column, a path that does not exist). It subclasses
-IPython's `UsageError`, so in a notebook it shows as one red line with no traceback; in scripts and the CLI it
-is an ordinary exception whose message says what is wrong and how to fix it. Bugs keep their tracebacks.
+A `ConfigError` is a user mistake (a bad key, a missing column, a path that does not exist). Where IPython runs
+(a notebook's kernel, an IPython shell, the magics) it subclasses IPython's `UsageError`, so it shows as one red
+line with no traceback and `except UsageError` catches it; in scripts and the CLI it is an ordinary exception
+whose message says what is wrong and how to fix it. Bugs keep their tracebacks.
+
+IPython is not imported here for the error's sake: that costs ~0.35 s of a script's start (its terminal shell,
+prompt_toolkit, jedi), and every process where IPython runs has imported it long before this module.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import sys
 
-try:  # IPython is a dependency, but keep the error usable without it.
-    from IPython.core.error import UsageError as _Base
-except ImportError:  # pragma: no cover
-    _Base = Exception
+
+def _base() -> type:
+    """IPython's `UsageError` when IPython is loaded in this process, else `Exception`."""
+    if "IPython" in sys.modules:  # a kernel, an IPython shell, or code that imported it: the notebook setting
+        try:
+            from IPython.core.error import UsageError
+
+            return UsageError
+        except ImportError:  # pragma: no cover - a broken install: the plain exception still says what to fix
+            pass
+    return Exception
+
+
+_Base = _base()
 
 
 class ConfigError(_Base):

@@ -15,6 +15,9 @@ if "PEFT_MAGIC_CACHE" not in os.environ:  # tokenization cache of the test sessi
 
     os.environ["PEFT_MAGIC_CACHE"] = tempfile.mkdtemp(prefix="peft-magic-test-cache-")
 
+# The notebook setting for every test: IPython is loaded before peft_magic.errors, so ConfigError subclasses
+# IPython's UsageError (tests/test_lazy_imports.py checks plain Python, in a fresh process).
+import IPython.core.error  # noqa: F401
 import torch
 
 # Two CPU cores are shared by everyone here: intra-op threads fight over them and make tiny models ~10x slower.
