@@ -118,3 +118,46 @@ def test_a_rerun_of_prepare_skips_tokenization(cache, calls, tiny_llama):
     assert len(calls) == 2  # train and eval, once each
     assert two.train["input_ids"] == one.train["input_ids"] and two.eval["input_ids"] == one.eval["input_ids"]
     assert two.train_tokens == one.train_tokens
+
+
+def _bert_tokenizer(extra=()):
+    """A WordPiece tokenizer that keeps its 300-word vocabulary beside the backend, as BERT's and MiniLM's do."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(300)] + list(extra)
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
+def test_tokenizer_hash_follows_the_vocabulary_table():
+    """The cheap hash (the vocabulary table as one string) is stable across fresh tokenizers and after a
+    truncating call, and changes with the table and with a setting that shapes the tokens."""
+    from peft_magic.data.cache import _plain_table, tokenizer_hash
+
+    tok = _bert_tokenizer()
+    assert any(_plain_table(v) for v in vars(tok).values())  # the compact path is the one tested
+    key = tokenizer_hash(tok)
+    tok(["w1 w2 w3 w4"], truncation=True, max_length=3)
+    assert tokenizer_hash(tok) == key == tokenizer_hash(_bert_tokenizer())
+    assert tokenizer_hash(_bert_tokenizer(extra=["w300"])) != key
+    tok.truncation_side = "left"
+    assert tokenizer_hash(tok) != key
+
+
+def test_the_cache_key_is_the_tokenized_sets_fingerprint(cache, monkeypatch):
+    """datasets does not hash the tokenizer a second time for the map: the cache key is its new fingerprint."""
+    import datasets
+
+    from peft_magic.data.cache import cached_tokenize, fingerprint
+
+    given = []
+    real = datasets.Dataset.map
+
+    def recording(self, *args, **kwargs):
+        given.append(kwargs.get("new_fingerprint"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", recording)
+    tok, dcfg, ds = _bert_tokenizer(), _dcfg(), _ds([{"text": "w1 w2", "label": "a"}, {"text": "w3", "label": "b"}])
+    out = cached_tokenize(ds, tok, dcfg, "classification", "seq-cls", ["a", "b"])
+    assert given[0] == fingerprint(ds, tok, dcfg, "classification", "seq-cls", ["a", "b"])  # then the filter's
+    assert out["input_ids"] == [[2, 6, 7, 3], [2, 8, 3]]

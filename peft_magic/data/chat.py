@@ -311,9 +311,10 @@ STATS_COLUMNS = ("n_full", "n_trained")  # per row: tokens before the cut, train
 
 
 def tokenize_rows(ds, tokenizer, kind: str, train_on="assistant", max_length=256, key="data.train",
-                  text_column="text"):  # fmt: skip
+                  text_column="text", fingerprint=None):  # fmt: skip
     """Tokenize a causal-LM split (normalised by `formats.normalize`): input_ids, attention_mask, labels and the
-    `STATS_COLUMNS`, which `preview.finish` turns into the length figures and then removes."""
+    `STATS_COLUMNS`, which `preview.finish` turns into the length figures and then removes. `fingerprint`: as
+    for `prepare.tokenize`."""
     encoder = Encoder(tokenizer, train_on, max_length, key)
 
     def encode(batch):
@@ -328,4 +329,4 @@ def tokenize_rows(ds, tokenizer, kind: str, train_on="assistant", max_length=256
                 "labels": [r[1] for r in rows], "n_full": [r[2] for r in rows],
                 "n_trained": [sum(1 for x in r[1] if x != -100) for r in rows]}  # fmt: skip
 
-    return ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None)
+    return ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None, new_fingerprint=fingerprint)

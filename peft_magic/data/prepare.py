@@ -315,19 +315,23 @@ def unseen_labels(ds, kind, dcfg, labels) -> list:
 # ---------------------------------------------------------------- tokenizing
 
 
-def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, keep_stats=False, key="data.train"):
+def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, keep_stats=False, key="data.train",
+             fingerprint=None):  # fmt: skip
     """Add input_ids/attention_mask/labels; drop the source columns.
 
     Causal-LM data goes through `chat.tokenize_rows` (conversations normalised first when they are not yet).
     With `keep_stats` its per-row length columns stay (`preview.finish` reads and removes them); without, rows
-    that train on nothing are dropped here.
+    that train on nothing are dropped here. `fingerprint` (the tokenization cache's key, which covers the
+    tokenizer, the settings and this code) becomes the tokenized set's datasets fingerprint; without it datasets
+    derives one by hashing the encoding function, tokenizer included.
     """
     if task == "causal-lm":
         from . import chat, formats, preview
 
         if kind != "text" and "source_row" not in ds.column_names and "completion" not in ds.column_names:
             ds = formats.normalize(ds, formats.detect(ds, dcfg, key), dcfg.train_on, key)
-        out = chat.tokenize_rows(ds, tokenizer, kind, dcfg.train_on, dcfg.max_length, key, dcfg.text_column)
+        out = chat.tokenize_rows(ds, tokenizer, kind, dcfg.train_on, dcfg.max_length, key, dcfg.text_column,
+                                 fingerprint)  # fmt: skip
         return out if keep_stats else preview.finish(out, dcfg.max_length)[0]
     max_len = dcfg.max_length
     label_ids = {lab: i for i, lab in enumerate(labels)} if labels is not None else None
@@ -349,7 +353,7 @@ def tokenize(ds, tokenizer, dcfg, kind: str, task: str, labels=None, keep_stats=
         enc["labels"] = tokenizer(text_target=batch[dcfg.response_column], truncation=True, max_length=max_len)["input_ids"]  # fmt: skip
         return enc
 
-    out = ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None)
+    out = ds.map(encode, batched=True, remove_columns=list(ds.column_names), desc=None, new_fingerprint=fingerprint)
     return out.filter(lambda r: len(r["input_ids"]) > 0)
 
 
