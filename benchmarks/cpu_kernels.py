@@ -111,9 +111,53 @@ def kernels(repeats: int) -> list:
     return rows
 
 
+def casts(repeats: int) -> list:
+    """Frozen weights cast once vs autocast's cast at every forward, and the pre-norms' outputs cast once vs by
+    each of q/k/v (gate/up); peft's input cast skipped on all sides, as in training."""
+    from peft_magic.training.frozen_casts import cache_frozen_weights, half_norm_outputs
+    from peft_magic.training.lora_casts import skip_input_casts
+
+    model = smollm2_lora()
+    skip_input_casts(model, "bf16")
+    ids = torch_ids(model)
+    cache_frozen_weights(model, "bf16")
+    forwards = {m: m.__dict__.pop("forward") for m in model.modules() if "_weight16" in m.__dict__}
+
+    def weights16(on: bool):
+        for m, fwd in forwards.items():
+            if on:
+                m.forward = fwd
+            else:
+                m.__dict__.pop("forward", None)
+
+    def side(cached: bool, norms: bool):
+        def run():
+            weights16(cached)
+            release = half_norm_outputs(model, "bf16") if norms else (lambda: None)
+            try:
+                step(model, ids)
+            finally:
+                release()
+
+        return run
+
+    t = best({"cast": side(False, False), "cached": side(True, False), "cached+norms": side(True, True)}, repeats,
+             inner=1)  # fmt: skip
+    return [("SmolLM2 + LoRA fwd+bwd, bf16, 8x300: frozen weights cast by autocast vs once per run", t["cast"],
+             t["cached"]),
+            ("SmolLM2 + LoRA fwd+bwd, bf16, 8x300, weights cast once: norm outputs cast per layer vs once",
+             t["cached"], t["cached+norms"])]  # fmt: skip
+
+
+def torch_ids(model, rows=8, length=300):
+    import torch
+
+    return torch.randint(0, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="dropout,kernels")
+    p.add_argument("--only", default="dropout,kernels,casts")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     import torch
@@ -121,7 +165,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rows = []
     for name in args.only.split(","):
-        rows += {"dropout": dropout, "kernels": kernels}[name](args.repeats)
+        rows += {"dropout": dropout, "kernels": kernels, "casts": casts}[name](args.repeats)
     load = os.getloadavg()[0]
     print(f"one torch thread, best of {args.repeats} (CPU time); load average {load:.1f}\n")
     print("| what | before (ms) | after (ms) | after / before |\n| --- | ---: | ---: | ---: |")

@@ -155,7 +155,7 @@ class Loop:
         self.model, self.cfg, self.data, self.method = model, cfg, data, method
         self.state, self.bus, self.stop_event, self.history = state, bus, stop_event, history
         self.checkpointer, self.resume, self.evaluate_fn = checkpointer, resume, evaluate_fn
-        self.release_casts = lambda: None  # set by prepare under mixed precision (training/lora_casts.py)
+        self.release_casts = lambda: None  # set by prepare under mixed precision (cast_once)
 
     def prepare(self) -> None:
         """Everything the steps need, prepared by Accelerate (devices, processes, mixed precision)."""
@@ -186,9 +186,7 @@ class Loop:
             from .dropout import use_mask_dropout
 
             use_mask_dropout(model, accelerator.device)  # CPU: LoRA dropout with a one-byte mask, a third faster
-            from .lora_casts import skip_input_casts
-
-            self.release_casts = skip_input_casts(model, str(accelerator.mixed_precision))  # 16-bit stays 16-bit
+            self.release_casts = cast_once(model, accelerator)  # 16-bit stays 16-bit; frozen weights cast once
         if cfg.data.packing:
             from .packing import check_packing
 
@@ -374,6 +372,27 @@ class Loop:
         accelerator.free_memory()
         self.bus.emit("on_train_end", state)
         return unwrapped
+
+
+def cast_once(model, accelerator):
+    """Under bf16/fp16 mixed precision: no float32 round trip in LoRA (lora_casts.py), one 16-bit copy of each
+    frozen linear weight and one cast of each pre-norm output (frozen_casts.py). Returns what undoes all three."""
+    from accelerate.utils import DistributedType
+
+    from .frozen_casts import cache_frozen_weights, half_norm_outputs
+    from .lora_casts import skip_input_casts
+
+    mp = str(accelerator.mixed_precision)
+    releases = [skip_input_casts(model, mp)]
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # sharded weights
+        unwrapped = accelerator.unwrap_model(model)
+        releases += [cache_frozen_weights(unwrapped, mp), half_norm_outputs(unwrapped, mp)]
+
+    def release():
+        for undo in releases:
+            undo()
+
+    return release
 
 
 def _log(accelerator, state, bus, history, loss_sum, micro, tokens, scheduler, step, objective=None):
