@@ -50,11 +50,20 @@ def _linear16_forward(self, x):
 
     weight, bias = self.weight, self.bias
     if _autocast_dtype(x) == self._weight16.dtype:
-        if weight._version != self._weight16_version:  # written since the copy was made
-            self._weight16, self._weight16_version = weight.detach().to(self._weight16.dtype), weight._version
-            self._bias16 = None if bias is None else bias.detach().to(self._weight16.dtype)
+        if _versions(self) != self._weight16_version:  # written since the copy was made (a checkpoint's load)
+            _copy16(self, self._weight16.dtype)
         weight, bias = self._weight16, self._bias16
     return F.linear(x, weight, bias)
+
+
+def _versions(module) -> tuple:
+    return module.weight._version, None if module.bias is None else module.bias._version
+
+
+def _copy16(module, dtype) -> None:
+    w, b = module.weight, module.bias
+    module._weight16, module._weight16_version = w.detach().to(dtype), _versions(module)
+    module._bias16 = None if b is None else b.detach().to(dtype)
 
 
 def cache_frozen_weights(model, mixed_precision: str):
@@ -79,8 +88,7 @@ def cache_frozen_weights(model, mixed_precision: str):
             continue
         if b is not None and (b.requires_grad or uses[id(b)] > 1):
             continue
-        module._weight16, module._weight16_version = w.detach().to(dtype), w._version
-        module._bias16 = None if b is None else b.detach().to(dtype)
+        _copy16(module, dtype)
         module.forward = types.MethodType(_linear16_forward, module)
         changed.append(module)
 
