@@ -42,7 +42,7 @@ def _autocasting(tensor) -> bool:
         return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
 
 
-def _autocast_dtype(tensor):
+def autocast_dtype(tensor):
     """The 16-bit type autocast casts to on the device of `tensor` here, or None when autocast is off."""
     import torch
 
@@ -124,7 +124,7 @@ class _FrozenHeadCE:
                 grad = torch.empty_like(h) if need else None
                 # under autocast, the output layer's weight is cast once per step here, not once per chunk (28M
                 # elements for SmolLM2's tied embeddings); the matmuls are the same bf16 ones autocast would run
-                dt = _autocast_dtype(h) or h.dtype
+                dt = autocast_dtype(h) or h.dtype
                 w = weight.to(dt)
                 b = bias.to(dt) if bias is not None else None
                 total = torch.zeros((), dtype=torch.float32, device=h.device)

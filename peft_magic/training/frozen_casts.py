@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 
-from .chunked_loss import _autocast_dtype
+from .chunked_loss import autocast_dtype
 
 # model_type -> the pre-norms whose output only feeds linear layers (the attention's q/k/v, the MLP's gate/up)
 PRE_NORM_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite"})
@@ -49,7 +49,7 @@ def _linear16_forward(self, x):
     import torch.nn.functional as F
 
     weight, bias = self.weight, self.bias
-    if _autocast_dtype(x) == self._weight16.dtype:
+    if autocast_dtype(x) == self._weight16.dtype:
         if _versions(self) != self._weight16_version:  # written since the copy was made (a checkpoint's load)
             _copy16(self, self._weight16.dtype)
         weight, bias = self._weight16, self._bias16
@@ -123,7 +123,7 @@ class _Shared16:
         """Forward hook of a pre-norm: remember its float32 output and cast it once (under autocast only)."""
         import torch
 
-        dtype = _autocast_dtype(output)
+        dtype = autocast_dtype(output)
         if dtype is None or output.dtype != torch.float32:
             self.source = self.copy = None
             return
@@ -133,7 +133,7 @@ class _Shared16:
         """Forward pre-hook of a linear layer: the copy in place of the remembered output."""
         if not args or self.source is None or args[0] is not self.source():
             return None
-        if _autocast_dtype(args[0]) != self.copy.dtype:
+        if autocast_dtype(args[0]) != self.copy.dtype:
             return None
         x = self.alias.apply(args[0], self.copy) if args[0].requires_grad else self.copy
         return (x, *args[1:])
