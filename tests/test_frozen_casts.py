@@ -226,15 +226,15 @@ def test_a_failed_and_a_stopped_bf16_run_leave_the_weights_as_loaded_and_the_sto
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("task", ["sft", "sft-recomputed", "dpo", "grpo"])
 def test_runs_with_and_without_the_casts_train_the_same_bit_for_bit(tiny_llama, workdir, monkeypatch, watched, task):
     """The whole run, evaluation, checkpoints and (dpo, grpo) the reference forwards and the sampling included:
     the same losses and the same LoRA weights as a run with only peft's input cast skipped."""
     from test_preference_training import grpo_config, pref_config, says_good
 
     def train(out):
-        if task == "sft":
-            cfg = run_config(tiny_llama, out, save_steps=2)
+        if task.startswith("sft"):  # recomputed: activation checkpointing casts and hooks again in backward
+            cfg = run_config(tiny_llama, out, save_steps=2, gradient_checkpointing=task == "sft-recomputed")
         else:
             cfg = (grpo_config if task == "grpo" else pref_config)(tiny_llama, out, steps=4)
             cfg["train"].update(mixed_precision="bf16", logging_steps=1, save_steps=2)
@@ -242,6 +242,7 @@ def test_runs_with_and_without_the_casts_train_the_same_bit_for_bit(tiny_llama, 
         return [{k: v for k, v in r.items() if k != "samples"} for r in run.history], lora_weights(run.model)
 
     ours = train(workdir / "ours")
+    assert watched["model"].is_gradient_checkpointing == (task == "sft-recomputed")
     assert all(n > 0 and hooks == 4 for n, hooks in watched["steps"])  # the copies and the norm hooks were on
     assert any("loss" in r or "rewards_margin" in r or "reward" in r for r in ours[0])
     monkeypatch.setattr(engine, "cast_once", lambda model, accelerator: skip_input_casts(
