@@ -10,8 +10,8 @@ and the gradients are identical. The parameters themselves are never touched: th
 that compare in float32, a reference model's forward) multiplies with the float32 weight as before. A weight
 written during the run (a checkpoint load) is cast again at its next use (its version counter moved). Not for
 quantized layers (not plain `nn.Linear`), trainable weights, or a weight shared with another module (tied
-embeddings). The cost: a 16-bit copy of the frozen linear weights held for the whole run (without activation
-checkpointing, autocast's own copies were all alive at the backward anyway).
+embeddings). The cost: a 16-bit copy of the frozen linear weights held for the whole run, so only runs without
+activation checkpointing get it (there autocast's own copies were all alive at the backward anyway).
 
 Norm outputs. In pre-norm decoders (Llama, Mistral, Qwen2/3, Granite) the RMSNorm before the attention and
 before the MLP returns float32, and each of q/k/v (gate/up) casts that same tensor to 16 bits separately and keeps
