@@ -123,6 +123,9 @@ def test_a_disagreement_is_said_with_its_likely_cause():
     assert "<td style='color:red'>no</td>" in html and "<p style='color:#b00'>the GGUF differs" in html
     close = [ParityRow("say no", "no", "nope", -0.300, -0.302, True)]
     assert "near-ties in greedy decoding" in ParityReport(file="m.gguf", quant="f16", rows=close).cause
+    # a coarse file whose scores agree closely (the q4_1 base the notebook trained on, + adapter) is not blamed
+    tie = [ParityRow("six plus nine?", "eight.", "eleven.", -0.461, -0.477, True)]
+    assert "near-ties in greedy decoding" in ParityReport(file="m.gguf", quant="q4_1", rows=tie).cause
     lost = [ParityRow("say no", "no", "???", -0.3, -3.1, False)]
     assert ParityReport(file="m.gguf", quant="q8_0", rows=lost).cause.startswith("llama.cpp builds a different prompt")
 

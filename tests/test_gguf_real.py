@@ -52,9 +52,15 @@ def test_quickstart_model_runs_in_llama_cpp_like_in_the_notebook(quick, tmp_path
     assert os.path.basename(adapter.file) == "SmolLM2-135M-Instruct.Q4_1.gguf + quickstart-adapter.gguf"
     notebook = [quick.generate(p, max_new_tokens=24) for p in DEMO_PROMPTS]
     for report in (merged, adapter):
-        assert report.ok, report.text()  # every greedy answer identical
-        assert [r.notebook for r in report.rows] == notebook
+        # llama.cpp scores the notebook's own answers (the same tokens, teacher-forced) within 0.1 nats a token of
+        # the notebook model: a lost template, adapter or broken weight moves that by far more. Greedy answers may
+        # still split on a near-tie of this lightly trained model (q8_0 noise; on a float32-trained run "six plus
+        # nine" came out "eight" in the notebook, "eleven" in llama.cpp, 0.033 apart): the report says so, and at
+        # most one of the three may differ.
         assert all(r.same_prompt_tokens for r in report.rows)
+        assert report.max_ll_gap < 0.1, report.text()
+        assert report.agreement >= 2 / 3 and (report.ok or "near-ties" in report.verdict), report.text()
+        assert [r.notebook for r in report.rows] == notebook
     assert all(r.notebook.startswith("Answer:") for r in adapter.rows), adapter.text()  # the trained style
 
     # the tokenizer round trip: the merged file's vocabulary, special tokens and chat template are the tokenizer's
