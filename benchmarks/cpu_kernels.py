@@ -9,6 +9,9 @@
 - ``casts``: the fp32 -> bf16 casts of one forward (every frozen weight, the norm outputs per q/k/v and gate/up)
   vs frozen weights and norm outputs cast once (`training.frozen_casts`); ``casts-step``: one forward + backward
   of the same model both ways (``--shape``, 8x300 by default).
+- ``matmul``: one 2048 x 576 x 1536 matmul (SmolLM2's MLP at 8 x 256 tokens) in float32 vs bf16: why
+  `mixed_precision: auto` picks bf16 only on CPUs with AVX-512 BF16 or AMX (emulated elsewhere: ~50x slower on an
+  AVX2-only AMD EPYC); it prints what `devices` reads of this CPU.
 
 One torch thread; best (minimum) of ``--repeats`` CPU-time measurements, sides alternating, so other jobs on
 the machine move the figures little.
@@ -176,9 +179,22 @@ def casts_step(repeats: int, shape=(8, 300)) -> list:
              "cast once", min(times[False]) * 1e3, min(times[True]) * 1e3)]
 
 
+def matmul(repeats: int) -> list:
+    import torch
+
+    from peft_magic.devices import device_info
+
+    info = device_info()
+    print(f"native bf16 on this CPU (AVX-512 BF16 or AMX): {info.bf16}", file=sys.stderr)
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    t = best({"float32": lambda: a @ b, "bf16": lambda: a16 @ b16}, repeats, inner=1)
+    return [("matmul 2048x576x1536, float32 -> bf16", t["float32"], t["bf16"])]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="dropout,kernels,casts,casts-step")
+    p.add_argument("--only", default="dropout,kernels,casts,casts-step,matmul")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--shape", default="8x300", help="casts-step: rows x tokens of the fwd+bwd batch (8x300 takes "
                    "minutes a step without bf16 hardware, AVX-512 BF16 or AMX: try 2x128 there)")
@@ -191,7 +207,7 @@ def main(argv=None) -> None:
         if name == "casts-step":
             rows += casts_step(args.repeats, tuple(int(n) for n in args.shape.split("x")))
         else:
-            rows += {"dropout": dropout, "kernels": kernels, "casts": casts}[name](args.repeats)
+            rows += {"dropout": dropout, "kernels": kernels, "casts": casts, "matmul": matmul}[name](args.repeats)
     load = os.getloadavg()[0]
     print(f"one torch thread, best of {args.repeats} (CPU time); load average {load:.1f}\n")
     print("| what | before (ms) | after (ms) | after / before |\n| --- | ---: | ---: | ---: |")
