@@ -252,7 +252,12 @@ def test_deepspeed_zero_trains_and_exports_like_one_process(stage, tiny_llama, t
 
 WORKER = textwrap.dedent(
     """
-    import errno, json, os, sys, time
+    import atexit, errno, json, os, sys, time
+    import torch.distributed as dist
+    # registered first, so it runs last: was the process group ended while Python was whole (not left to
+    # interpreter teardown, where gloo's threads can abort the process after the run)?
+    atexit.register(lambda: print("AT EXIT process group " + ("alive" if dist.is_initialized() else "ended"),
+                                  flush=True))
     import peft_magic
     from peft_magic.training import checkpoint
     from peft_magic.errors import TrainingFailed
@@ -299,6 +304,7 @@ def test_a_checkpoint_rank_0_cannot_write_fails_every_rank_with_its_message(tiny
     for p, (stdout, stderr) in zip(procs, outputs):
         lines = [x for x in stdout.splitlines() if x.startswith("REPORT ")]
         assert p.returncode == 0 and lines, stdout[-2000:] + stderr[-3000:]
+        assert "AT EXIT process group ended" in stdout, stdout[-2000:]
         reports.append(json.loads(lines[-1][len("REPORT ") :]))
 
     zero, one = reports

@@ -50,9 +50,8 @@ def main_process_first():
     if world_size() <= 1:
         yield
         return
-    from accelerate import PartialState
 
-    with PartialState(cpu=needs_cpu()).main_process_first():
+    with _state().main_process_first():
         yield
 
 
@@ -61,8 +60,43 @@ def from_main_process(value):
     each process makes from readings that differ a little between them (free memory), so that all take one."""
     if world_size() <= 1:
         return value
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState(cpu=needs_cpu())  # the process group `main_process_first` set up (idempotent)
+    _state()  # the process group `main_process_first` set up (idempotent)
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def _state():
+    from accelerate import PartialState
+
+    state = PartialState(cpu=needs_cpu())
+    end_process_group_at_exit()
+    return state
+
+
+_registered = False
+
+
+def end_process_group_at_exit() -> None:
+    """Destroy the process group when Python exits, while the interpreter is still whole. Left to interpreter
+    teardown, gloo's worker threads can still hold a finished collective's tensors; freeing them then needs the
+    GIL of an interpreter being torn down, and the process aborts (SIGABRT, "terminate called without an active
+    exception") after the run, its error message or its checkpoint are all written. Idempotent; a no-op if the
+    user (or Accelerate's `end_training`) destroyed the group already."""
+    global _registered
+    if _registered:
+        return
+    import atexit
+
+    atexit.register(_destroy_process_group)
+    _registered = True
+
+
+def _destroy_process_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - at exit: never turn a clean finish into a traceback
+        pass

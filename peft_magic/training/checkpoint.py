@@ -99,12 +99,13 @@ class Checkpointer:
             except BaseException as e:  # noqa: BLE001 - a bug: rank 0 keeps its traceback, the other ranks learn of it
                 error, failure = e, ("RuntimeError", f"rank 0 failed to write {final_dir}: {type(e).__name__}: {e}")
         failure = _from_main_process(accelerator, failure)  # also the barrier: no rank runs ahead of the write
-        if error is not None:
-            raise error
         if failure is not None:
             from ..errors import TrainingFailed
 
-            raise (TrainingFailed if failure[0] == "TrainingFailed" else RuntimeError)(failure[1])
+            if error is None:
+                error = (TrainingFailed if failure[0] == "TrainingFailed" else RuntimeError)(failure[1])
+            error.agreed = True  # every rank raises it at this point: the engine may finish its collectives
+            raise error
         self._last_save = time.time()
         state.checkpoint_dir = final_dir
         return final_dir

@@ -14,7 +14,7 @@ import threading
 import time
 
 from ..events import EventBus, TrainState
-from ..distributed.ranks import needs_cpu
+from ..distributed.ranks import end_process_group_at_exit, needs_cpu
 from .guards import LossGuard
 from .schedule import plan_steps
 from .stopping import SigintAsStop, StopRequested, StopSignal
@@ -31,7 +31,7 @@ def make_accelerator(cfg, model_config=None):
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device_info(), cfg.task, model_config)
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()  # single process: safe to re-initialise with new settings
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=needs_cpu(),  # several processes without a GPU: gloo ranks on CPU (see ranks.needs_cpu)
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -41,6 +41,9 @@ def make_accelerator(cfg, model_config=None):
         # queued before it, i.e. a host sync at every batch
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
+    if accelerator.num_processes > 1:
+        end_process_group_at_exit()
+    return accelerator
 
 
 def make_optimizer(model, cfg):
@@ -137,6 +140,8 @@ def fit(model, cfg, data, method, state: TrainState, bus: EventBus, stop_event: 
             state.stop_reason = "interrupted" if getattr(stop_event, "interrupted", False) else "stopped"
             loop.stop.close()
         except Exception as e:
+            if getattr(e, "agreed", False):  # all ranks fail here together: collect the stop exchange in flight
+                loop.stop.close()
             state.stop_reason, state.status = "failed", "failed"
             state.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             bus.emit("on_train_end", state)
