@@ -383,6 +383,7 @@ class _Anatomy:
     attention_dropout: float
     eager: bool  # the attention implementation materialises the (heads x seq x seq) probabilities
     stacks: tuple
+    swiglu: bool = False  # a SiLU-gated MLP training/swiglu.py runs (keeps 2 of its 3 tensors with train.kernels)
 
 
 @dataclass(frozen=True)
@@ -478,7 +479,14 @@ def _build_anatomy(config, task: str) -> _Anatomy:
         attention_dropout=attn_p,
         eager=impl == "eager",
         stacks=stacks,
+        swiglu=_keeps_two_of_three(text),
     )
+
+
+def _keeps_two_of_three(text_config) -> bool:
+    from .training.swiglu import SILU, SWIGLU_MODELS
+
+    return getattr(text_config, "model_type", None) in SWIGLU_MODELS and getattr(text_config, "hidden_act", None) in SILU
 
 
 def _linear_shape(module):
@@ -624,7 +632,7 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     kept, layers, largest_block = 0, 0, 0
     for stack in an.stacks:
         block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kind, quantization,
-                                                mixed_precision)  # fmt: skip
+                                                mixed_precision, kernels)  # fmt: skip
         layers += stack.layers * block
         largest_block = max(largest_block, block)
         kept += stack.layers * (tokens * an.hidden * act_b if checkpointing else block)
@@ -649,9 +657,10 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
 
 
 def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kind, quantization,
-                           mixed_precision) -> float:
+                           mixed_precision, kernels=False) -> float:
     """`mask_b`: bytes per element of a dropout mask inside attention (functional dropout); `module_mask_b`: of
-    an `nn.Dropout` module's (residual and LoRA dropout), one byte with `train.kernels` on CPU."""
+    an `nn.Dropout` module's (residual and LoRA dropout), one byte with `train.kernels` on CPU; `kernels`:
+    `train.kernels` is not none (training/swiglu.py, and on CPU LoRA's dropout inside A, training/dropout.py)."""
     h, a, kv, hd = an.hidden, an.heads, an.kv_heads, an.head_dim
     norm_b = 4 if (stack.rms or mixed_precision in ("fp16", "bf16")) else act_b  # norms run in fp32 under autocast
     b = stack.norms * h * norm_b
@@ -665,20 +674,23 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kin
             b += seq * a * (mask_b + act_b)
     else:
         b += (2 * a * hd + 2 * kv * hd) * act_b + a * 4
-    # MLP: a SwiGLU keeps the gate's output, its activation and the up projection; a plain MLP keeps the
-    # activation's input.
-    b += (3 if stack.gated else 1) * stack.intermediate * act_b
+    # MLP: a SwiGLU keeps the gate's output, its activation and the up projection (not the activation with
+    # train.kernels, training/swiglu.py); a plain MLP keeps the activation's input.
+    b += ((2 if kernels and an.swiglu else 3) if stack.gated else 1) * stack.intermediate * act_b
     b += stack.residual_dropouts * h * module_mask_b
     # Adapters: LoRA with dropout keeps the dropped input and the mask for each adapted layer, and A's output;
-    # without dropout the layer's input itself, which siblings (q, k, v) share.
+    # without dropout (or with it inside A: train.kernels on CPU) the layer's input itself, which siblings (q, k,
+    # v) share, and then the mask.
+    inside_a = kernels and kind == "cpu"
     inputs = set()
     for prefix, name, d_in, r, p in ad.modules:
         if prefix != stack.prefix:
             continue
         b += r * act_b
-        if p > 0:
+        if p > 0 and not inside_a:
             b += d_in * (act_b + module_mask_b)
         else:
+            b += d_in * module_mask_b if p > 0 else 0
             inputs.add(_input_key(name, d_in))
     if quantization == "8bit":  # bitsandbytes' 8-bit matmul keeps its input for backward
         inputs.update(_input_key(name, d_in) for name, d_in, _ in stack.linears)

@@ -9,7 +9,7 @@ import torch
 from conftest import instruction_rows
 
 import peft_magic
-from peft_magic.training.dropout import MaskDropout, use_mask_dropout
+from peft_magic.training.dropout import DroppedLinear, MaskDropout, use_mask_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -62,36 +62,113 @@ def test_seeded_draws_repeat_and_successive_draws_differ():
 
 
 def test_activation_checkpointing_replays_the_same_mask():
-    from torch.utils.checkpoint import checkpoint
-
     lin = torch.nn.Linear(32, 32)
     drop = MaskDropout(0.3)
 
     def block(h):
         return lin(drop(h)).tanh()
 
-    x = torch.randn(16, 32, requires_grad=True)
+    assert_checkpoint_replays(block, torch.randn(16, 32, requires_grad=True))
+
+
+def assert_checkpoint_replays(block, x):
+    """The input's gradient through `block` is the same recomputed under activation checkpointing (same draws)."""
+    from torch.utils.checkpoint import checkpoint
+
     torch.manual_seed(5)
     block(x).sum().backward()
     plain = x.grad.clone()
     x.grad = None
     torch.manual_seed(5)
     checkpoint(block, x, use_reentrant=False).sum().backward()
-    assert torch.allclose(x.grad, plain, atol=1e-6)
+    torch.testing.assert_close(x.grad, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_swapped_into_lora_layers_only_on_cpu():
+def tiny_lora_llama(dropout=0.1):
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    model = get_peft_model(tf.LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1))
-    assert use_mask_dropout(model, "meta") == 0
-    assert use_mask_dropout(model, "cpu") == 14  # 7 linear layers per block, 2 blocks
-    kinds = {type(m) for m in model.modules() if isinstance(m, (torch.nn.Dropout, MaskDropout))}
-    assert kinds == {MaskDropout}
-    assert use_mask_dropout(model, "cpu") == 0  # already swapped
+    lora = LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
+    return get_peft_model(tf.LlamaForCausalLM(cfg), lora).train()
+
+
+def test_lora_dropout_goes_into_a_only_on_cpu_and_comes_back_after():
+    model = tiny_lora_llama()
+    keys = set(model.state_dict())
+    use_mask_dropout(model, "meta")()
+    assert {type(m) for m in model.modules() if "Dropout" in type(m).__name__} == {torch.nn.Dropout}
+    release = use_mask_dropout(model, "cpu")
+    a = [m for n, m in model.named_modules() if ".lora_A." in n]
+    assert len(a) == 14 and all(type(m) is DroppedLinear for m in a)  # 7 linear layers per block, 2 blocks
+    assert not [m for m in model.modules() if "Dropout" in type(m).__name__]  # LoRA's are inside A now
+    assert set(model.state_dict()) == keys  # same parameters, same names: checkpoints and exports unchanged
+    release()
+    assert all(type(m) is torch.nn.Linear for m in a)
+    assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == 14
+
+
+def loss_grads_and_saved(model, ids, autocast=False):
+    """Loss, LoRA gradients, and the bytes autograd keeps for backward (distinct storages, parameters excluded)."""
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(7)  # the same draws on both sides
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # fmt: skip
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sum(kept.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropout_inside_a_trains_alike_and_keeps_one_input_for_q_k_v(autocast):
+    """Against `MaskDropout` then A (the same draws): the same loss and gradients, and for q/k/v (gate/up) their
+    one input kept (float32 under autocast too: the norm's output) where each kept its own dropped copy."""
+    from peft_magic.training.frozen_casts import half_norm_outputs
+    from peft_magic.training.lora_casts import skip_input_casts
+
+    ids = torch.randint(1, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+    plain, fused = tiny_lora_llama(), tiny_lora_llama()
+    for module in list(plain.modules()):  # the one-byte mask alone, A a plain nn.Linear
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, MaskDropout(child.p))
+    use_mask_dropout(fused, "cpu")
+    if autocast:  # as a bf16 run has it (engine.cast_once)
+        for model in (plain, fused):
+            skip_input_casts(model, "bf16"), half_norm_outputs(model.get_base_model(), "bf16")
+    loss0, grads0, kept0 = loss_grads_and_saved(plain, ids, autocast)
+    loss1, grads1, kept1 = loss_grads_and_saved(fused, ids, autocast)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name, g in grads0.items():  # bf16: the same products, summed in another order
+        torch.testing.assert_close(grads1[name], g, rtol=2e-2 if autocast else 1e-5, atol=1e-5, msg=name)
+    tokens, hidden, blocks = ids.numel(), 64, 2
+    dropped_b = 2 if autocast else 4  # the dropped copies A kept, in the type A multiplied in
+    assert kept0 - kept1 >= blocks * tokens * hidden * (3 * dropped_b - 4 + 2 * dropped_b - 4) * 0.99
+
+
+def test_dropout_inside_a_under_activation_checkpointing_replays_its_draws():
+    model = tiny_lora_llama()
+    use_mask_dropout(model, "cpu")
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    pos = model.get_base_model().model.rotary_emb(x, torch.arange(8)[None])
+
+    def block(h):
+        out = layer(h, position_embeddings=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+    assert_checkpoint_replays(block, x)
 
 
 def test_a_models_own_dropout_is_swapped_too():
@@ -105,7 +182,9 @@ def test_a_models_own_dropout_is_swapped_too():
     model = get_peft_model(tf.BertForSequenceClassification(cfg),
                            LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], lora_dropout=0.1))
     before = sum(type(m) is torch.nn.Dropout for m in model.modules())
-    assert use_mask_dropout(model, "cpu") == before > 4  # 4 LoRA layers, and BERT's own
+    use_mask_dropout(model, "cpu")
+    assert sum(type(m) is MaskDropout for m in model.modules()) == before - 4 > 0  # BERT's own
+    assert sum(type(m) is DroppedLinear for m in model.modules()) == 4  # LoRA's, inside A
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     model.train()
     ids = torch.randint(1, 64, (4, 10))
@@ -115,14 +194,19 @@ def test_a_models_own_dropout_is_swapped_too():
 
 
 @pytest.mark.parametrize("kernels", ["auto", "none"])
-def test_training_run_uses_it_with_kernels_auto_and_learns(tiny_llama, workdir, kernels):
+def test_training_run_uses_it_with_kernels_auto_and_learns(tiny_llama, workdir, kernels, monkeypatch):
     config = {"model": tiny_llama, "data": {"train": instruction_rows(32)},
               "method": {"name": "lora", "lora_dropout": 0.1},
               "train": {"max_steps": 6, "logging_steps": 2, "eval_steps": 0, "learning_rate": 5e-3,
                         "per_device_train_batch_size": 4, "kernels": kernels, "mixed_precision": "no",
                         "output_dir": str(workdir / kernels)}}  # fmt: skip
+    calls = []
+    fused = DroppedLinear.forward
+    monkeypatch.setattr(DroppedLinear, "forward", lambda self, x: calls.append(self.training) or fused(self, x))
     run = peft_magic.train(config, display="none")
     losses = [r["loss"] for r in run.history if "loss" in r]
     assert losses[0] > losses[-1]
-    dropouts = {type(m).__name__ for m in run.model.modules() if "Dropout" in type(m).__name__}
-    assert dropouts == ({"MaskDropout"} if kernels == "auto" else {"Dropout"})
+    assert (True in calls) == (kernels == "auto")  # LoRA's dropout was drawn inside A in training
+    # and after the run, peft's modules are back (the model's own dropouts would stay MaskDropout)
+    assert {type(m).__name__ for m in run.model.modules() if "Dropout" in type(m).__name__} == {"Dropout"}
+    assert not [m for m in run.model.modules() if type(m) is DroppedLinear]

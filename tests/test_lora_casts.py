@@ -12,14 +12,14 @@ from peft_magic.training.dropout import use_mask_dropout
 from peft_magic.training.lora_casts import skip_input_casts
 
 
-def tiny_lora():
+def tiny_lora(dropout=0.1):
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    model = get_peft_model(tf.LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1,
+    model = get_peft_model(tf.LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout,
                                                                 init_lora_weights=False))  # fmt: skip
     use_mask_dropout(model, "cpu")
     return model.train()

@@ -246,7 +246,7 @@ def test_estimate_for_config_maps_the_config_keys(tmp_path):
     t4 = known_device("T4")
     est = estimate_for_config(cfg, t4)
     same = estimate_memory(config, dtype="float16", mixed_precision="fp16", method_params={"r": 4}, batch_size=2,
-                           seq_len=64, gradient_checkpointing=True, device=t4, loss="chunked")  # fmt: skip
+                           seq_len=64, gradient_checkpointing=True, device=t4, loss="chunked", kernels=True)  # fmt: skip
     assert (est.device, est.total, est.trainable_params) == ("cuda", same.total, same.trainable_params)
     assert est.trainable_params < estimate_memory(config).trainable_params  # r=4 against the default r=8
 

@@ -189,9 +189,13 @@ class Loop:
             eval_dl = accelerator.prepare(eval_dl)
         if t.kernels != "none":
             from .dropout import use_mask_dropout
+            from .swiglu import keep_two_of_three
 
-            use_mask_dropout(model, accelerator.device)  # CPU: LoRA dropout with a one-byte mask, a third faster
-            self.release_casts = cast_once(model, accelerator, t.checkpointing)  # 16-bit stays 16-bit, cast once
+            # CPU: dropout with a one-byte mask, LoRA's inside A (keeps A's input, not a dropped copy per adapter)
+            releases = [use_mask_dropout(model, accelerator.device)]
+            releases.append(keep_two_of_three(accelerator.unwrap_model(model)))  # SwiGLU keeps 2 of its 3 tensors
+            releases.append(cast_once(model, accelerator, t.checkpointing))  # 16-bit stays 16-bit, cast once
+            self.release_casts = lambda: [undo() for undo in reversed(releases)]
         if cfg.data.packing:
             from .packing import check_packing
 
