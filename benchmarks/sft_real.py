@@ -19,7 +19,8 @@ clipping at 1.0, no weight decay, fused AdamW. Sides:
 - ``ours``: `peft_magic.train` with its defaults.
 - ``ours:KEY=VALUE[,KEY=VALUE]``: one direction off, e.g. ``ours:kernels=none`` (the model's own loss over every
   position), ``ours:group_by_length=false`` (random batches), ``ours:mixed_precision=no`` (float32),
-  ``ours:packing=true``. Keys are `train.*` settings (``packing`` is ``data.packing``). For ``trainer`` and
+  ``ours:packing=true``, ``trainer:malloc=tcmalloc`` (the side's process on tcmalloc, preloaded; the other sides run
+  on glibc's malloc). Keys are `train.*` settings (``packing`` is ``data.packing``). For ``trainer`` and
   ``trl-sft`` they are `TrainingArguments`/`SFTConfig` arguments (``trainer:bf16=true``).
 
 Measured per side: tokens/s (real tokens, the same count on every side, over the time from the start of the
@@ -313,6 +314,7 @@ def worker(side: str, spec: dict) -> dict:
     with open(spec["rows"]) as fh:
         rows = json.load(fh)
     base, overrides = parse_side(side)
+    overrides.pop("malloc", None)  # the driver preloaded it (run_side)
     clock = {"steps": []}
     out_dir = tempfile.mkdtemp(prefix="sft-real-out-", dir=spec["workdir"])
     train = {"trainer": train_trainer, "trl-sft": train_trl, "ours": train_ours}[base]
@@ -324,7 +326,9 @@ def worker(side: str, spec: dict) -> dict:
     steps = clock["steps"]
     seconds, cpu = steps[-1][0] - clock["begin"][0], steps[-1][1] - clock["begin"][1]
     tokens = sum(r["tokens"] for r in rows["train"])
-    return {"side": side, "steps": len(steps), "train_s": seconds, "tokens_per_s": tokens / seconds,
+    from peft_magic.allocator import active
+
+    return {"side": side, "malloc": active(), "steps": len(steps), "train_s": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_cpu_s": tokens / cpu, "peak_gb": peak_gb, "train_peak_gb": train_peak_kb / 1024**2,
             "eval_loss": held_out_loss(model, tok, rows["eval"]), "first_step_s": steps[0][0] - cell_start}  # fmt: skip
 
@@ -337,6 +341,18 @@ def run_side(side: str, spec: dict, threads: int, timeout: float, script: str = 
     env = {**os.environ, "PEFT_MAGIC_CACHE": tempfile.mkdtemp(prefix="cache-", dir=spec["workdir"]),  # cold
            "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    malloc = parse_side(side)[1].get("malloc")
+    if malloc == "tcmalloc":  # `SIDE:malloc=tcmalloc`: the same side on tcmalloc (peft_magic/allocator.py)
+        from peft_magic.allocator import find_tcmalloc
+
+        if find_tcmalloc() is None:
+            raise SystemExit("malloc=tcmalloc: no tcmalloc here (apt install libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = find_tcmalloc()
+    elif malloc not in (None, "system"):
+        raise SystemExit(f"malloc={malloc}: tcmalloc or system")
+    else:
+        env.pop("LD_PRELOAD", None)
+        env["PEFT_MAGIC_MALLOC"] = "system"  # glibc's, also for what the side itself starts
     cmd = [sys.executable, script, "--worker", side, "--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():
@@ -415,7 +431,7 @@ def main(argv=None) -> None:
         for side in sides if rep % 2 == 0 else sides[::-1]:
             r = run_side(side, spec, args.threads, timeout=1800)
             results.append(r)
-            print(f"  {side:32} {r['tokens_per_s']:8,.0f} tok/s  loss {r['eval_loss']:.4f}  peak {r['peak_gb']:.2f} GB "
+            print(f"  {side:32} [{r['malloc']}] {r['tokens_per_s']:8,.0f} tok/s  loss {r['eval_loss']:.4f}  peak {r['peak_gb']:.2f} GB "
                   f"(training +{r['train_peak_gb']:.2f})  first step {r['first_step_s']:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:

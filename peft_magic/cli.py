@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-parity", action="store_true", help="With --gguf: skip the llama.cpp comparison.")
     t.add_argument("--push-to-hub", default=None, metavar="USER/NAME", help="With --export: upload it to the Hub.")
     t.add_argument("--private", action="store_true", help="With --push-to-hub: create the repo private.")
+    k = sub.add_parser("kernel", help="Install a Jupyter kernel that starts with tcmalloc (less RAM, faster on CPU).")
+    k.add_argument("--name", default="peft-magic-tcmalloc", help="Kernel spec name (default peft-magic-tcmalloc).")
     from .quickstart import build_parser as quickstart_parser
 
     quickstart_parser(sub.add_parser("quickstart", help="Fine-tune SmolLM2 with LoRA on demo data, offline; "
@@ -48,9 +50,17 @@ def main(argv=None) -> int:
     if args.command == "quickstart":
         from .quickstart import main as quickstart
 
+        if argv is None:
+            _restart_on_tcmalloc()
+
         return quickstart(args)
     run = None
     try:
+        if args.command == "kernel":
+            from .allocator import install_kernel
+
+            print(f"installed {install_kernel(args.name)}: pick 'Python 3 (peft_magic, tcmalloc)' in Jupyter")
+            return 0
         if not os.path.isfile(args.config):  # the positional CONFIG, not the magic's --config
             raise ConfigError(f"'{args.config}' does not exist. Fix: check the path of the YAML file "
                               "(peft-magic train CONFIG.yaml).", key="CONFIG")  # fmt: skip
@@ -60,6 +70,8 @@ def main(argv=None) -> int:
             print(dry_run(args.config, overrides=args.overrides, name=args.name).text())
             return 0
         _check_export_options(args)  # before training: a typo or a full folder must not cost a training run
+        if argv is None:  # this process is the program (not a caller's main([...])): it may start over on tcmalloc
+            _restart_on_tcmalloc()
         from .api import train
 
         # with --resume the run folder is continued, so --overwrite can only mean the export folder (launch.sh
@@ -81,6 +93,23 @@ def main(argv=None) -> int:
                 print(f"the trained run is kept in {run.config.train.output_dir} (its final checkpoint). Export it "
                       f"without training again: peft-magic train {args.config} --resume --export DIR", file=sys.stderr)
         return 2
+
+
+def _restart_on_tcmalloc() -> None:
+    """Start this command over with tcmalloc preloaded when it is installed and this process runs glibc's malloc
+    (see allocator.py: on CPU, ~0.6x the peak RAM and faster). The same process id, so a launcher (accelerate,
+    torchrun) still follows it; once only (PEFT_MAGIC_MALLOC=system afterwards, or set by the user, keeps glibc's)."""
+    from . import allocator
+
+    if not allocator.wanted() or allocator.active() != "glibc" or not getattr(sys, "orig_argv", None):
+        return
+    env = allocator.preload_env()
+    if "LD_PRELOAD" not in env or env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        return
+    env["PEFT_MAGIC_MALLOC"] = "system"  # if the preload did not take, do not try again
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 # Messages are written for the notebook and Python; on the command line the same fix has other words.

@@ -155,5 +155,11 @@ def _add_memory(plan, cfg, model, trainable, data) -> None:
     plan.memory, plan.fit = choice.estimate, choice.fit
     plan.rows["memory"] = choice.estimate.summary(info)
     plan.rows["checkpointing"] = f"gradient checkpointing {choice.line}"
+    if info.kind == "cpu":
+        from .allocator import hint
+
+        line = hint()
+        if line:
+            plan.rows["allocator"] = line
     for s in plan.fit.suggestions[:3]:
         plan.rows.setdefault("try", s)

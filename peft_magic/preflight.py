@@ -38,6 +38,9 @@ CPU_RUNTIME_BYTES = int(0.45 * GiB)
 # 14-24 of SmolLM2's 30 (4 x 256 tokens: 2.5-3.3 GB measured, 1.48 GB with the threshold): about half the layers.
 CPU_HEAP_SLACK = 0.65
 CPU_HEAP_SLACK_CHECKPOINTED = 0.5
+# tcmalloc (jemalloc, mimalloc) reuses those blocks (allocator.py): the excess over what autograd keeps, measured on
+# SmolLM2-135M + LoRA at 8 x 497 tokens in float32 (python benchmarks/sft_real.py ... ours:malloc=tcmalloc).
+CPU_POOLED_SLACK = 0.1
 # What a CUDA context and cuBLAS workspaces take outside torch's allocator.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # torch's caching allocator reserves more than it hands out (block rounding, fragmentation).
@@ -139,6 +142,7 @@ def estimate_memory(
     device="cpu",
     loss: str = "plain",
     kernels: bool = False,
+    allocator: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of training, from the model's config alone (no weights are loaded).
 
@@ -160,6 +164,8 @@ def estimate_memory(
             `train.kernels: auto`: the output layer and loss over trained positions, a chunk of rows at a time;
             every position is counted as trained, an upper bound).
         kernels: `train.kernels` is not none: on CPU, dropout modules keep a one-byte mask (training/dropout.py).
+        allocator: On CPU, the process's memory allocator ("glibc", "tcmalloc", ...; default: this process's,
+            `allocator.active()`): glibc's holds freed blocks beyond the live tensors, tcmalloc's far less.
     """
     inputs = dict(locals())
     kind = getattr(device, "kind", device)
@@ -186,7 +192,13 @@ def estimate_memory(
         runtime, slack = CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_SLACK * activations
     else:
         runtime = CPU_RUNTIME_BYTES
-        if gradient_checkpointing:
+        if allocator is None:
+            from .allocator import active
+
+            allocator = inputs["allocator"] = active()
+        if allocator in ("tcmalloc", "jemalloc", "mimalloc"):
+            slack = CPU_POOLED_SLACK * layers
+        elif gradient_checkpointing:
             slack = layers * CPU_HEAP_SLACK_CHECKPOINTED
         else:
             slack = CPU_HEAP_SLACK * layers
