@@ -47,11 +47,10 @@ def main(argv=None) -> int:
     from .errors import ConfigError
 
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("train", "quickstart"):  # this process is the program, not a caller's
+        _restart_on_tcmalloc()  # main([...]): it may start over on tcmalloc, before anything heavy is imported
     if args.command == "quickstart":
         from .quickstart import main as quickstart
-
-        if argv is None:
-            _restart_on_tcmalloc()
 
         return quickstart(args)
     run = None
@@ -70,8 +69,6 @@ def main(argv=None) -> int:
             print(dry_run(args.config, overrides=args.overrides, name=args.name).text())
             return 0
         _check_export_options(args)  # before training: a typo or a full folder must not cost a training run
-        if argv is None:  # this process is the program (not a caller's main([...])): it may start over on tcmalloc
-            _restart_on_tcmalloc()
         from .api import train
 
         # with --resume the run folder is continued, so --overwrite can only mean the export folder (launch.sh
