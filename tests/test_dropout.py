@@ -210,3 +210,18 @@ def test_training_run_uses_it_with_kernels_auto_and_learns(tiny_llama, workdir, 
     # and after the run, peft's modules are back (the model's own dropouts would stay MaskDropout)
     assert {type(m).__name__ for m in run.model.modules() if "Dropout" in type(m).__name__} == {"Dropout"}
     assert not [m for m in run.model.modules() if type(m) is DroppedLinear]
+
+
+def test_dropout_inside_a_drops_under_no_grad_in_training_mode_as_before():
+    """A no-grad forward in training mode (a policy's log-probs before its update) draws as Dropout did."""
+    model = tiny_lora_llama()
+    a = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"]
+    x = torch.randn(2, 8, 64)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(MaskDropout(0.1)(x), a.weight)
+    use_mask_dropout(model, "cpu")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), expected, rtol=0, atol=0)
+    assert torch.equal(a.eval()(x), torch.nn.functional.linear(x, a.weight))

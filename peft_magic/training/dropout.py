@@ -109,7 +109,7 @@ class DroppedLinear(torch.nn.Linear):
     `nn.Linear` (`fuse_lora_dropout`): same parameter, same state-dict keys; in eval mode a plain `nn.Linear`."""
 
     def forward(self, x):
-        if not self.training or not torch.is_grad_enabled():
+        if not self.training:  # in training mode it drops under no_grad too, as the Dropout it replaces did
             return super().forward(x)
         from .chunked_loss import autocast_dtype
 
