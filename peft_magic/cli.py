@@ -98,10 +98,10 @@ def _restart_on_tcmalloc() -> None:
     torchrun) still follows it; once only (PEFT_MAGIC_MALLOC=system afterwards, or set by the user, keeps glibc's)."""
     from . import allocator
 
-    if not allocator.wanted() or allocator.active() != "glibc" or not getattr(sys, "orig_argv", None):
+    if allocator.active() != "glibc" or not getattr(sys, "orig_argv", None):
         return
-    env = allocator.preload_env()
-    if "LD_PRELOAD" not in env or env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+    env = allocator.preload_env()  # unchanged when tcmalloc is not installed or not wanted
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
         return
     env["PEFT_MAGIC_MALLOC"] = "system"  # if the preload did not take, do not try again
     sys.stdout.flush()
