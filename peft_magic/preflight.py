@@ -163,7 +163,7 @@ def estimate_memory(
         loss: "plain" (the model's own loss: positions x vocabulary logits) or "chunked" (causal-lm with
             `train.kernels: auto`: the output layer and loss over trained positions, a chunk of rows at a time;
             every position is counted as trained, an upper bound).
-        kernels: `train.kernels` is not none: on CPU, dropout modules keep a one-byte mask (training/dropout.py).
+        kernels: `train.kernels` is not none: on CPU, dropout modules keep a one-bit mask (training/dropout.py).
         allocator: On CPU, the process's memory allocator ("glibc", "tcmalloc", ...; default: this process's,
             `allocator.active()`): glibc's holds freed blocks beyond the live tensors, tcmalloc's far less.
     """
@@ -640,7 +640,8 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     """
     # On CUDA dropout keeps a bool mask; on CPU torch multiplies by a float noise tensor and keeps that.
     mask_b = act_b if kind == "cpu" else 1
-    module_mask_b = 1 if kernels else mask_b  # training/dropout.py's one-byte mask (LoRA's and the model's modules)
+    # training/dropout.py keeps one bit per element on CPU (LoRA's and the model's dropout modules); CUDA a bool
+    module_mask_b = (1 / 8 if kind == "cpu" else 1) if kernels else mask_b
     kept, layers, largest_block = 0, 0, 0
     for stack in an.stacks:
         block = tokens * _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kind, quantization,
@@ -671,7 +672,7 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
 def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kind, quantization,
                            mixed_precision, kernels=False) -> float:
     """`mask_b`: bytes per element of a dropout mask inside attention (functional dropout); `module_mask_b`: of
-    an `nn.Dropout` module's (residual and LoRA dropout), one byte with `train.kernels` on CPU; `kernels`:
+    an `nn.Dropout` module's (residual and LoRA dropout), one bit with `train.kernels` on CPU; `kernels`:
     `train.kernels` is not none (training/swiglu.py, and on CPU LoRA's dropout inside A, training/dropout.py)."""
     h, a, kv, hd = an.hidden, an.heads, an.kv_heads, an.head_dim
     norm_b = 4 if (stack.rms or mixed_precision in ("fp16", "bf16")) else act_b  # norms run in fp32 under autocast

@@ -1,5 +1,5 @@
-"""LoRA dropout with a one-byte mask on CPU (training/dropout.py): drops each element with probability p and keeps
-the expectation, its gradient is the same mask and scale, it is reproducible under a seed and under activation
+"""LoRA dropout with a one-bit mask on CPU (training/dropout.py): drops each element with probability p and keeps
+the expectation, keeps an eighth of a byte per element for backward, its gradient is the same mask and scale, it is reproducible under a seed and under activation
 checkpointing, and `train.kernels` swaps it into peft's LoRA layers for real training runs (not with `none`)."""
 
 from __future__ import annotations
@@ -41,6 +41,25 @@ def test_gradient_is_the_same_mask_and_scale():
     kept = y != 0
     assert torch.allclose(x.grad, torch.where(kept, w / 0.8, 0.0), atol=1e-5)
     assert torch.allclose(y[kept], x[kept] / 0.8, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 7), (4, 7, 33), (2, 64)])
+def test_the_mask_is_kept_as_one_bit_per_element_and_comes_back_whole(shape):
+    """Shapes that are no multiple of 8 too: the packed mask unpacks to the forward's mask, the gradient is the
+    mask and scale, and backward keeps ceil(n / 8) bytes."""
+    from peft_magic.training.dropout import _keep_mask, _pack, _unpack
+
+    torch.manual_seed(0)
+    for threshold in (-32768 + 3277, 0, 30000):
+        keep, buf = _keep_mask(shape, threshold, "cpu")
+        assert torch.equal(_unpack(_pack(buf), shape), keep)
+    x = torch.randn(*shape, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = MaskDropout(0.5)(x)
+    assert [(t.dtype, t.numel()) for t in kept] == [(torch.uint8, -(-x.numel() // 8))]
+    y.backward(torch.ones(shape))
+    torch.testing.assert_close(x.grad, (y != 0).float() * 2.0)
 
 
 def test_eval_mode_and_p_zero_are_the_identity():
@@ -133,7 +152,8 @@ def loss_grads_and_saved(model, ids, autocast=False):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_dropout_inside_a_trains_alike_and_keeps_one_input_for_q_k_v(autocast):
     """Against `MaskDropout` then A (the same draws): the same loss and gradients, and for q/k/v (gate/up) their
-    one input kept (float32 under autocast too: the norm's output) where each kept its own dropped copy."""
+    one input kept (under autocast the norm output's one 16-bit copy, engine.cast_once) where each kept its own
+    dropped copy. Under autocast A drops that copy in 16 bits: the loss moves by a rounding, not more."""
     from peft_magic.training.frozen_casts import half_norm_outputs
     from peft_magic.training.lora_casts import skip_input_casts
 
@@ -149,12 +169,41 @@ def test_dropout_inside_a_trains_alike_and_keeps_one_input_for_q_k_v(autocast):
             skip_input_casts(model, "bf16"), half_norm_outputs(model.get_base_model(), "bf16")
     loss0, grads0, kept0 = loss_grads_and_saved(plain, ids, autocast)
     loss1, grads1, kept1 = loss_grads_and_saved(fused, ids, autocast)
-    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
-    for name, g in grads0.items():  # bf16: the same products, summed in another order
-        torch.testing.assert_close(grads1[name], g, rtol=2e-2 if autocast else 1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-4 if autocast else 0, atol=0)
+    if autocast:  # a tiny random model's bf16 gradients move by 2-8% between roundings (its distance to float32)
+        diff = sum((grads1[n] - g).norm() ** 2 for n, g in grads0.items()) ** 0.5
+        assert diff <= 0.1 * sum(g.norm() ** 2 for g in grads0.values()) ** 0.5
+    else:
+        for name, g in grads0.items():
+            torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-5, msg=name)
     tokens, hidden, blocks = ids.numel(), 64, 2
-    dropped_b = 2 if autocast else 4  # the dropped copies A kept, in the type A multiplied in
-    assert kept0 - kept1 >= blocks * tokens * hidden * (3 * dropped_b - 4 + 2 * dropped_b - 4) * 0.99
+    dropped_b = 2 if autocast else 4  # the dropped copies A kept, in the type A multiplies in, and now its input
+    assert kept0 - kept1 >= blocks * tokens * hidden * (3 * dropped_b - dropped_b + 2 * dropped_b - dropped_b) * 0.99
+
+
+def test_dropout_inside_a_on_the_16_bit_copy_is_as_close_to_float32_as_on_the_float32_input():
+    """Under autocast A drops the norm output's 16-bit copy in 16 bits: output, A's gradient and the input's gradient
+    as close to the float32 computation as when it drops the float32 tensor (same draws)."""
+    from peft_magic.training.dropout import _threshold
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(64, 4, bias=False)
+    a.__class__, (a.threshold, a.scale) = DroppedLinear, _threshold(0.1)
+    x, g = torch.randn(6, 16, 64), torch.randn(6, 16, 4)
+
+    def run(x_in, autocast):
+        a.zero_grad()
+        x_in = x_in.detach().requires_grad_()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = a(x_in)
+        (y.float() * g).sum().backward()
+        return y.float(), a.weight.grad.clone(), x_in.grad.float()
+
+    ref = run(x, False)
+    for ours, base, want in zip(run(x.bfloat16(), True), run(x, True), ref):
+        assert (ours - want).norm() <= 1.5 * (base - want).norm() + 1e-6
+        assert (ours - want).norm() <= 0.01 * want.norm()
 
 
 def test_dropout_inside_a_under_activation_checkpointing_replays_its_draws():

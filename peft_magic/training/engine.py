@@ -191,7 +191,7 @@ class Loop:
             from .dropout import use_mask_dropout
             from .swiglu import keep_two_of_three
 
-            # CPU: dropout with a one-byte mask, LoRA's inside A (keeps A's input, not a dropped copy per adapter)
+            # CPU: dropout with a one-bit mask, LoRA's inside A (keeps A's input, not a dropped copy per adapter)
             releases = [use_mask_dropout(model, accelerator.device)]
             releases.append(keep_two_of_three(accelerator.unwrap_model(model)))  # SwiGLU keeps 2 of its 3 tensors
             releases.append(cast_once(model, accelerator, t.checkpointing))  # 16-bit stays 16-bit, cast once

@@ -16,8 +16,10 @@ activation checkpointing get it (there autocast's own copies were all alive at t
 Norm outputs. In pre-norm decoders (Llama, Mistral, Qwen2/3, Granite) the RMSNorm before the attention and
 before the MLP returns float32, and each of q/k/v (gate/up) casts that same tensor to 16 bits separately and keeps
 its own copy for backward. `half_norm_outputs` casts each such output once and hands the copy to every plain
-`nn.Linear` that reads the output itself (the base layers, LoRA's A when there is no dropout before it); a LoRA
-dropout still receives the float32 output, as before. Each layer's gradient goes back cast to float32, as from
+`nn.Linear` that reads the output itself (the base layers, LoRA's A when there is no dropout before it, or when
+its dropout is inside A: training/dropout.py's `DroppedLinear`, which then keeps the 16-bit copy for backward
+instead of the float32 output, and drops in 16 bits: its dropped input differs from autocast's cast of the float32
+one by a rounding); a separate LoRA dropout still receives the float32 output, as before. Each layer's gradient goes back cast to float32, as from
 autocast's own cast, so the gradients add up in float32 as before: forward and backward are bit for bit the same,
 with 3 (attention) and 2 (MLP) casts and saved copies per block down to one. Only by an allow-list of
 architectures and of norm names (Gemma 2/3's sandwich norms and BERT-style post-norms feed the residual stream).
@@ -144,6 +146,8 @@ def half_norm_outputs(model, mixed_precision: str):
     returns a function that removes the hooks (a no-op when nothing qualifies)."""
     import torch
 
+    from .dropout import DroppedLinear
+
     config = getattr(model, "config", None)
     if _dtype(mixed_precision) is None or getattr(config, "model_type", None) not in PRE_NORM_MODELS:
         return lambda: None
@@ -156,7 +160,7 @@ def half_norm_outputs(model, mixed_precision: str):
         block, readers = PRE_NORMS[leaf]
         block = getattr(parent, block, None)
         linears = [m for r in readers for m in getattr(block, r, torch.nn.Identity()).modules()
-                   if type(m) is torch.nn.Linear]  # fmt: skip
+                   if type(m) in (torch.nn.Linear, DroppedLinear)]  # fmt: skip
         if not linears:
             continue
         handles.append(module.register_forward_hook(shared.keep))
