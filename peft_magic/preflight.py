@@ -653,12 +653,12 @@ def _activation_bytes(an, ad, tokens, seq, act_b, kind, quantization, checkpoint
     loss_peak = held = 0
     if chunked and an.vocab:
         # training/chunked_loss.py: the gathered hidden states of the trained positions and their gradient (filled
-        # in the forward), then per chunk its float32 logits turned into softmax in place, and logsumexp's
-        # temporary of the same size (plus a cast back under autocast). No positions x vocab tensor is kept.
+        # in the forward), then one chunk's logits in buffers kept for the run: the 16-bit product under autocast
+        # and its float32 copy, turned into softmax in place. No positions x vocab tensor is kept.
         from .training.chunked_loss import CHUNK_ELEMENTS
 
         rows = min(tokens, max(16, CHUNK_ELEMENTS // an.vocab))
-        loss_peak = 2 * tokens * an.hidden * act_b + rows * an.vocab * (4 + 4 + (act_b if act_b != 4 else 0))
+        loss_peak = 2 * tokens * an.hidden * act_b + rows * an.vocab * (4 + (act_b if act_b != 4 else 0))
         held = 0
     elif task in ("causal-lm", "seq2seq") and an.vocab:
         # logits (kept by the outputs), their fp32 copy for the loss (when not fp32 already), the log-softmax the

@@ -247,3 +247,30 @@ def test_training_runs_right_padded_batches_without_their_mask(tiny_llama, workd
     run = peft_magic.train(config, display="none")
     assert run.status == "done"
     assert masks == [True] * 4  # every training forward ran unmasked (the first after the one-time check)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_frozen_heads_logits_buffers_are_reused_across_steps_and_grow_when_needed(autocast):
+    """Steps of the fused loss share one set of logits buffers (faulted in once, not per chunk and step): the same
+    storage from step to step, grown for a step with more trained positions, and each step's loss and gradient are
+    those of `cross_entropy` over the full logits (several chunks per step)."""
+    from peft_magic.training.chunked_loss import _FrozenHeadCE
+
+    torch.manual_seed(0)
+    weight, buffers, seen = torch.randn(VOCAB, 32), {}, []
+    for rows in (10, 10, 40, 25):
+        h = torch.randn(rows, 32, requires_grad=True)
+        tgt = torch.randint(0, VOCAB, (rows,))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total = _FrozenHeadCE.apply(h, weight, None, tgt, 16, 1.0, None, buffers)
+            ref_h = h.detach().clone().requires_grad_()
+            ref = torch.nn.functional.cross_entropy((ref_h @ weight.t()).float(), tgt, reduction="sum")
+        total.backward(), ref.backward()
+        tol = {"rtol": 2e-2, "atol": 1e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(total, ref, **tol)
+        torch.testing.assert_close(h.grad, ref_h.grad, **tol)
+        seen.append({name: (buf.data_ptr(), buf.shape[0]) for name, (_, buf) in buffers.items()})
+    assert set(seen[0]) == ({"logits", "logits32"} if autocast else {"logits"})
+    assert seen[0] == seen[1] and all(rows == 10 for _, rows in seen[0].values())  # reused
+    assert all(rows == 16 for _, rows in seen[2].values())  # grown, never past `chunk` (16) rows
+    assert seen[2] == seen[3]
