@@ -702,6 +702,8 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kin
         b += r * act_b
         if p > 0 and not inside_a:
             b += d_in * (act_b + module_mask_b)
+        elif p > 0 and kernels and an.swiglu and stack.gated and name.rpartition(".")[2] == "down_proj":
+            b += d_in * module_mask_b  # A keeps SiluMul's gate and up, counted above, not its input (swiglu.py)
         else:
             b += d_in * module_mask_b if p > 0 else 0
             inputs.add(_input_key(name, d_in))

@@ -84,3 +84,40 @@ def test_a_run_uses_it_with_kernels_on_and_gives_the_mlp_back(tiny_llama, workdi
     assert losses[0] > losses[-1]
     assert bool(calls) == (kernels == "auto")
     assert not [m for m in run.model.modules() if "forward" in m.__dict__]
+
+
+def test_with_dropout_inside_a_the_down_projection_keeps_gate_and_up_not_the_product():
+    """LoRA's A on down_proj (dropout inside, CPU) keeps the gate and up outputs SiluMul keeps anyway, not its
+    input, and remakes the product in backward: the same loss bit for bit and the same gradients as peft's dropout
+    then A on the model's own MLP, with two intermediate-size tensors per block less kept (SiLU's output, the
+    product)."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+    from test_dropout import loss_grads_and_saved
+
+    from peft_magic.training.dropout import MaskDropout, use_mask_dropout
+
+    def model():
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        lora = LoraConfig(r=4, target_modules=["down_proj"], lora_dropout=0.1, init_lora_weights=False)
+        model = get_peft_model(tf.LlamaForCausalLM(cfg), lora).train()
+        model.enable_input_require_grads()  # every MLP's gate and up need their gradient, as with all-linear
+        return model
+
+    ids = torch.randint(1, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+    plain, ours = model(), model()
+    for module in list(plain.modules()):  # the same draws, A a plain nn.Linear after the dropout
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, MaskDropout(child.p))
+    use_mask_dropout(ours, "cpu")
+    keep_two_of_three(ours.get_base_model())
+    loss0, grads0, kept0 = loss_grads_and_saved(plain, ids)
+    loss1, grads1, kept1 = loss_grads_and_saved(ours, ids)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    # plain keeps SiLU's output and the dropped product (A's input); ours neither (the one-bit masks aside)
+    assert kept0 - kept1 >= 2 * 2 * ids.numel() * 128 * 4

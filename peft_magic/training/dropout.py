@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from .swiglu import remade_from
+
 _LEVELS = 1 << 16
 
 
@@ -119,23 +121,32 @@ class _DroppedLinearFn(torch.autograd.Function):
     input and the weight are cast as autocast would cast them, and the gradients go back in their own types."""
 
     @staticmethod
-    def forward(ctx, x, weight, threshold: int, scale: float, dtype):
+    def forward(ctx, x, weight, threshold: int, scale: float, dtype, remake=None):
         keep, buf = _keep_mask(x.shape, threshold, x.device)
-        ctx.save_for_backward(x, _pack(buf), weight)
-        ctx.scale, ctx.dtype = scale, dtype
+        # x itself, or (a product of swiglu.silu_mul) the tensors it is remade from, kept for that product anyway
+        sources = (x,) if remake is None else remake[1:]
+        ctx.save_for_backward(_pack(buf), weight, *sources)
+        ctx.scale, ctx.dtype, ctx.shape, ctx.x_dtype = scale, dtype, x.shape, x.dtype
+        ctx.remake = None if remake is None else remake[0]
         return torch.nn.functional.linear(x.mul(keep).mul_(scale).to(dtype), weight.to(dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, packed, weight = ctx.saved_tensors
-        keep = _unpack(packed, x.shape)
+        packed, weight, *sources = ctx.saved_tensors
+        keep = _unpack(packed, ctx.shape)
         grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            if ctx.remake is None:
+                (x,) = sources
+            else:
+                with torch.no_grad():
+                    x = ctx.remake(*sources)
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(weight.to(grad.dtype)).to(x.dtype).mul_(keep).mul_(ctx.scale)
+            grad_x = grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype).mul_(keep).mul_(ctx.scale)
         if ctx.needs_input_grad[1]:
             dropped = x.mul(keep).mul_(ctx.scale).to(ctx.dtype)
             grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 class DroppedLinear(torch.nn.Linear):
@@ -148,7 +159,7 @@ class DroppedLinear(torch.nn.Linear):
         from .chunked_loss import autocast_dtype
 
         dtype = autocast_dtype(x) or torch.promote_types(x.dtype, self.weight.dtype)
-        return _DroppedLinearFn.apply(x, self.weight, self.threshold, self.scale, dtype)
+        return _DroppedLinearFn.apply(x, self.weight, self.threshold, self.scale, dtype, remade_from(x))
 
 
 def fuse_lora_dropout(model, device):

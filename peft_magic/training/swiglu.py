@@ -5,6 +5,9 @@ SiLU's output and the up projection's output (for the product's gradient): three
 per token, the largest activations of the block (1536 wide against a hidden size of 576 in SmolLM2-135M), ~35% of
 what a LoRA step keeps. `SiluMul` keeps the gate and up outputs only and remakes SiLU in backward (a sigmoid and a
 multiply over one tensor): a third of the MLP's activations, ~10% of the step's, for a little elementwise work.
+And where the down projection's LoRA A has its dropout inside (training/dropout.py, CPU), A keeps gate and up (kept
+here anyway) in place of its input, the product, and remakes the product in backward: another third (~15% of what
+a SmolLM2 LoRA step keeps under bf16).
 The gradients are SiLU's own formula, `g * sigmoid(a) * (1 + a * (1 - sigmoid(a)))`, equal to autograd's to
 float rounding.
 
@@ -28,7 +31,7 @@ def _silu_mul():
         @staticmethod
         def forward(ctx, gate, up):
             ctx.save_for_backward(gate, up)
-            return torch.nn.functional.silu(gate).mul_(up)
+            return remake_silu_mul(gate, up)
 
         @staticmethod
         def backward(ctx, grad):
@@ -49,11 +52,29 @@ _FN = None
 
 
 def silu_mul(gate, up):
-    """silu(gate) * up, keeping `gate` and `up` for backward (not SiLU's output too)."""
+    """silu(gate) * up, keeping `gate` and `up` for backward (not SiLU's output too). The product carries how to
+    remake it (`remade_from`): the down projection's LoRA A with dropout inside (training/dropout.py) keeps gate and
+    up, already kept here, instead of the product, and remakes it bit for bit in backward."""
     global _FN
     if _FN is None:
         _FN = _silu_mul()
-    return _FN.apply(gate, up)
+    out = _FN.apply(gate, up)
+    out._peft_magic_remake = (remake_silu_mul, gate, up)
+    return out
+
+
+def remake_silu_mul(gate, up):
+    """The forward's product again, by the same ops in the same dtype (bit for bit)."""
+    import torch
+
+    return torch.nn.functional.silu(gate).mul_(up)
+
+
+def remade_from(x):
+    """(function, *tensors) that remake `x` when `x` is a product of `silu_mul` whose backward keeps those tensors
+    anyway (they require grad), else None."""
+    remake = getattr(x, "_peft_magic_remake", None)
+    return remake if remake is not None and any(t.requires_grad for t in remake[1:]) else None
 
 
 def _forward(self, x):
