@@ -44,6 +44,9 @@ def test_frozen_weights_cast_once_give_the_same_loss_and_gradients_bit_for_bit()
     assert base.lm_head in cached(model)  # untied here: frozen and not shared
     assert all(m._weight16.dtype == torch.bfloat16 for m in cached(model))
     assert not any(p.requires_grad for m in cached(model) for p in m.parameters())  # LoRA's A and B stay out
+    # the float32 originals wait in one file mapping for the run (not RAM), with their values
+    assert len({m.weight.untyped_storage().data_ptr() for m in cached(model)}) == 1
+    assert_same(model, before)
     loss, grads = loss_and_grads(model, IDS)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for name, g in ref.items():
@@ -56,6 +59,28 @@ def test_frozen_weights_cast_once_give_the_same_loss_and_gradients_bit_for_bit()
     assert not cached(model) and not any("forward" in m.__dict__ for m in model.modules())
     assert_same(model, before)
     assert base.dtype == torch.float32
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages)  # back in memory, each weight its own
+
+
+def test_originals_stay_in_memory_where_no_disk_holds_the_temporary_folder(tmp_path, monkeypatch):
+    from peft_magic.training import frozen_casts
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\nnone /tmp/my\\040dir ext4 rw 0 0\n")
+    assert frozen_casts._filesystem("/tmp/x", str(mounts)) == "tmpfs"
+    assert frozen_casts._filesystem("/tmp/my dir/x", str(mounts)) == "ext4"
+    assert frozen_casts._filesystem("/home", str(mounts)) == "ext4"
+    monkeypatch.setattr(frozen_casts, "_filesystem", lambda path: "tmpfs")
+    assert frozen_casts.offload_folder(1) is None
+    model = tiny_lora()
+    release = cache_frozen_weights(model, "bf16")
+    assert len({m.weight.untyped_storage().data_ptr() for m in cached(model)}) == len(cached(model)) > 1
+    release()
+    monkeypatch.setattr(frozen_casts, "_filesystem", lambda path: "ext4")
+    assert frozen_casts.offload_folder(1) is not None
+    monkeypatch.setenv("PEFT_MAGIC_OFFLOAD", "0")
+    assert frozen_casts.offload_folder(1) is None
 
 
 def test_a_weight_written_during_the_run_is_cast_again():
@@ -67,7 +92,9 @@ def test_a_weight_written_during_the_run_is_cast_again():
     x = torch.randn(2, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = q(x)
+    written = q.weight.detach().clone()
     release()
+    assert torch.equal(q.weight, written)  # the write (copy-on-write in the mapping) is kept
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(ours, q(x), rtol=0, atol=0)
 

@@ -13,6 +13,15 @@ quantized layers (not plain `nn.Linear`), trainable weights, or a weight shared 
 embeddings). The cost: a 16-bit copy of the frozen linear weights held for the whole run, so only runs without
 activation checkpointing get it (there autocast's own copies were all alive at the backward anyway).
 
+Float32 originals on disk. On CPU the float32 weights the copies stand in for are not read again until the run
+ends (a forward under autocast multiplies with the copy), so for the run they wait in a file, mapped read-on-demand
+(`offload_originals`), not in RAM: 4 bytes per frozen linear weight off the run's resident memory (0.42 GB for
+SmolLM2-135M, 4 GB for a 1B model), for one write of them when the run starts (~0.3 s per GB to the page cache).
+The tensors keep their dtype, shape and values; anything that reads one (a float32 forward outside autocast, a
+merge) reads it from the file; anything that writes one (a checkpoint's load) writes to private memory (the
+mapping is copy-on-write); at the end of the run they are copied back into memory. Only where a real disk holds the
+temporary folder (not tmpfs, whose files are RAM) with room to spare, on Linux; `PEFT_MAGIC_OFFLOAD=0` turns it off.
+
 Norm outputs. In pre-norm decoders (Llama, Mistral, Qwen2/3, Granite) the RMSNorm before the attention and
 before the MLP returns float32, and each of q/k/v (gate/up) casts that same tensor to 16 bits separately and keeps
 its own copy for backward. `half_norm_outputs` casts each such output once and hands the copy to every plain
@@ -93,13 +102,98 @@ def cache_frozen_weights(model, mixed_precision: str):
         _copy16(module, dtype)
         module.forward = types.MethodType(_linear16_forward, module)
         changed.append(module)
+    restore = offload_originals(changed)
 
     def release():
+        restore()
         for module in changed:
             for name in ("forward", "_weight16", "_weight16_version", "_bias16"):
                 module.__dict__.pop(name, None)
 
     return release
+
+
+RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "shm"})
+
+
+def _filesystem(path: str, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the filesystem holding `path` (the longest mount point above it), None when unknown."""
+    import os
+
+    path, best, kind = os.path.realpath(path), "", None
+    try:
+        with open(mounts) as fh:
+            rows = [line.split() for line in fh]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) >= 3:
+            point = row[1].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, row[2]
+    return kind
+
+
+def offload_folder(nbytes: int) -> str | None:
+    """A temporary folder on a disk with room for `nbytes` and some to spare, or None (not Linux, off, tmpfs)."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    if not sys.platform.startswith("linux") or os.environ.get("PEFT_MAGIC_OFFLOAD", "1").strip() in ("0", "off"):
+        return None
+    for folder in (tempfile.gettempdir(), "/var/tmp"):
+        kind = _filesystem(folder)
+        if kind is None or kind in RAM_FILESYSTEMS or not os.access(folder, os.W_OK):
+            continue
+        try:
+            if shutil.disk_usage(folder).free > 2 * nbytes + (1 << 30):
+                return folder
+        except OSError:
+            continue
+    return None
+
+
+def offload_originals(modules) -> callable:
+    """Move the float32 weights of `modules` (CPU layers multiplying with their 16-bit copies) into a private
+    mapping of an unlinked temporary file; returns what copies them back into memory."""
+    import os
+    import tempfile
+
+    import torch
+
+    moved = [m for m in modules if m.weight.device.type == "cpu" and m.weight.is_contiguous()]
+    total = sum(m.weight.numel() for m in moved)
+    folder = offload_folder(4 * total) if total else None
+    if folder is None:
+        return lambda: None
+    fd, path = tempfile.mkstemp(prefix="peft_magic-frozen-", suffix=".f32", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for m in moved:
+                fh.write(m.weight.detach().numpy().data)
+        mapped = torch.from_file(path, shared=False, size=total, dtype=torch.float32)
+    except (OSError, RuntimeError):
+        return lambda: None
+    finally:
+        os.unlink(path)  # the mapping keeps the file's pages until it goes
+    offset = 0
+    for m in moved:
+        n = m.weight.numel()
+        m.weight.data = mapped[offset : offset + n].view_as(m.weight)
+        m._weight16_version = _versions(m)  # the same values: the copy stands
+        offset += n
+    ptr = mapped.untyped_storage().data_ptr()
+    del mapped
+
+    def restore():
+        for module in moved:
+            w = module.weight
+            if w.untyped_storage().data_ptr() == ptr:  # still the mapping (not replaced meanwhile)
+                w.data = w.data.clone()
+
+    return restore
 
 
 class _Shared16:
