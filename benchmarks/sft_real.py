@@ -29,7 +29,9 @@ peak RSS of the whole process and the training's peak above the RSS at the start
 ``/proc/self/clear_refs``), the final held-out loss (one function of this file for every side: token-weighted
 cross-entropy over the answers of ``--eval-rows`` held-out rows, float32), and the time from process start (before
 any heavy import) to the end of the first optimizer step. Ratios are to ``trainer`` and ``trl-sft`` of the same
-run.
+run, on the same allocator when the run has them on it (``ours:malloc=tcmalloc`` against
+``trl-sft:malloc=tcmalloc``). For ``ours`` sides, the memory pre-flight's estimate for the run's largest batch
+(the longest rows, grouped by length) beside the measured peak.
 
     python benchmarks/sft_real.py                       # defaults: 4 steps x 8 rows, max_length 512 (~22 min)
     python benchmarks/sft_real.py --steps 6 --sides trainer,ours
@@ -294,6 +296,11 @@ def train_ours(spec, rows, out_dir, clock, overrides):
     config = {"model": model, "task": "causal-lm", "data": data, "train": train,
               "method": {"name": "lora", **LORA, "target_modules": "all-linear"}}  # fmt: skip
     run = peft_magic.train(config, callbacks=[ours_clock(clock)], display="none", name="sft-real")
+    from peft_magic.preflight import estimate_for_config
+
+    # the pre-flight's figure for the run's largest batch (rows are grouped by length: the longest rows together)
+    longest = max(r["tokens"] for r in rows)
+    clock["estimate_gb"] = estimate_for_config(run.config, seq_len=longest).total / 1024**3
     return run.model, run.tokenizer
 
 
@@ -330,7 +337,8 @@ def worker(side: str, spec: dict) -> dict:
 
     return {"side": side, "malloc": active(), "steps": len(steps), "train_s": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_cpu_s": tokens / cpu, "peak_gb": peak_gb, "train_peak_gb": train_peak_kb / 1024**2,
-            "eval_loss": held_out_loss(model, tok, rows["eval"]), "first_step_s": steps[0][0] - cell_start}  # fmt: skip
+            "eval_loss": held_out_loss(model, tok, rows["eval"]), "first_step_s": steps[0][0] - cell_start,
+            "estimate_gb": clock.get("estimate_gb")}  # fmt: skip
 
 
 # ---------------------------------------------------------------- orchestration and the table
@@ -361,21 +369,31 @@ def run_side(side: str, spec: dict, threads: int, timeout: float, script: str = 
     raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
 
 
+def same_allocator(ref: str, side: str, sides) -> str:
+    """The reference side on `side`'s allocator when the run has one (``trl-sft:malloc=tcmalloc`` for
+    ``ours:malloc=tcmalloc``), else `ref` itself."""
+    malloc = next((p for p in side.partition(":")[2].split(",") if p.startswith("malloc=")), None)
+    return f"{ref}:{malloc}" if malloc and f"{ref}:{malloc}" in sides else ref
+
+
 def table(results: list[dict]) -> str:
     by: dict = {}
     for r in results:
         by.setdefault(r["side"], []).append(r)
     fields = ("tokens_per_s", "tokens_per_cpu_s", "peak_gb", "train_peak_gb", "eval_loss", "first_step_s")
     mean = {side: {f: statistics.mean(x[f] for x in v) for f in fields} for side, v in by.items()}
+    estimate = {side: statistics.mean(x["estimate_gb"] for x in v) if all(x.get("estimate_gb") for x in v) else None
+                for side, v in by.items()}  # fmt: skip
     lines = ["| side | tokens/s | tokens per CPU-s | peak RSS (GB) | training peak above start (GB) "
              "| held-out loss | start → 1st step (s) | speed vs trainer / trl-sft (wall) "
-             "| peak RSS vs trainer / trl-sft | loss vs trainer / trl-sft |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| peak RSS vs trainer / trl-sft | loss vs trainer / trl-sft | pre-flight estimate (GB, vs peak) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for side, m in mean.items():
         cells = []
         for field, fmt in (("tokens_per_s", "{:.2f}×"), ("peak_gb", "{:.2f}×"), ("eval_loss", "{:+.1%}")):
             parts = []
             for ref in ("trainer", "trl-sft"):
+                ref = same_allocator(ref, side, mean)
                 if ref in mean and ref != side:
                     ratio = m[field] / mean[ref][field]
                     parts.append(fmt.format(ratio - 1 if field == "eval_loss" else ratio))
@@ -384,7 +402,9 @@ def table(results: list[dict]) -> str:
             cells.append(" / ".join(parts))
         lines.append(f"| {side} | {m['tokens_per_s']:,.0f} | {m['tokens_per_cpu_s']:,.0f} | {m['peak_gb']:.2f} "
                      f"| {m['train_peak_gb']:.2f} | {m['eval_loss']:.4f} | {m['first_step_s']:.1f} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
+                     + " | ".join(cells) + " | "
+                     + (f"{estimate[side]:.2f} ({estimate[side] / m['peak_gb']:.2f}×)" if estimate[side] else "—")
+                     + " |")  # fmt: skip
     return "\n".join(lines)
 
 

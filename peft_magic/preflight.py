@@ -181,6 +181,11 @@ def estimate_memory(
     weight_b = DTYPE_BYTES[dtype]
     act_b = 2 if (weight_b == 2 or mixed_precision in ("fp16", "bf16")) else 4
     weights = _weight_bytes(an, quantization, weight_b)
+    if kernels and mixed_precision in ("bf16", "fp16") and weight_b == 4 and quantization == "none" and \
+            not gradient_checkpointing:  # fmt: skip
+        # training/frozen_casts.py: a 16-bit copy of each frozen linear weight for the run; on CPU the float32
+        # originals wait in a file mapping meanwhile (a disk is assumed to hold the temporary folder)
+        weights += an.quantizable * 2 - (an.quantizable * 4 if kind == "cpu" else 0)
     trainable = 4 * n_trainable  # peft keeps adapter weights in fp32 (autocast_adapter_dtype), whatever the base
     gradients = 4 * n_trainable
     optim = OPTIMIZER_BYTES[optimizer] * n_trainable

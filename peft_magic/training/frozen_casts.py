@@ -185,15 +185,39 @@ def offload_originals(modules) -> callable:
         m._weight16_version = _versions(m)  # the same values: the copy stands
         offset += n
     ptr = mapped.untyped_storage().data_ptr()
+    _MAPPED[ptr] = 4 * total
     del mapped
 
     def restore():
+        _MAPPED.pop(ptr, None)
         for module in moved:
             w = module.weight
             if w.untyped_storage().data_ptr() == ptr:  # still the mapping (not replaced meanwhile)
                 w.data = w.data.clone()
 
     return restore
+
+
+_MAPPED: dict = {}  # address -> bytes of the live mappings of float32 originals
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages dropped, written ones kept)
+
+
+def page_out() -> None:
+    """Give back the RAM of float32 originals read during the run (a float32 forward outside autocast, such as the
+    chunked loss's one check of the first batch): their pages are the file's, read again if needed. Pages written
+    during the run stay (MADV_PAGEOUT drops clean file pages only, where there is no swap). Silent where the kernel
+    has no MADV_PAGEOUT."""
+    if not _MAPPED:
+        return
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for address, nbytes in list(_MAPPED.items()):
+        madvise(address, nbytes, MADV_PAGEOUT)
 
 
 class _Shared16:
