@@ -64,23 +64,23 @@ def test_frozen_weights_cast_once_give_the_same_loss_and_gradients_bit_for_bit()
 
 
 def test_originals_stay_in_memory_where_no_disk_holds_the_temporary_folder(tmp_path, monkeypatch):
-    from peft_magic.training import frozen_casts
+    from peft_magic.training import offload
 
     mounts = tmp_path / "mounts"
     mounts.write_text("/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\nnone /tmp/my\\040dir ext4 rw 0 0\n")
-    assert frozen_casts._filesystem("/tmp/x", str(mounts)) == "tmpfs"
-    assert frozen_casts._filesystem("/tmp/my dir/x", str(mounts)) == "ext4"
-    assert frozen_casts._filesystem("/home", str(mounts)) == "ext4"
-    monkeypatch.setattr(frozen_casts, "_filesystem", lambda path: "tmpfs")
-    assert frozen_casts.offload_folder(1) is None
+    assert offload._filesystem("/tmp/x", str(mounts)) == "tmpfs"
+    assert offload._filesystem("/tmp/my dir/x", str(mounts)) == "ext4"
+    assert offload._filesystem("/home", str(mounts)) == "ext4"
+    monkeypatch.setattr(offload, "_filesystem", lambda path: "tmpfs")
+    assert offload.offload_folder(1) is None
     model = tiny_lora()
     release = cache_frozen_weights(model, "bf16")
     assert len({m.weight.untyped_storage().data_ptr() for m in cached(model)}) == len(cached(model)) > 1
     release()
-    monkeypatch.setattr(frozen_casts, "_filesystem", lambda path: "ext4")
-    assert frozen_casts.offload_folder(1) is not None
+    monkeypatch.setattr(offload, "_filesystem", lambda path: "ext4")
+    assert offload.offload_folder(1) is not None
     monkeypatch.setenv("PEFT_MAGIC_OFFLOAD", "0")
-    assert frozen_casts.offload_folder(1) is None
+    assert offload.offload_folder(1) is None
 
 
 def test_a_weight_written_during_the_run_is_cast_again():
@@ -291,3 +291,22 @@ def test_runs_with_and_without_the_casts_train_the_same_bit_for_bit(tiny_llama, 
         return
     assert ours[0] == history
     assert all(torch.equal(ours[1][k], weights[k]) for k in weights)
+
+
+def test_pages_given_back_are_read_again_and_written_ones_kept():
+    from peft_magic.training import offload
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(300, 700, bias=False).requires_grad_(False) for _ in range(3)]
+    before = [m.weight.detach().clone() for m in layers]
+    restore = offload.offload_originals(layers, lambda m: m.weight._version)
+    assert len({m.weight.untyped_storage().data_ptr() for m in layers}) == 1 and offload._MAPPED
+    with torch.no_grad():
+        layers[1].weight[3:5] = 7.0  # copy-on-write
+    before[1][3:5] = 7.0
+    offload.page_out()
+    assert all(torch.equal(m.weight, b) for m, b in zip(layers, before))
+    restore()
+    assert not offload._MAPPED
+    assert all(torch.equal(m.weight, b) for m, b in zip(layers, before))
+    assert len({m.weight.untyped_storage().data_ptr() for m in layers}) == 3

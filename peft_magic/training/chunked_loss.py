@@ -316,7 +316,7 @@ class ChunkedCausalLMLoss:
             handle.remove()
             base.train(was_training)
             release()
-        from .frozen_casts import page_out
+        from .offload import page_out
 
         page_out()  # the float32 forwards read the frozen originals a bf16 run keeps on disk (frozen_casts.py)
         masked, unmasked = captured[0][0, :real], captured[1][0, :real]

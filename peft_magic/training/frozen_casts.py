@@ -5,22 +5,15 @@ precision every frozen float32 base-layer weight of a LoRA model is cast to 16 b
 each recompute under activation checkpointing), and the cast copy is kept for backward. `cache_frozen_weights`
 keeps one 16-bit copy of each frozen plain `nn.Linear`'s weight (and bias) for the run; under autocast to that
 type the layer multiplies with the copy, which is bit for bit the tensor autocast would have made, so the result
-and the gradients are identical. The parameters themselves are never touched: the model stays float32 (its
+and the gradients are identical. The parameters' values are never changed: the model stays float32 (its
 `dtype`, state dict, checkpoints, exports and merges), and a forward outside autocast (greedy samples, checks
 that compare in float32, a reference model's forward) multiplies with the float32 weight as before. A weight
 written during the run (a checkpoint load) is cast again at its next use (its version counter moved). Not for
 quantized layers (not plain `nn.Linear`), trainable weights, or a weight shared with another module (tied
 embeddings). The cost: a 16-bit copy of the frozen linear weights held for the whole run, so only runs without
-activation checkpointing get it (there autocast's own copies were all alive at the backward anyway).
-
-Float32 originals on disk. On CPU the float32 weights the copies stand in for are not read again until the run
-ends (a forward under autocast multiplies with the copy), so for the run they wait in a file, mapped read-on-demand
-(`offload_originals`), not in RAM: 4 bytes per frozen linear weight off the run's resident memory (0.42 GB for
-SmolLM2-135M, 4 GB for a 1B model), for one write of them when the run starts (~0.3 s per GB to the page cache).
-The tensors keep their dtype, shape and values; anything that reads one (a float32 forward outside autocast, a
-merge) reads it from the file; anything that writes one (a checkpoint's load) writes to private memory (the
-mapping is copy-on-write); at the end of the run they are copied back into memory. Only where a real disk holds the
-temporary folder (not tmpfs, whose files are RAM) with room to spare, on Linux; `PEFT_MAGIC_OFFLOAD=0` turns it off.
+activation checkpointing get it (there autocast's own copies were all alive at the backward anyway). On CPU the
+float32 originals wait on disk meanwhile (training/offload.py), so the copies cost 2 bytes per weight less than
+nothing.
 
 Norm outputs. In pre-norm decoders (Llama, Mistral, Qwen2/3, Granite) the RMSNorm before the attention and
 before the MLP returns float32, and each of q/k/v (gate/up) casts that same tensor to 16 bits separately and keeps
@@ -102,7 +95,9 @@ def cache_frozen_weights(model, mixed_precision: str):
         _copy16(module, dtype)
         module.forward = types.MethodType(_linear16_forward, module)
         changed.append(module)
-    restore = offload_originals(changed)
+    from .offload import offload_originals
+
+    restore = offload_originals(changed, _versions)
 
     def release():
         restore()
@@ -111,113 +106,6 @@ def cache_frozen_weights(model, mixed_precision: str):
                 module.__dict__.pop(name, None)
 
     return release
-
-
-RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "shm"})
-
-
-def _filesystem(path: str, mounts: str = "/proc/mounts") -> str | None:
-    """The type of the filesystem holding `path` (the longest mount point above it), None when unknown."""
-    import os
-
-    path, best, kind = os.path.realpath(path), "", None
-    try:
-        with open(mounts) as fh:
-            rows = [line.split() for line in fh]
-    except OSError:
-        return None
-    for row in rows:
-        if len(row) >= 3:
-            point = row[1].replace("\\040", " ")
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, kind = point, row[2]
-    return kind
-
-
-def offload_folder(nbytes: int) -> str | None:
-    """A temporary folder on a disk with room for `nbytes` and some to spare, or None (not Linux, off, tmpfs)."""
-    import os
-    import shutil
-    import sys
-    import tempfile
-
-    if not sys.platform.startswith("linux") or os.environ.get("PEFT_MAGIC_OFFLOAD", "1").strip() in ("0", "off"):
-        return None
-    for folder in (tempfile.gettempdir(), "/var/tmp"):
-        kind = _filesystem(folder)
-        if kind is None or kind in RAM_FILESYSTEMS or not os.access(folder, os.W_OK):
-            continue
-        try:
-            if shutil.disk_usage(folder).free > 2 * nbytes + (1 << 30):
-                return folder
-        except OSError:
-            continue
-    return None
-
-
-def offload_originals(modules) -> callable:
-    """Move the float32 weights of `modules` (CPU layers multiplying with their 16-bit copies) into a private
-    mapping of an unlinked temporary file; returns what copies them back into memory."""
-    import os
-    import tempfile
-
-    import torch
-
-    moved = [m for m in modules if m.weight.device.type == "cpu" and m.weight.is_contiguous()]
-    total = sum(m.weight.numel() for m in moved)
-    folder = offload_folder(4 * total) if total else None
-    if folder is None:
-        return lambda: None
-    fd, path = tempfile.mkstemp(prefix="peft_magic-frozen-", suffix=".f32", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for m in moved:
-                fh.write(m.weight.detach().numpy().data)
-        mapped = torch.from_file(path, shared=False, size=total, dtype=torch.float32)
-    except (OSError, RuntimeError):
-        return lambda: None
-    finally:
-        os.unlink(path)  # the mapping keeps the file's pages until it goes
-    offset = 0
-    for m in moved:
-        n = m.weight.numel()
-        m.weight.data = mapped[offset : offset + n].view_as(m.weight)
-        m._weight16_version = _versions(m)  # the same values: the copy stands
-        offset += n
-    ptr = mapped.untyped_storage().data_ptr()
-    _MAPPED[ptr] = 4 * total
-    del mapped
-
-    def restore():
-        _MAPPED.pop(ptr, None)
-        for module in moved:
-            w = module.weight
-            if w.untyped_storage().data_ptr() == ptr:  # still the mapping (not replaced meanwhile)
-                w.data = w.data.clone()
-
-    return restore
-
-
-_MAPPED: dict = {}  # address -> bytes of the live mappings of float32 originals
-MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages dropped, written ones kept)
-
-
-def page_out() -> None:
-    """Give back the RAM of float32 originals read during the run (a float32 forward outside autocast, such as the
-    chunked loss's one check of the first batch): their pages are the file's, read again if needed. Pages written
-    during the run stay (MADV_PAGEOUT drops clean file pages only, where there is no swap). Silent where the kernel
-    has no MADV_PAGEOUT."""
-    if not _MAPPED:
-        return
-    import ctypes
-
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    for address, nbytes in list(_MAPPED.items()):
-        madvise(address, nbytes, MADV_PAGEOUT)
 
 
 class _Shared16:
