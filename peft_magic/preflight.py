@@ -401,6 +401,7 @@ class _Anatomy:
     eager: bool  # the attention implementation materialises the (heads x seq x seq) probabilities
     stacks: tuple
     swiglu: bool = False  # a SiLU-gated MLP training/swiglu.py runs (keeps 2 of its 3 tensors with train.kernels)
+    norms16: bool = False  # RMSNorms that keep the stream in bf16 under bf16 kernels (training/rms_norm.py)
 
 
 @dataclass(frozen=True)
@@ -460,6 +461,8 @@ def _build_anatomy(config, task: str) -> _Anatomy:
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
+    from .training.rms_norm import RMS_NORMS
+
     model = _meta_model(config, task)
     skip = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     if task in ("seq-cls", "token-cls"):  # the classifier head trains in full (peft's modules_to_save): not quantized
@@ -497,6 +500,7 @@ def _build_anatomy(config, task: str) -> _Anatomy:
         eager=impl == "eager",
         stacks=stacks,
         swiglu=_keeps_two_of_three(text),
+        norms16=any(type(m).__name__ in RMS_NORMS for m in model.modules()),
     )
 
 
@@ -681,6 +685,8 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kin
     `train.kernels` is not none (training/swiglu.py, and on CPU LoRA's dropout inside A, training/dropout.py)."""
     h, a, kv, hd = an.hidden, an.heads, an.kv_heads, an.head_dim
     norm_b = 4 if (stack.rms or mixed_precision in ("fp16", "bf16")) else act_b  # norms run in fp32 under autocast
+    if kernels and mixed_precision == "bf16" and an.norms16 and stack.rms:
+        norm_b = 2  # they keep the float32 stream's bf16 copy (training/rms_norm.py)
     b = stack.norms * h * norm_b
     # sdpa on CUDA (flash / memory-efficient) keeps q, k, v, the output and a fp32 log-sum-exp per head. With eager
     # attention, or dropout on the probabilities off CUDA (sdpa then falls back to its math path), it keeps q, k
