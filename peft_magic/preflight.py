@@ -686,7 +686,7 @@ def _block_bytes_per_token(an, stack, ad, seq, act_b, mask_b, module_mask_b, kin
     h, a, kv, hd = an.hidden, an.heads, an.kv_heads, an.head_dim
     norm_b = 4 if (stack.rms or mixed_precision in ("fp16", "bf16")) else act_b  # norms run in fp32 under autocast
     if kernels and mixed_precision == "bf16" and an.norms16 and stack.rms:
-        norm_b = 2  # they keep the float32 stream's bf16 copy (training/rms_norm.py)
+        norm_b = 4 / h  # rstd: they keep their output's bf16 copy, kept by the layers reading it (rms_norm.py)
     b = stack.norms * h * norm_b
     # sdpa on CUDA (flash / memory-efficient) keeps q, k, v, the output and a fp32 log-sum-exp per head. With eager
     # attention, or dropout on the probabilities off CUDA (sdpa then falls back to its math path), it keeps q, k

@@ -189,14 +189,14 @@ class Loop:
             eval_dl = accelerator.prepare(eval_dl)
         if t.kernels != "none":
             from .dropout import use_mask_dropout
-            from .rms_norm import keep_input_16
+            from .rms_norm import norms_keep_16_bit
             from .swiglu import keep_two_of_three
 
             # CPU: dropout with a one-bit mask, LoRA's inside A (keeps A's input, not a dropped copy per adapter)
             releases = [use_mask_dropout(model, accelerator.device)]
             releases.append(keep_two_of_three(accelerator.unwrap_model(model)))  # SwiGLU keeps 2 of its 3 tensors
             mp = str(accelerator.mixed_precision)
-            releases.append(keep_input_16(accelerator.unwrap_model(model), mp))  # norms keep the stream in bf16
+            releases.append(norms_keep_16_bit(accelerator.unwrap_model(model), mp))  # no float32 kept by norms
             releases.append(cast_once(model, accelerator, t.checkpointing))  # 16-bit stays 16-bit, cast once
             self.release_casts = lambda: [undo() for undo in reversed(releases)]
         if cfg.data.packing:

@@ -135,7 +135,10 @@ class _Shared16:
         if dtype is None or output.dtype != torch.float32:
             self.source = self.copy = None
             return
-        self.source, self.copy = weakref.ref(output), output.detach().to(dtype)
+        copy = getattr(output, "_peft_magic_copy16", None)  # made by training/rms_norm.py, kept by it too
+        if copy is None or copy.dtype != dtype:
+            copy = output.detach().to(dtype)
+        self.source, self.copy = weakref.ref(output), copy
 
     def give(self, module, args):
         """Forward pre-hook of a linear layer: the copy in place of the remembered output."""
