@@ -38,6 +38,12 @@ CPU_RUNTIME_BYTES = int(0.45 * GiB)
 # 14-24 of SmolLM2's 30 (4 x 256 tokens: 2.5-3.3 GB measured, 1.48 GB with the threshold): about half the layers.
 CPU_HEAP_SLACK = 0.65
 CPU_HEAP_SLACK_CHECKPOINTED = 0.5
+# With train.kernels on CPU (peft_magic's runs) the blocks keep less and make more small temporaries (one-bit masks
+# packed and unpacked, SiLU and the dropped inputs remade in backward), and glibc's excess is a larger share of what
+# they keep: on SmolLM2-135M + LoRA at 8 x 497 tokens, 1.09x the layers' saved activations under bf16 (4.49 GB
+# peak against 3.00 on tcmalloc) and ~1.35x in float32 (python benchmarks/sft_real.py ... ours ours:malloc=tcmalloc
+# ours:mixed_precision=no; 2026-12-03).
+CPU_HEAP_SLACK_KERNELS = 1.2
 # tcmalloc (jemalloc, mimalloc) reuses those blocks (allocator.py): the excess over what autograd keeps, measured on
 # SmolLM2-135M + LoRA at 8 x 497 tokens in float32 (python benchmarks/sft_real.py ... ours:malloc=tcmalloc).
 CPU_POOLED_SLACK = 0.1
@@ -206,7 +212,7 @@ def estimate_memory(
         elif gradient_checkpointing:
             slack = layers * CPU_HEAP_SLACK_CHECKPOINTED
         else:
-            slack = CPU_HEAP_SLACK * layers
+            slack = (CPU_HEAP_SLACK_KERNELS if kernels else CPU_HEAP_SLACK) * layers
     # bitsandbytes dequantizes each quantized weight for its matmul (and again in backward): one or two at a time.
     dequant = 2 * an.largest_linear * act_b if quantization != "none" else 0
     overhead = runtime + int(slack) + dequant

@@ -306,3 +306,49 @@ def test_the_chunked_loss_estimate_is_within_20_percent_of_a_measured_peak():
     from memory_estimate import estimate
 
     assert estimate(*spec).total == pytest.approx(measured, rel=0.2)
+
+
+def test_block_model_under_bf16_kernels_matches_what_autograd_keeps():
+    """bf16 autocast with the CPU kernels of a run (one-bit dropout masks inside A, SwiGLU keeping 2 of 3, norms
+    keeping no float32, pre-norm outputs cast once): the per-block arithmetic against the activations the blocks
+    save (autocast's weight casts aside: a run keeps one copy of each for the run, counted with the weights)."""
+    import torch
+
+    from peft_magic import preflight
+    from peft_magic.training.dropout import use_mask_dropout
+    from peft_magic.training.frozen_casts import half_norm_outputs
+    from peft_magic.training.lora_casts import skip_input_casts
+    from peft_magic.training.rms_norm import norms_keep_16_bit
+    from peft_magic.training.swiglu import keep_two_of_three
+
+    config = llama_config(vocab=512, hidden=128, layers=2)
+    _, model = lora_model(config, "causal-lm", 0.05)
+    model.train()
+    base = model.get_base_model()
+    use_mask_dropout(model, "cpu")
+    keep_two_of_three(base)
+    norms_keep_16_bit(base, "bf16")
+    skip_input_casts(model, "bf16")
+    half_norm_outputs(base, "bf16")
+    batch, seq = 3, 50
+    tokens = batch * seq
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    embeds = base.model.embed_tokens(ids).requires_grad_()  # as under LoRA on every block: the stream needs grad
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        per_token = t.dim() != 2 or t.shape[0] == tokens  # not a weight's cast
+        if t.untyped_storage()._cdata not in params and per_token:
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        base.model(inputs_embeds=embeds)
+    an = preflight._anatomy(config, "causal-lm")
+    ad = preflight._adapter(config, "causal-lm", "lora", {"r": 8, "lora_dropout": 0.05}, an)
+    assert an.norms16 and an.swiglu
+    _, layers = preflight._activation_bytes(an, ad, tokens, seq, 2, "cpu", "none", False, "bf16", "causal-lm",
+                                            chunked=True, kernels=True)  # fmt: skip
+    final_norm = tokens * config.hidden_size * 2  # the final norm keeps its output's copy (nothing reads it)
+    assert layers + final_norm == pytest.approx(sum(seen.values()), rel=0.1)
