@@ -197,6 +197,9 @@ def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pa
         never_repack(model)  # bitsandbytes' CPU inference repack would cut gradients and round the block scales
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
+    from .training.offload import page_out_checkpoints
+
+    page_out_checkpoints()  # pages loading read and no tensor keeps (quantized, converted) leave RAM now
     return model
 
 

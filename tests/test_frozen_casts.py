@@ -310,3 +310,29 @@ def test_pages_given_back_are_read_again_and_written_ones_kept():
     assert not offload._MAPPED
     assert all(torch.equal(m.weight, b) for m, b in zip(layers, before))
     assert len({m.weight.untyped_storage().data_ptr() for m in layers}) == 3
+
+
+def test_pages_of_a_mapped_checkpoint_are_given_back_after_loading(tmp_path):
+    import sys
+
+    from peft_magic.training import offload
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux: /proc/self/smaps and MADV_PAGEOUT")
+    path = tmp_path / "model.safetensors"  # any mapped file named like a checkpoint
+    values = torch.arange(4 << 20, dtype=torch.float32)
+    path.write_bytes(values.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32)
+
+    def resident_kb():
+        lines = open("/proc/self/smaps").read().splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(str(path)):
+                return next(int(x.split()[1]) for x in lines[i + 1 :] if x.startswith("Rss:"))
+        return 0
+
+    assert torch.equal(mapped, values)  # every page read: 16 MB resident
+    assert resident_kb() > 15_000
+    offload.page_out_checkpoints()
+    assert resident_kb() < 1_000
+    assert torch.equal(mapped, values)  # read again from the file

@@ -108,19 +108,35 @@ def offload_originals(modules, versions) -> callable:
     return restore
 
 
-def _file_mappings(maps: str = "/proc/self/maps") -> list:
-    """(start, end) of this process's mappings of regular files."""
+def _file_mappings(maps: str = "/proc/self/maps", suffixes: tuple = ()) -> list:
+    """(start, end) of this process's mappings of regular files (whose names end with one of `suffixes`, if
+    given)."""
     spans = []
     try:
         with open(maps) as fh:
             for line in fh:
                 parts = line.split(maxsplit=5)
                 if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    if suffixes and not parts[5].rstrip("\n").endswith(suffixes):
+                        continue
                     start, end = parts[0].split("-")
                     spans.append((int(start, 16), int(end, 16)))
     except OSError:
         pass
     return spans
+
+
+CHECKPOINT_FILES = (".safetensors", ".gguf", ".bin")
+
+
+def page_out_checkpoints() -> None:
+    """Give back the pages of checkpoint files mapped while loading a model (safetensors maps the whole file and
+    the model's tensors live in it until they are replaced; a quantized or converted model reads every page once
+    and keeps few, and the mapping stays while any tensor still lives there: 0.4 GB of SmolLM2-135M's 0.54 stayed
+    resident after a 4-bit load). Only clean file pages go (read again from the file, or the page cache, when
+    used); written ones stay. A no-op off Linux."""
+    for start, end in _file_mappings(suffixes=CHECKPOINT_FILES):
+        _page_out(start, end - start)
 
 
 _MAPPED: dict = {}  # address -> bytes of the live mappings of float32 originals
