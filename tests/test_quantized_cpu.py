@@ -109,3 +109,40 @@ def test_qlora_run_loads_a_model_that_never_repacks(tiny_llama, workdir):
     assert not any(m.support_avx512bf16_for_cpu for m in layers)
     losses = [r["loss"] for r in run.history if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+def test_under_bf16_the_4bit_layers_read_the_norms_16_bit_copy_and_multiply_in_bf16():
+    """bitsandbytes ignores autocast: a 4-bit layer fed the pre-norm's float32 output multiplied in float32 and
+    returned float32, which SwiGLU then kept for backward. With the copy and the compute type set for the run the
+    gate/up outputs are bf16, the loss and gradients those of the float32 path to bf16 rounding, and the layers
+    get their own compute type back after."""
+    from peft_magic.training.frozen_casts import half_norm_outputs
+    from peft_magic.training.quantized_cpu import compute_in_16_bit
+
+    model = qlora_tiny()
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    gate = model.get_base_model().model.layers[0].mlp.gate_proj
+    seen = []
+    gate.base_layer.register_forward_hook(lambda m, a, out: seen.append((a[0].dtype, out.dtype)))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    loss0, grads0 = loss_and_grads()
+    assert seen[-1] == (torch.float32, torch.float32)
+    releases = [half_norm_outputs(model.get_base_model(), "bf16"), compute_in_16_bit(model, "bf16")]
+    assert gate.base_layer.compute_dtype == torch.bfloat16
+    loss1, grads1 = loss_and_grads()
+    assert seen[-1] == (torch.bfloat16, torch.bfloat16)
+    torch.testing.assert_close(loss1, loss0, rtol=2e-2, atol=0)
+    diff = sum((grads1[n] - g).norm() ** 2 for n, g in grads0.items()) ** 0.5
+    assert diff <= 5e-2 * sum(g.norm() ** 2 for g in grads0.values()) ** 0.5
+    for release in releases:
+        release()
+    assert gate.base_layer.compute_dtype == torch.float32
+    assert compute_in_16_bit(model, "no")() is None

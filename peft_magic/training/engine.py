@@ -388,7 +388,8 @@ class Loop:
 
 def cast_once(model, accelerator, checkpointing: bool):
     """Under bf16/fp16 mixed precision: no float32 round trip in LoRA (lora_casts.py), one 16-bit copy of each
-    frozen linear weight and one cast of each pre-norm output (frozen_casts.py). Returns what undoes all three.
+    frozen linear weight and one cast of each pre-norm output (frozen_casts.py), 4-bit layers multiplying in 16 bits
+    (quantized_cpu.py). Returns what undoes them.
 
     The weights' copies only without activation checkpointing: there autocast's own copies are all alive at the
     backward anyway, so the peak is the same; a checkpointed run, there to save memory, would hold them for the
@@ -397,12 +398,14 @@ def cast_once(model, accelerator, checkpointing: bool):
 
     from .frozen_casts import cache_frozen_weights, half_norm_outputs
     from .lora_casts import skip_input_casts
+    from .quantized_cpu import compute_in_16_bit
 
     mp = str(accelerator.mixed_precision)
     releases = [skip_input_casts(model, mp)]
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # sharded weights
         unwrapped = accelerator.unwrap_model(model)
         releases.append(half_norm_outputs(unwrapped, mp))
+        releases.append(compute_in_16_bit(unwrapped, mp))  # bitsandbytes' 4-bit layers ignore autocast
         if not checkpointing:
             releases.append(cache_frozen_weights(unwrapped, mp))
 

@@ -18,7 +18,8 @@ nothing.
 Norm outputs. In pre-norm decoders (Llama, Mistral, Qwen2/3, Granite) the RMSNorm before the attention and
 before the MLP returns float32, and each of q/k/v (gate/up) casts that same tensor to 16 bits separately and keeps
 its own copy for backward. `half_norm_outputs` casts each such output once and hands the copy to every plain
-`nn.Linear` that reads the output itself (the base layers, LoRA's A when there is no dropout before it, or when
+`nn.Linear` that reads the output itself (the base layers, bitsandbytes' 4-bit base layers, which ignore autocast
+and then multiply in 16 bits too (quantized_cpu.py), LoRA's A when there is no dropout before it, or when
 its dropout is inside A: training/dropout.py's `DroppedLinear`, which then keeps the 16-bit copy for backward
 instead of the float32 output, and drops in 16 bits: its dropped input differs from autocast's cast of the float32
 one by a rounding); a separate LoRA dropout still receives the float32 output, as before. Each layer's gradient goes back cast to float32, as from
@@ -156,6 +157,7 @@ def half_norm_outputs(model, mixed_precision: str):
     import torch
 
     from .dropout import DroppedLinear
+    from .quantized_cpu import is_4bit
 
     config = getattr(model, "config", None)
     if _dtype(mixed_precision) is None or getattr(config, "model_type", None) not in PRE_NORM_MODELS:
@@ -169,7 +171,7 @@ def half_norm_outputs(model, mixed_precision: str):
         block, readers = PRE_NORMS[leaf]
         block = getattr(parent, block, None)
         linears = [m for r in readers for m in getattr(block, r, torch.nn.Identity()).modules()
-                   if type(m) in (torch.nn.Linear, DroppedLinear)]  # fmt: skip
+                   if type(m) in (torch.nn.Linear, DroppedLinear) or is_4bit(m)]  # fmt: skip
         if not linears:
             continue
         handles.append(module.register_forward_hook(shared.keep))

@@ -11,6 +11,13 @@ A model peft_magic loads never repacks (`never_repack`, at load): evaluation and
 dequantizing path, the numerics training sees. For any other model, `hold_training_layout(model)` turns the repack
 off for the length of a run and undoes one that already happened, as well as the repack can be undone (its block
 scales were rounded to bfloat16; said once); the returned function turns it back on after the run.
+
+Under bf16/fp16 mixed precision `compute_in_16_bit(model, mixed_precision)` makes the 4-bit layers multiply in
+that type for the run, as autocast makes a plain linear layer: bitsandbytes ignores autocast and computes in its
+`compute_dtype` (float32 on a CPU load), returning the input's dtype, so the pre-norms' float32 outputs gave float32
+gate/up outputs that SwiGLU keeps for backward (12 KB per token and block of SmolLM2-135M instead of 6) through
+float32 matmuls. With the pre-norm outputs' 16-bit copy (frozen_casts.py) and this, a QLoRA block runs and keeps
+what a bf16 LoRA block does.
 """
 
 from __future__ import annotations
@@ -61,3 +68,27 @@ def never_repack(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+def is_4bit(module) -> bool:
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def compute_in_16_bit(model, mixed_precision: str):
+    """Set `model`'s 4-bit layers to multiply in the run's 16-bit type; returns what restores their own."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None:
+        return lambda: None
+    changed = []
+    for module in model.modules():
+        if is_4bit(module) and getattr(module, "compute_dtype", None) != dtype:
+            changed.append((module, module.compute_dtype, getattr(module, "compute_type_is_set", False)))
+            module.compute_dtype, module.compute_type_is_set = dtype, True
+
+    def release():
+        for module, dtype_before, was_set in changed:
+            module.compute_dtype, module.compute_type_is_set = dtype_before, was_set
+
+    return release
