@@ -283,6 +283,13 @@ def precision_choice(setting: str, info: DeviceInfo, task: str | None = None, mo
     raise ConfigError(f"unknown value '{setting}'. Use auto, no, fp16 or bf16.", key="train.mixed_precision")
 
 
+def autocast_type(mixed_precision: str):
+    """The torch dtype autocast runs in under a resolved `train.mixed_precision` ("bf16", "fp16"), None for "no"."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision))
+
+
 def resolve_dtype(setting: str, info: DeviceInfo) -> str:
     """Turn `model.dtype` into a torch dtype name: auto is float32 on CPU/MPS, bf16 (or fp16) on CUDA."""
     setting = str(setting).lower()

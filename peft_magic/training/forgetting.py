@@ -122,13 +122,14 @@ def measure(model, dataset, collator, batch_size: int = 16, mixed_precision: str
     import torch
     from torch.utils.data import DataLoader
 
+    from ..devices import autocast_type
     from ..methods.peft_defaults import evaluation_loss
     from .metrics import perplexity
 
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = autocast_type(mixed_precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()

@@ -35,18 +35,13 @@ from __future__ import annotations
 
 import weakref
 
+from ..devices import autocast_type
 from .chunked_loss import autocast_dtype
 
 # model_type -> the pre-norms whose output only feeds linear layers (the attention's q/k/v, the MLP's gate/up)
 PRE_NORM_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite"})
 PRE_NORMS = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
              "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj"))}  # fmt: skip
-
-
-def _dtype(mixed_precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
 def _linear16_forward(self, x):
@@ -78,7 +73,7 @@ def cache_frozen_weights(model, mixed_precision: str):
 
     import torch
 
-    dtype = _dtype(mixed_precision)
+    dtype = autocast_type(mixed_precision)
     if dtype is None:
         return lambda: None
     uses: dict = {}
@@ -98,7 +93,9 @@ def cache_frozen_weights(model, mixed_precision: str):
         changed.append(module)
     from .offload import offload_originals
 
-    restore = offload_originals(changed, _versions)
+    restore = offload_originals(changed)
+    for module in changed:  # moved to disk or not, the values are the same: the copies stand
+        module._weight16_version = _versions(module)
 
     def release():
         restore()
@@ -160,7 +157,7 @@ def half_norm_outputs(model, mixed_precision: str):
     from .quantized_cpu import is_4bit
 
     config = getattr(model, "config", None)
-    if _dtype(mixed_precision) is None or getattr(config, "model_type", None) not in PRE_NORM_MODELS:
+    if autocast_type(mixed_precision) is None or getattr(config, "model_type", None) not in PRE_NORM_MODELS:
         return lambda: None
     shared, handles = _Shared16(), []
     for name, module in model.named_modules():

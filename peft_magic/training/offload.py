@@ -57,10 +57,9 @@ def offload_folder(nbytes: int) -> str | None:
     return None
 
 
-def offload_originals(modules, versions) -> callable:
+def offload_originals(modules) -> callable:
     """Move the float32 weights of `modules` (CPU layers multiplying with their 16-bit copies) into a private
-    mapping of an unlinked temporary file; returns what copies them back into memory. `versions(module)`: the
-    weight's version counters, recorded again after the move (the values, and so the copies, are the same)."""
+    mapping of an unlinked temporary file; returns what copies them back into memory."""
     import os
     import tempfile
 
@@ -85,7 +84,6 @@ def offload_originals(modules, versions) -> callable:
     for m in moved:
         n, old = m.weight.numel(), m.weight.data
         m.weight.data = mapped[offset : offset + n].view_as(m.weight)
-        m._weight16_version = versions(m)  # the same values: the copy stands
         offset += n
         # a weight mapped from its checkpoint (safetensors) stays resident while anything else holds that mapping
         # (the embedding does): give its pages back (freed memory of others, kept by the allocator, is not touched)

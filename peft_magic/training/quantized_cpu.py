@@ -76,9 +76,9 @@ def is_4bit(module) -> bool:
 
 def compute_in_16_bit(model, mixed_precision: str):
     """Set `model`'s 4-bit layers to multiply in the run's 16-bit type; returns what restores their own."""
-    import torch
+    from ..devices import autocast_type
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = autocast_type(mixed_precision)
     if dtype is None:
         return lambda: None
     changed = []
