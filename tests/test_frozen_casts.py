@@ -317,8 +317,11 @@ def test_pages_of_a_mapped_checkpoint_are_given_back_after_loading(tmp_path):
 
     from peft_magic.training import offload
 
-    if not sys.platform.startswith("linux"):
-        pytest.skip("Linux: /proc/self/smaps and MADV_PAGEOUT")
+    import os
+
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2] if x.isdigit())
+    if not sys.platform.startswith("linux") or release < (5, 4):
+        pytest.skip("Linux 5.4+: /proc/self/smaps and MADV_PAGEOUT")
     path = tmp_path / "model.safetensors"  # any mapped file named like a checkpoint
     values = torch.arange(4 << 20, dtype=torch.float32)
     path.write_bytes(values.numpy().tobytes())
