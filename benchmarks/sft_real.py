@@ -20,8 +20,9 @@ clipping at 1.0, no weight decay, fused AdamW. Sides:
 - ``ours:KEY=VALUE[,KEY=VALUE]``: one direction off, e.g. ``ours:kernels=none`` (the model's own loss over every
   position), ``ours:group_by_length=false`` (random batches), ``ours:mixed_precision=no`` (float32),
   ``ours:packing=true``, ``trainer:malloc=tcmalloc`` (the side's process on tcmalloc, preloaded; the other sides run
-  on glibc's malloc). Keys are `train.*` settings (``packing`` is ``data.packing``). For ``trainer`` and
-  ``trl-sft`` they are `TrainingArguments`/`SFTConfig` arguments (``trainer:bf16=true``).
+  on glibc's malloc), ``ours:trim=off`` (glibc's heap not trimmed between blocks, training/heap_trim.py). Keys
+  are `train.*` settings (``packing`` is ``data.packing``). For ``trainer`` and ``trl-sft`` they are
+  `TrainingArguments`/`SFTConfig` arguments (``trainer:bf16=true``).
 
 Measured per side: tokens/s (real tokens, the same count on every side, over the time from the start of the
 training loop to the end of the last optimizer step) and tokens per CPU-second (steadier on a shared machine),
@@ -322,6 +323,7 @@ def worker(side: str, spec: dict) -> dict:
         rows = json.load(fh)
     base, overrides = parse_side(side)
     overrides.pop("malloc", None)  # the driver preloaded it (run_side)
+    overrides.pop("trim", None)  # the driver set PEFT_MAGIC_TRIM (run_side)
     clock = {"steps": []}
     out_dir = tempfile.mkdtemp(prefix="sft-real-out-", dir=spec["workdir"])
     train = {"trainer": train_trainer, "trl-sft": train_trl, "ours": train_ours}[base]
@@ -361,6 +363,8 @@ def run_side(side: str, spec: dict, threads: int, timeout: float, script: str = 
     else:
         env.pop("LD_PRELOAD", None)
         env["PEFT_MAGIC_MALLOC"] = "system"  # glibc's, also for what the side itself starts
+    if parse_side(side)[1].get("trim") in (False, 0, "off", "no"):  # `ours:trim=off`: glibc's heap kept as it is
+        env["PEFT_MAGIC_TRIM"] = "0"
     cmd = [sys.executable, script, "--worker", side, "--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():

@@ -95,6 +95,16 @@ def install_kernel(name: str = "peft-magic-tcmalloc", data_dir: str | None = Non
     return folder
 
 
+def trims_heap(allocator: str | None = None) -> bool:
+    """Whether a CPU run with peft_magic's kernels gives glibc's free heap pages back as each block starts
+    (training/heap_trim.py): Linux, glibc's malloc (`allocator`, default this process's), not `PEFT_MAGIC_TRIM=0`."""
+    if not sys.platform.startswith("linux"):
+        return False
+    if os.environ.get("PEFT_MAGIC_TRIM", "").strip().lower() in ("0", "off", "no", "false"):
+        return False
+    return (allocator or active()) == "glibc"
+
+
 def hint() -> str | None:
     """One line for a CPU run's pre-flight in a process on glibc's malloc (None otherwise)."""
     if active() != "glibc":

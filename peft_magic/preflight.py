@@ -207,8 +207,10 @@ def estimate_memory(
             from .allocator import active
 
             allocator = inputs["allocator"] = active()
-        if allocator in ("tcmalloc", "jemalloc", "mimalloc"):
-            slack = CPU_POOLED_SLACK * layers
+        from .allocator import trims_heap
+
+        if allocator in ("tcmalloc", "jemalloc", "mimalloc") or (kernels and trims_heap(allocator)):
+            slack = CPU_POOLED_SLACK * layers  # glibc's heap trimmed between blocks (training/heap_trim.py)
         elif gradient_checkpointing:
             slack = layers * CPU_HEAP_SLACK_CHECKPOINTED
         else:

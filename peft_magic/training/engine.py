@@ -189,6 +189,7 @@ class Loop:
             eval_dl = accelerator.prepare(eval_dl)
         if t.kernels != "none":
             from .dropout import use_mask_dropout
+            from .heap_trim import trim_between_blocks
             from .rms_norm import norms_keep_16_bit
             from .swiglu import keep_two_of_three
 
@@ -198,6 +199,8 @@ class Loop:
             mp = str(accelerator.mixed_precision)
             releases.append(norms_keep_16_bit(accelerator.unwrap_model(model), mp))  # no float32 kept by norms
             releases.append(cast_once(model, accelerator, t.checkpointing))  # 16-bit stays 16-bit, cast once
+            # glibc: the heap's free pages given back as each block starts its forward and backward
+            releases.append(trim_between_blocks(accelerator.unwrap_model(model), accelerator.device))
             self.release_casts = lambda: [undo() for undo in reversed(releases)]
         if cfg.data.packing:
             from .packing import check_packing
