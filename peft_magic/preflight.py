@@ -42,7 +42,8 @@ CPU_HEAP_SLACK_CHECKPOINTED = 0.5
 # packed and unpacked, SiLU and the dropped inputs remade in backward), and glibc's excess is a larger share of what
 # they keep: on SmolLM2-135M + LoRA at 8 x 497 tokens, 1.09x the layers' saved activations under bf16 (4.49 GB
 # peak against 3.00 on tcmalloc) and ~1.35x in float32 (python benchmarks/sft_real.py ... ours ours:malloc=tcmalloc
-# ours:mixed_precision=no; 2026-12-03).
+# ours:mixed_precision=no; 2026-12-03). Those runs trim glibc's heap between blocks now (training/heap_trim.py), which
+# brings the excess to tcmalloc's (CPU_POOLED_SLACK below); this figure stays for runs that cannot (PEFT_MAGIC_TRIM=0).
 CPU_HEAP_SLACK_KERNELS = 1.2
 # tcmalloc (jemalloc, mimalloc) reuses those blocks (allocator.py): the excess over what autograd keeps, measured on
 # SmolLM2-135M + LoRA at 8 x 497 tokens in float32 (python benchmarks/sft_real.py ... ours:malloc=tcmalloc).

@@ -30,6 +30,7 @@ def counting(monkeypatch):
 
 
 def test_trims_as_each_block_starts_its_forward_and_its_backward(monkeypatch):
+    monkeypatch.setenv("PEFT_MAGIC_TRIM_EVERY", "1")
     calls = counting(monkeypatch)
     model = tiny_lm(layers=3)
     ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -89,7 +90,12 @@ def test_malloc_trim_gives_back_the_holes_tensors_leave_in_glibcs_heap():
     assert float(out.split("FREED")[1]) > 150, out  # ~200 MB of holes
 
 
+def test_every_nth_point_by_default():
+    assert heap_trim.EVERY > 1  # each block's trim cost ~29% of a step (module doc)
+
+
 def test_a_cpu_run_trims_and_removes_its_hooks(tiny_llama, workdir, monkeypatch):
+    monkeypatch.setenv("PEFT_MAGIC_TRIM_EVERY", "1")
     calls = counting(monkeypatch)
     config = {"model": {"name_or_path": tiny_llama}, "task": "causal-lm", "data": {"train": lm_rows(16)},
               "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
@@ -103,3 +109,23 @@ def test_a_cpu_run_trims_and_removes_its_hooks(tiny_llama, workdir, monkeypatch)
     config["train"]["output_dir"] = str(workdir / "none")
     peft_magic.train(config, display="none")
     assert len(calls) == n, "train.kernels: none runs without peft_magic's CPU kernels, trimming included"
+
+
+def test_the_preflight_counts_a_trimmed_heap_like_tcmallocs(monkeypatch):
+    """A CPU run with the kernels on glibc trims between blocks, so the pre-flight expects tcmalloc's small excess;
+    with trimming off (or kernels off) it expects glibc's held blocks."""
+    import transformers as tf
+
+    from peft_magic.preflight import estimate_memory
+
+    cfg = tf.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    monkeypatch.setattr(sys, "platform", "linux")
+
+    def slack(**kw):
+        return estimate_memory(cfg, batch_size=4, seq_len=128, **kw).slack
+
+    assert slack(kernels=True, allocator="glibc") == slack(kernels=True, allocator="tcmalloc")
+    assert slack(kernels=False, allocator="glibc") > slack(kernels=False, allocator="tcmalloc")
+    monkeypatch.setenv("PEFT_MAGIC_TRIM", "0")
+    assert slack(kernels=True, allocator="glibc") > 2 * slack(kernels=True, allocator="tcmalloc")
