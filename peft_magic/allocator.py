@@ -51,8 +51,12 @@ def find_tcmalloc(dirs=_LIB_DIRS) -> str | None:
     return None
 
 
+def _env_off(name: str, *more: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("0", "off", "no", "false", *more)
+
+
 def wanted() -> bool:
-    return os.environ.get("PEFT_MAGIC_MALLOC", "").strip().lower() not in ("system", "glibc", "off", "0")
+    return not _env_off("PEFT_MAGIC_MALLOC", "system", "glibc")
 
 
 def preload_env(env: dict | None = None) -> dict:
@@ -96,11 +100,11 @@ def install_kernel(name: str = "peft-magic-tcmalloc", data_dir: str | None = Non
 
 
 def trims_heap(allocator: str | None = None) -> bool:
-    """Whether a CPU run with peft_magic's kernels gives glibc's free heap pages back as each block starts
+    """Whether a CPU run with peft_magic's kernels gives glibc's free heap pages back between blocks
     (training/heap_trim.py): Linux, glibc's malloc (`allocator`, default this process's), not `PEFT_MAGIC_TRIM=0`."""
     if not sys.platform.startswith("linux"):
         return False
-    if os.environ.get("PEFT_MAGIC_TRIM", "").strip().lower() in ("0", "off", "no", "false"):
+    if _env_off("PEFT_MAGIC_TRIM"):
         return False
     return (allocator or active()) == "glibc"
 
@@ -111,6 +115,6 @@ def hint() -> str | None:
         return None
     path = find_tcmalloc()
     how = "" if path else "apt install libtcmalloc-minimal4, then "
-    return (f"glibc's malloc in this kernel holds freed blocks during a CPU step (peak RAM up to ~2x what training "
-            f"keeps); for a kernel on tcmalloc (less RAM, faster): {how}`python -m peft_magic kernel` and pick "
+    return (f"glibc's malloc in this kernel holds freed blocks during a CPU step (peft_magic trims them between "
+            f"blocks, at some speed); for a kernel on tcmalloc (faster): {how}`python -m peft_magic kernel` and pick "
             f"'Python 3 (peft_magic, tcmalloc)', or start Jupyter with LD_PRELOAD={path or 'libtcmalloc_minimal.so.4'}")

@@ -90,8 +90,18 @@ def test_malloc_trim_gives_back_the_holes_tensors_leave_in_glibcs_heap():
     assert float(out.split("FREED")[1]) > 150, out  # ~200 MB of holes
 
 
-def test_every_nth_point_by_default():
-    assert heap_trim.EVERY > 1  # each block's trim cost ~29% of a step (module doc)
+def test_by_default_every_fourth_boundary_counting_forward_and_backward_together(monkeypatch):
+    monkeypatch.delenv("PEFT_MAGIC_TRIM_EVERY", raising=False)
+    calls = counting(monkeypatch)
+    model = tiny_lm(layers=3)
+    ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    heap_trim.trim_between_blocks(model, torch.device("cpu"))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert calls == []  # 3 boundaries: none trimmed yet
+    loss.backward()
+    assert len(calls) == 1  # the 4th boundary (the last block's backward) trims; the 5th and 6th do not
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 3  # boundaries 8 and 12
 
 
 def test_a_cpu_run_trims_and_removes_its_hooks(tiny_llama, workdir, monkeypatch):

@@ -199,7 +199,7 @@ class Loop:
             mp = str(accelerator.mixed_precision)
             releases.append(norms_keep_16_bit(accelerator.unwrap_model(model), mp))  # no float32 kept by norms
             releases.append(cast_once(model, accelerator, t.checkpointing))  # 16-bit stays 16-bit, cast once
-            # glibc: the heap's free pages given back as each block starts its forward and backward
+            # glibc: the heap's free pages given back between blocks
             releases.append(trim_between_blocks(accelerator.unwrap_model(model), accelerator.device))
             self.release_casts = lambda: [undo() for undo in reversed(releases)]
         if cfg.data.packing:

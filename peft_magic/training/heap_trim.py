@@ -1,25 +1,25 @@
-"""glibc's free heap pages given back at each block of a CPU run.
+"""glibc's free heap pages given back between the blocks of a CPU run.
 
 A process on glibc's malloc (a notebook kernel, as most are started) serves the tensors of a training step under its
-mmap threshold (which grows to 32 MB as big blocks are freed) from its heap. A block's temporaries, freed between
-the tensors it keeps for backward, leave holes that the next block's tensors of other sizes do not fit, and glibc
-keeps them resident: on SmolLM2-135M + LoRA under bf16 (8 x 497 tokens) the process peaked at 4.6 GB where
-tcmalloc, which reuses such holes, peaked at 3.0 (allocator.py; tcmalloc can only be chosen when a process starts).
+mmap threshold (which grows to 32 MB as big blocks are freed) from its heap. Each block of the forward leaves ~35 MB
+of freed temporaries, fenced in by the tensors kept for backward, that later blocks do not reuse (mallinfo2 per
+block), and glibc keeps them resident: on SmolLM2-135M + LoRA under bf16 (8 x 497 tokens) the process peaked at
+4.6 GB where tcmalloc, which reuses such holes, peaked at 3.0 (allocator.py; tcmalloc can only be chosen when a
+process starts).
 
-`trim_between_blocks(model, device)` calls `malloc_trim(0)` as each transformer block starts its forward and its
-backward: glibc then gives the free pages inside its heap back to the system (`MADV_DONTNEED`), so what is resident
-follows what is live. Measured on that job: peak 3.2 GB. A fixed mmap threshold (`mallopt`) gets there too but maps
-and faults every large tensor afresh (a step took ~1.9x as long); trimming at 60 points of a step refaults only the
-holes reused. Linux with glibc's malloc, CPU runs; a no-op under tcmalloc/jemalloc/mimalloc, elsewhere, and with
-`PEFT_MAGIC_TRIM=0`.
-
-Every block costs a step ~29% more time (1 torch thread: 124 against 173 tok/s, 2.92 against 4.59 GB peak): the
-holes given back are mostly reused by the next block and fault in again. So the trim runs at every `EVERY`-th of
-those points (`PEFT_MAGIC_TRIM_EVERY` sets it): every 4th measured 3.04 GB against 2.87 (every one) and 3.78
-(none) with ~a third of the page faults (probe of 3 steps; the time cost not yet measured cleanly).
+`trim_between_blocks(model, device)` calls `malloc_trim(0)` at block boundaries (a block starting its forward or its
+backward): glibc gives the free pages inside its heap back (`MADV_DONTNEED`), so what is resident follows what is
+live. At every boundary: 2.92 GB against 4.59, but a step took ~1.4x as long (1 torch thread, 124 against 173
+tok/s), the pages given back being mostly reused by the next block and faulted in again. So it trims at every
+`EVERY`-th boundary (`PEFT_MAGIC_TRIM_EVERY` sets it): every 4th measured 3.04 GB with a third of the extra page
+faults (3-step probe; its time cost not yet measured in the benchmark). A fixed mmap threshold (`mallopt`) got to
+3.2 GB at ~1.9x the step time. Linux with glibc's malloc, CPU runs; a no-op under tcmalloc/jemalloc/mimalloc,
+elsewhere, and with `PEFT_MAGIC_TRIM=0`.
 """
 
 from __future__ import annotations
+
+import os
 
 EVERY = 4  # trim at every 4th block boundary (see above)
 
@@ -43,8 +43,8 @@ def _malloc_trim():
 
 
 def trim_between_blocks(model, device) -> callable:
-    """Trim glibc's heap as each of `model`'s transformer blocks starts its forward and its backward, for a run on
-    `device`; returns what removes the hooks (a no-op when nothing applies)."""
+    """Trim glibc's heap at every `EVERY`-th point where one of `model`'s transformer blocks starts its forward or its
+    backward, for a run on `device`; returns what removes the hooks (a no-op when nothing applies)."""
     if getattr(device, "type", str(device)) != "cpu":
         return lambda: None
     trim = _malloc_trim()
@@ -57,8 +57,6 @@ def trim_between_blocks(model, device) -> callable:
         lists = find_block_lists(model)
     except ConfigError:  # no repeated blocks: nothing to trim between
         return lambda: None
-    import os
-
     every = max(1, int(os.environ.get("PEFT_MAGIC_TRIM_EVERY", EVERY)))
     count = [0]
 
