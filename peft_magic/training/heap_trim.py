@@ -11,8 +11,8 @@ process starts).
 backward): glibc gives the free pages inside its heap back (`MADV_DONTNEED`), so what is resident follows what is
 live. At every boundary: 2.92 GB against 4.59, but a step took ~1.4x as long (1 torch thread, 124 against 173
 tok/s), the pages given back being mostly reused by the next block and faulted in again. So it trims at every
-`EVERY`-th boundary (`PEFT_MAGIC_TRIM_EVERY` sets it): every 4th measured 3.04 GB with a third of the extra page
-faults (3-step probe; its time cost not yet measured in the benchmark). A fixed mmap threshold (`mallopt`) got to
+`EVERY`-th boundary (`PEFT_MAGIC_TRIM_EVERY` sets it): every 4th peaked at 3.08 GB against 4.40 untrimmed for
+6.5% of the speed (benchmarks/sft_real.py, 116 against 124 tok/s). A fixed mmap threshold (`mallopt`) got to
 3.2 GB at ~1.9x the step time. Linux with glibc's malloc, CPU runs; a no-op under tcmalloc/jemalloc/mimalloc,
 elsewhere, and with `PEFT_MAGIC_TRIM=0`.
 """
