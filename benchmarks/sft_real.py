@@ -20,7 +20,8 @@ clipping at 1.0, no weight decay, fused AdamW. Sides:
 - ``ours:KEY=VALUE[,KEY=VALUE]``: one direction off, e.g. ``ours:kernels=none`` (the model's own loss over every
   position), ``ours:group_by_length=false`` (random batches), ``ours:mixed_precision=no`` (float32),
   ``ours:packing=true``, ``trainer:malloc=tcmalloc`` (the side's process on tcmalloc, preloaded; the other sides run
-  on glibc's malloc), ``ours:trim=off`` (glibc's heap not trimmed between blocks, training/heap_trim.py). Keys
+  on glibc's malloc), ``ours:trim=off`` (glibc's heap not trimmed between blocks, training/heap_trim.py),
+  ``ours:attention=sdpa`` (torch's sdpa kernel, not training/block_attention.py's blocks). Keys
   are `train.*` settings (``packing`` is ``data.packing``). For ``trainer`` and ``trl-sft`` they are
   `TrainingArguments`/`SFTConfig` arguments (``trainer:bf16=true``).
 
@@ -330,6 +331,7 @@ def worker(side: str, spec: dict) -> dict:
     base, overrides = parse_side(side)
     overrides.pop("malloc", None)  # the driver preloaded it (run_side)
     overrides.pop("trim", None)  # the driver set PEFT_MAGIC_TRIM (run_side)
+    overrides.pop("attention", None)  # the driver set PEFT_MAGIC_ATTENTION (run_side)
     clock = {"steps": []}
     out_dir = tempfile.mkdtemp(prefix="sft-real-out-", dir=spec["workdir"])
     train = {"trainer": train_trainer, "trl-sft": train_trl, "ours": train_ours}[base]
@@ -371,6 +373,8 @@ def run_side(side: str, spec: dict, threads: int, timeout: float, script: str = 
         env["PEFT_MAGIC_MALLOC"] = "system"  # glibc's, also for what the side itself starts
     if parse_side(side)[1].get("trim") in (False, 0, "off", "no"):  # `ours:trim=off`: glibc's heap kept as it is
         env["PEFT_MAGIC_TRIM"] = "0"
+    if parse_side(side)[1].get("attention") == "sdpa":  # `ours:attention=sdpa`: no block attention
+        env["PEFT_MAGIC_ATTENTION"] = "sdpa"
     cmd = [sys.executable, script, "--worker", side, "--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():

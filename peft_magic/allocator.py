@@ -51,12 +51,13 @@ def find_tcmalloc(dirs=_LIB_DIRS) -> str | None:
     return None
 
 
-def _env_off(name: str, *more: str) -> bool:
+def env_off(name: str, *more: str) -> bool:
+    """Whether the environment variable `name` turns something off ("0", "off", "no", "false" or one of `more`)."""
     return os.environ.get(name, "").strip().lower() in ("0", "off", "no", "false", *more)
 
 
 def wanted() -> bool:
-    return not _env_off("PEFT_MAGIC_MALLOC", "system", "glibc")
+    return not env_off("PEFT_MAGIC_MALLOC", "system", "glibc")
 
 
 def preload_env(env: dict | None = None) -> dict:
@@ -104,7 +105,7 @@ def trims_heap(allocator: str | None = None) -> bool:
     (training/heap_trim.py): Linux, glibc's malloc (`allocator`, default this process's), not `PEFT_MAGIC_TRIM=0`."""
     if not sys.platform.startswith("linux"):
         return False
-    if _env_off("PEFT_MAGIC_TRIM"):
+    if env_off("PEFT_MAGIC_TRIM"):
         return False
     return (allocator or active()) == "glibc"
 
