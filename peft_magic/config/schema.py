@@ -266,8 +266,9 @@ class TrainConfig:
     kernels: str = field(
         default="auto",
         metadata=_help("auto/chunked: the causal-LM loss's output layer and cross-entropy only at trained positions, "
-                       "in chunks (no positions x vocab logits); on CPU, LoRA dropout with a one-byte mask. none: "
-                       "the model's own loss and torch's dropout.",
+                       "in chunks (no positions x vocab logits); on CPU, LoRA dropout with a one-byte mask and, under "
+                       "bf16, causal attention in blocks of queries. none: the model's own loss, torch's dropout "
+                       "and attention.",
                        choices=KERNELS),
     )  # fmt: skip
     output_dir: Optional[str] = field(default=None, metadata=_help("Where checkpoints go (default: peft_runs/NAME)."))
