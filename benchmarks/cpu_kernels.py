@@ -13,6 +13,9 @@
   `mixed_precision: auto` picks bf16 only on CPUs with AVX-512 BF16 or AMX (emulated elsewhere: ~50x slower on an
   AVX2-only AMD EPYC); it prints what `devices` reads of this CPU.
 
+- ``attention``: one layer's causal attention, forward + backward, under bf16 autocast at 8 x 128, 300 and 490
+  tokens: sdpa vs `training.block_attention` (SmolLM2's heads: 9 query, 3 key/value, head dim 64).
+
 One torch thread; best (minimum) of ``--repeats`` CPU-time measurements, sides alternating, so other jobs on
 the machine move the figures little.
 
@@ -192,9 +195,39 @@ def matmul(repeats: int) -> list:
     return [("matmul 2048x576x1536, float32 -> bf16", t["float32"], t["bf16"])]
 
 
+def attention(repeats: int) -> list:
+    """sdpa (transformers' sdpa_attention_forward) vs the block attention, forward + backward of one SmolLM2 layer's
+    attention (8 rows, 9 heads, 3 key/value heads, head dim 64) as the model hands it over under bf16 autocast:
+    transposed views, q and k in float32 (rotary), v in bf16."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from peft_magic.training.block_attention import attention as blocks
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 3
+
+    layer, rows = Layer(), []
+    for n in (128, 300, 490):
+        g = torch.Generator().manual_seed(n)
+        q = torch.randn(8, n, 9, 64, generator=g).transpose(1, 2).requires_grad_()
+        k = torch.randn(8, n, 3, 64, generator=g).transpose(1, 2).requires_grad_()
+        v = torch.randn(8, n, 3, 64, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+        grad = torch.randn(8, n, 9, 64, generator=g).bfloat16()
+
+        def run(fn):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = fn(layer, q, k, v, None, dropout=0.0, scaling=0.125)
+            torch.autograd.grad(out, (q, k, v), grad)
+
+        t = best({"sdpa": lambda: run(sdpa_attention_forward), "blocks": lambda: run(blocks)}, repeats, inner=1)
+        rows.append((f"causal attention fwd+bwd 8x{n}, sdpa -> blocks", t["sdpa"], t["blocks"]))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="dropout,kernels,casts,casts-step,matmul")
+    p.add_argument("--only", default="dropout,kernels,casts,casts-step,matmul,attention")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--shape", default="8x300", help="casts-step: rows x tokens of the fwd+bwd batch (8x300 takes "
                    "minutes a step without bf16 hardware, AVX-512 BF16 or AMX: try 2x128 there)")
@@ -207,7 +240,8 @@ def main(argv=None) -> None:
         if name == "casts-step":
             rows += casts_step(args.repeats, tuple(int(n) for n in args.shape.split("x")))
         else:
-            rows += {"dropout": dropout, "kernels": kernels, "casts": casts, "matmul": matmul}[name](args.repeats)
+            rows += {"dropout": dropout, "kernels": kernels, "casts": casts, "matmul": matmul,
+                     "attention": attention}[name](args.repeats)  # fmt: skip
     load = os.getloadavg()[0]
     print(f"one torch thread, best of {args.repeats} (CPU time); load average {load:.1f}\n")
     print("| what | before (ms) | after (ms) | after / before |\n| --- | ---: | ---: | ---: |")
