@@ -233,6 +233,10 @@ def ours_clock(clock: dict):
     return Clock()
 
 
+def lora(spec: dict) -> dict:
+    return {**LORA, "lora_dropout": spec.get("lora_dropout", LORA["lora_dropout"])}
+
+
 def load_base(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM
@@ -260,7 +264,8 @@ def train_trainer(spec, rows, out_dir, clock, overrides):
     model = load_base(spec)
     if spec["quant"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, LoraConfig(**LORA, target_modules="all-linear", task_type="CAUSAL_LM"))
+    set_seed(spec["seed"])  # right before the adapter's initialization, as peft_magic seeds it (a 4-bit load draws)
+    model = get_peft_model(model, LoraConfig(**lora(spec), target_modules="all-linear", task_type="CAUSAL_LM"))
     args = TrainingArguments(**{**hf_common(spec, out_dir), **overrides})
     collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[hf_clock(clock)])
@@ -281,7 +286,7 @@ def train_trl(spec, rows, out_dir, clock, overrides):
     model = load_base(spec)
     args = SFTConfig(**{**hf_common(spec, out_dir), "max_length": spec["max_length"], "completion_only_loss": True,
                         **overrides})  # fmt: skip
-    lora = LoraConfig(**LORA, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(**lora(spec), target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
                          callbacks=[hf_clock(clock)])  # fmt: skip
     trainer.train()
@@ -302,7 +307,7 @@ def train_ours(spec, rows, out_dir, clock, overrides):
         (data if key == "packing" else train)[key] = value
     model = {"name_or_path": spec["model"], "dtype": "float32", "quantization": spec["quant"]}
     config = {"model": model, "task": "causal-lm", "data": data, "train": train,
-              "method": {"name": "lora", **LORA, "target_modules": "all-linear"}}  # fmt: skip
+              "method": {"name": "lora", **lora(spec), "target_modules": "all-linear"}}  # fmt: skip
     run = peft_magic.train(config, callbacks=[ours_clock(clock)], display="none", name="sft-real")
     from peft_magic.preflight import estimate_for_config
 
@@ -432,6 +437,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs per side; the order of sides alternates")
+    p.add_argument("--lora-dropout", type=float, default=LORA["lora_dropout"], help="LoRA's dropout on every side")
     p.add_argument("--quant", default="none", choices=("none", "4bit"), help="4bit: QLoRA (bitsandbytes NF4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per side")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/peft_magic/bench"), help="the model folder")
@@ -458,7 +464,8 @@ def main(argv=None) -> None:
     print(f"{len(rows['train'])} train rows, {tokens:,} tokens ({trained / tokens:.0%} trained), mean length "
           f"{tokens / len(rows['train']):.0f}, longest {max(r['tokens'] for r in rows['train'])}", file=sys.stderr)  # fmt: skip
     spec = {"model": folder, "rows": os.path.join(workdir, "rows.json"), "workdir": workdir, "batch": args.batch,
-            "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "quant": args.quant}  # fmt: skip
+            "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "quant": args.quant,
+            "lora_dropout": args.lora_dropout}  # fmt: skip
     sides = args.sides.replace(";", " ").split()
     results = []
     for rep in range(args.repeats):
