@@ -233,7 +233,8 @@ def ours_clock(clock: dict):
     return Clock()
 
 
-def lora(spec: dict) -> dict:
+def lora_params(spec: dict) -> dict:
+    """The LoRA settings of every side, with `--lora-dropout`."""
     return {**LORA, "lora_dropout": spec.get("lora_dropout", LORA["lora_dropout"])}
 
 
@@ -265,7 +266,7 @@ def train_trainer(spec, rows, out_dir, clock, overrides):
     if spec["quant"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     set_seed(spec["seed"])  # right before the adapter's initialization, as peft_magic seeds it (a 4-bit load draws)
-    model = get_peft_model(model, LoraConfig(**lora(spec), target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(**lora_params(spec), target_modules="all-linear", task_type="CAUSAL_LM"))
     args = TrainingArguments(**{**hf_common(spec, out_dir), **overrides})
     collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[hf_clock(clock)])
@@ -286,7 +287,7 @@ def train_trl(spec, rows, out_dir, clock, overrides):
     model = load_base(spec)
     args = SFTConfig(**{**hf_common(spec, out_dir), "max_length": spec["max_length"], "completion_only_loss": True,
                         **overrides})  # fmt: skip
-    lora = LoraConfig(**lora(spec), target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(**lora_params(spec), target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
                          callbacks=[hf_clock(clock)])  # fmt: skip
     trainer.train()
@@ -307,7 +308,7 @@ def train_ours(spec, rows, out_dir, clock, overrides):
         (data if key == "packing" else train)[key] = value
     model = {"name_or_path": spec["model"], "dtype": "float32", "quantization": spec["quant"]}
     config = {"model": model, "task": "causal-lm", "data": data, "train": train,
-              "method": {"name": "lora", **lora(spec), "target_modules": "all-linear"}}  # fmt: skip
+              "method": {"name": "lora", **lora_params(spec), "target_modules": "all-linear"}}  # fmt: skip
     run = peft_magic.train(config, callbacks=[ours_clock(clock)], display="none", name="sft-real")
     from peft_magic.preflight import estimate_for_config
 

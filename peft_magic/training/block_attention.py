@@ -25,6 +25,8 @@ cache, dropout, soft-capping, attention sinks, position biases, float32 or fp16 
 
 from __future__ import annotations
 
+import functools
+
 NAME = "peft_magic_block_cpu"
 BLOCK = 32  # queries per block: 64 measured alike at 128 and 300 tokens, 1.2x slower at 490
 
@@ -43,7 +45,9 @@ def _causal_block(q, k, i0, i1):
     return s
 
 
+@functools.cache
 def _function():
+    """The autograd function, made on first use (torch is imported lazily)."""
     import torch
 
     class BlockCausal(torch.autograd.Function):
@@ -87,15 +91,10 @@ def _function():
     return BlockCausal
 
 
-_FN = []
-
-
 def block_causal(q, k, v, scale: float):
     """Causal attention of q [batch, heads, n, d] over k, v [batch, kv_heads, n, d] (heads a multiple of
     kv_heads), bf16 on CPU: [batch, heads, n, d_v]."""
-    if not _FN:
-        _FN.append(_function())
-    return _FN[0].apply(q, k, v, scale)
+    return _function().apply(q, k, v, scale)
 
 
 def _bf16(*tensors) -> bool:

@@ -43,7 +43,9 @@ def offload_folder(nbytes: int) -> str | None:
     import sys
     import tempfile
 
-    if not sys.platform.startswith("linux") or os.environ.get("PEFT_MAGIC_OFFLOAD", "1").strip() in ("0", "off"):
+    from ..allocator import env_off
+
+    if not sys.platform.startswith("linux") or env_off("PEFT_MAGIC_OFFLOAD"):
         return None
     for folder in (tempfile.gettempdir(), "/var/tmp"):
         kind = _filesystem(folder)
