@@ -47,52 +47,51 @@ def enc(b):
 
 
 ds = ds.map(enc, batched=True, remove_columns=ds.column_names)
+theirs = [float(x) for x in os.environ.get("THEIRS", "").split(",") if x]  # Trainer's losses from an earlier run
 set_seed(0)
-m = S.load_base(spec)
-if QUANT != "none":
-    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=False)
-set_seed(0)
-m = get_peft_model(
-    m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-)
-theirs = []
+if not theirs:
+    m = S.load_base(spec)
+    if QUANT != "none":
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=False)
+    set_seed(0)
+    m = get_peft_model(
+        m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
 
+    class L(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                theirs.append(float(logs["loss"]))
 
-class L(TrainerCallback):
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            theirs.append(float(logs["loss"]))
-
-
-args = TrainingArguments(
-    output_dir=os.path.join(wd, "t"),
-    per_device_train_batch_size=8,
-    num_train_epochs=1,
-    learning_rate=1e-3,
-    lr_scheduler_type="linear",
-    warmup_steps=0,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    logging_steps=1,
-    save_strategy="no",
-    eval_strategy="no",
-    report_to="none",
-    seed=0,
-    use_cpu=True,
-    disable_tqdm=True,
-    train_sampling_strategy="sequential",
-    bf16=True,
-    optim="adamw_torch_fused",
-)
-Trainer(
-    model=m,
-    args=args,
-    train_dataset=ds,
-    data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True),
-    callbacks=[L()],
-).train()
+    args = TrainingArguments(
+        output_dir=os.path.join(wd, "t"),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        bf16=True,
+        optim="adamw_torch_fused",
+    )
+    Trainer(
+        model=m,
+        args=args,
+        train_dataset=ds,
+        data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True),
+        callbacks=[L()],
+    ).train()
+    del m
 print("trainer", theirs, flush=True)
-del m
 import gc
 
 gc.collect()
@@ -105,6 +104,38 @@ import peft_magic.training.frozen_casts as FC
 
 if os.environ.get("NOHALF"):
     FC.half_norm_outputs = lambda model, mp: lambda: None
+if os.environ.get("NOHALF4"):  # the 16-bit norm copy for plain/LoRA layers only, 4-bit layers read float32
+    _half, _is4 = FC.half_norm_outputs, QC.is_4bit
+
+    def _half_no4(model, mp):
+        QC.is_4bit = lambda m: False
+        try:
+            return _half(model, mp)
+        finally:
+            QC.is_4bit = _is4
+
+    FC.half_norm_outputs = _half_no4
+if os.environ.get("OUT32"):  # these 4-bit layers (by name, comma-separated) hand their output on in float32
+    _c16, _leaves = QC.compute_in_16_bit, os.environ["OUT32"].split(",")
+
+    def _c16_out32(model, mp):
+        for name, mod in model.named_modules():
+            if QC.is_4bit(mod) and any(f".{leaf}." in name + "." for leaf in _leaves):
+                mod.register_forward_hook(lambda m, a, out: out.float())
+        return _c16(model, mp)
+
+    QC.compute_in_16_bit = _c16_out32
+if os.environ.get("F32BWD"):  # bitsandbytes' 4-bit input gradient computed in float32, returned in its dtype
+    import bitsandbytes.autograd._functions as BF
+    from bitsandbytes import functional as BNBF
+
+    def _bwd(ctx, grad_output):
+        _, B = ctx.tensors
+        w = BNBF.dequantize_4bit(B, ctx.state).float()
+        grad_a = torch.matmul(grad_output.float(), w).to(grad_output.dtype) if ctx.needs_input_grad[0] else None
+        return grad_a, None, None, None, None
+
+    BF.MatMul4Bit.backward = staticmethod(_bwd)
 from torch.utils.data import DataLoader
 
 from peft_magic.training import engine

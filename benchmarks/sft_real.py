@@ -21,7 +21,8 @@ clipping at 1.0, no weight decay, fused AdamW. Sides:
   position), ``ours:group_by_length=false`` (random batches), ``ours:mixed_precision=no`` (float32),
   ``ours:packing=true``, ``trainer:malloc=tcmalloc`` (the side's process on tcmalloc, preloaded; the other sides run
   on glibc's malloc), ``ours:trim=off`` (glibc's heap not trimmed between blocks, training/heap_trim.py),
-  ``ours:attention=sdpa`` (torch's sdpa kernel, not training/block_attention.py's blocks). Keys
+  ``ours:attention=sdpa`` (torch's sdpa kernel, not training/block_attention.py's blocks), ``ours:4bit_out=16``
+  (QLoRA: the 4-bit layers' bf16 products handed on in bf16, not float32; training/quantized_cpu.py). Keys
   are `train.*` settings (``packing`` is ``data.packing``). For ``trainer`` and ``trl-sft`` they are
   `TrainingArguments`/`SFTConfig` arguments (``trainer:bf16=true``).
 
@@ -338,6 +339,7 @@ def worker(side: str, spec: dict) -> dict:
     overrides.pop("malloc", None)  # the driver preloaded it (run_side)
     overrides.pop("trim", None)  # the driver set PEFT_MAGIC_TRIM (run_side)
     overrides.pop("attention", None)  # the driver set PEFT_MAGIC_ATTENTION (run_side)
+    overrides.pop("4bit_out", None)  # the driver set PEFT_MAGIC_4BIT_OUT (run_side)
     clock = {"steps": []}
     out_dir = tempfile.mkdtemp(prefix="sft-real-out-", dir=spec["workdir"])
     train = {"trainer": train_trainer, "trl-sft": train_trl, "ours": train_ours}[base]
@@ -381,6 +383,8 @@ def run_side(side: str, spec: dict, threads: int, timeout: float, script: str = 
         env["PEFT_MAGIC_TRIM"] = "0"
     if parse_side(side)[1].get("attention") == "sdpa":  # `ours:attention=sdpa`: no block attention
         env["PEFT_MAGIC_ATTENTION"] = "sdpa"
+    if str(parse_side(side)[1].get("4bit_out")) == "16":  # `ours:4bit_out=16`: 4-bit layers' output left in bf16
+        env["PEFT_MAGIC_4BIT_OUT"] = "16"
     cmd = [sys.executable, script, "--worker", side, "--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():

@@ -7,6 +7,7 @@ true gradient even after an evaluation or a `generate`, and inference after the 
 from __future__ import annotations
 
 import tempfile
+
 import pytest
 import torch
 from conftest import instruction_rows
@@ -146,3 +147,37 @@ def test_under_bf16_the_4bit_layers_read_the_norms_16_bit_copy_and_multiply_in_b
         release()
     assert gate.base_layer.compute_dtype == torch.float32
     assert compute_in_16_bit(model, "no")() is None
+
+
+def test_under_bf16_a_4bit_layer_hands_on_float32_so_the_lora_update_is_not_rounded_away(monkeypatch):
+    """Early in training LoRA's update is a few bf16 roundings of the base output: a bf16 base output added to it in
+    bf16 loses most of it (the real QLoRA job's step-2 loss moved +4% off Trainer's, whose 4-bit layers return
+    float32). The 4-bit layer multiplies in bf16 but hands its output on in float32, so the update survives the sum;
+    `PEFT_MAGIC_4BIT_OUT=16` (a benchmark's ablation) leaves it bf16 and the update is rounded away."""
+    from peft_magic.training.quantized_cpu import compute_in_16_bit
+
+    model = qlora_tiny()
+    layer = model.get_base_model().model.layers[0].mlp.gate_proj
+    # as in a run, the pre-norm output's bf16 copy (frozen_casts.py); bitsandbytes returns its input's type
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        base_rms = layer.base_layer(x.float()).pow(2).mean().sqrt()
+        delta = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
+        layer.lora_B["default"].weight.mul_(3e-3 * base_rms / delta.pow(2).mean().sqrt())  # update ~ 1.5 roundings
+        delta = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
+
+    def update_error():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y, base = layer(x), layer.base_layer(x)
+        assert layer.base_layer.compute_dtype == torch.bfloat16
+        return y.dtype, float((y.float() - base.float() - delta).norm() / delta.norm())
+
+    release = compute_in_16_bit(model, "bf16")
+    dtype, error = update_error()
+    release()
+    assert dtype == torch.float32 and error < 0.02, error  # the update's own bf16 rounding
+    monkeypatch.setenv("PEFT_MAGIC_4BIT_OUT", "16")
+    release = compute_in_16_bit(model, "bf16")
+    dtype16, error16 = update_error()
+    release()
+    assert dtype16 == torch.bfloat16 and error16 > 0.2, error16

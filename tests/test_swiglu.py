@@ -75,7 +75,7 @@ def test_a_run_uses_it_with_kernels_on_and_gives_the_mlp_back(tiny_llama, workdi
     from peft_magic.training import swiglu
 
     calls = []
-    monkeypatch.setattr(swiglu, "silu_mul", lambda gate, up: calls.append(1) or swiglu._silu_mul().apply(gate, up))
+    monkeypatch.setattr(swiglu, "silu_mul", lambda gate, up: calls.append(1) or swiglu._silu_mul()[0].apply(gate, up))
     config = {"model": tiny_llama, "data": {"train": instruction_rows(32)},
               "train": {"max_steps": 4, "logging_steps": 2, "eval_steps": 0, "learning_rate": 5e-3,
                         "per_device_train_batch_size": 4, "kernels": kernels, "output_dir": str(workdir / kernels)}}  # fmt: skip
@@ -121,3 +121,37 @@ def test_with_dropout_inside_a_the_down_projection_keeps_gate_and_up_not_the_pro
         torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-6, msg=name)
     # plain keeps SiLU's output and the dropped product (A's input); ours neither (the one-bit masks aside)
     assert kept0 - kept1 >= 2 * 2 * ids.numel() * 128 * 4
+
+
+def test_float32_gate_and_up_under_bf16_autocast_multiply_in_float32_and_keep_16_bit_copies():
+    """A QLoRA block hands float32 gate/up to SwiGLU under bf16 autocast (training/quantized_cpu.py): the product is
+    autograd's float32 one rounded once to bf16 (what down_proj multiplies), only bf16 copies are kept, and the
+    gradients are float32 autograd's to bf16 rounding. Outside autocast the float32 tensors themselves are kept
+    (bit-exact gradients)."""
+    from peft_magic.training.swiglu import remade_from
+
+    torch.manual_seed(0)
+    gate = (2 * torch.randn(4, 9, 48)).requires_grad_()
+    up = torch.randn(4, 9, 48).requires_grad_()
+    g = torch.randn(4, 9, 48)
+    ref_out = torch.nn.functional.silu(gate) * up
+    ref = torch.autograd.grad((ref_out * g).sum(), (gate, up))
+    kept = []
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = silu_mul(gate, up)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out.detach().bfloat16())
+    assert kept and all(t.dtype == torch.bfloat16 for t in kept)
+    assert sum(t.numel() for t in kept) == 2 * gate.numel()
+    fn, *sources = remade_from(out)
+    torch.testing.assert_close(fn(*sources), out.detach(), rtol=2e-2, atol=2e-2)  # from the copies, in bf16
+    ours = torch.autograd.grad((out * g).sum(), (gate, up))
+    for a, b in zip(ours, ref):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 1e-2 * b.norm()
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = silu_mul(gate, up)  # no autocast: the float32 tensors, gradients bit for bit
+    assert {t.dtype for t in kept} == {torch.float32}
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (gate, up)), ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -3,8 +3,9 @@
 With the batch order and dropout taken out of the comparison (batches in the rows' order on both sides, LoRA
 dropout 0), peft_magic's loop with its CPU kernels must give Trainer's loss at every step: the same LoRA
 initialization (seeded the same way), AdamW, linear schedule, clipping, loss normalization, and, under bf16, the
-kernels' casts and the block attention within bf16's rounding. A 4-bit (NF4) base included: on SmolLM2 QLoRA's
-held-out loss came out above Trainer's over several seeds, and this says the loops are not where that comes from.
+kernels' casts and the block attention within bf16's rounding (a 1% learning-rate change moves the losses by
+5.6e-4). A 4-bit (NF4) base included. This tiny model does not see where SmolLM2's QLoRA loss once parted from
+Trainer's (4-bit outputs left in bf16, training/quantized_cpu.py): benchmarks/sft_equivalence.py does.
 """
 
 from __future__ import annotations
@@ -98,5 +99,5 @@ def test_peft_magic_trains_as_trainer_does_step_for_step(tiny_llama, tmp_path, m
     ours = [row["loss"] for row in run.history if "loss" in row]
     assert len(ours) == len(theirs) == STEPS
     assert theirs[-1] < theirs[0]  # it trains
-    tolerance = 1e-6 if mixed_precision == "no" else 2e-5
+    tolerance = 1e-6 if mixed_precision == "no" else 1e-4
     assert ours == pytest.approx(theirs, rel=tolerance)

@@ -14,10 +14,18 @@ scales were rounded to bfloat16; said once); the returned function turns it back
 
 Under bf16/fp16 mixed precision `compute_in_16_bit(model, mixed_precision)` makes the 4-bit layers multiply in
 that type for the run, as autocast makes a plain linear layer: bitsandbytes ignores autocast and computes in its
-`compute_dtype` (float32 on a CPU load), returning the input's dtype, so the pre-norms' float32 outputs gave float32
-gate/up outputs that SwiGLU keeps for backward (12 KB per token and block of SmolLM2-135M instead of 6) through
-float32 matmuls. With the pre-norm outputs' 16-bit copy (frozen_casts.py) and this, a QLoRA block runs and keeps
-what a bf16 LoRA block does.
+`compute_dtype` (float32 on a CPU load), so Trainer's QLoRA step on CPU multiplies the 4-bit base in float32. Fed
+the pre-norm output's 16-bit copy (frozen_casts.py) the layers multiply in bf16, as a plain bf16 LoRA layer does.
+
+Their output is still handed on in float32, as bitsandbytes returns it for a float32 input. LoRA's update is added
+to it, and early in training the update is about one 16-bit rounding of the base output: added to a bf16 output in
+bf16 most of it is rounded away. With bf16 outputs (what autocast gives a plain bf16 LoRA run, in Trainer too) the
+real QLoRA job (benchmarks/sft_equivalence.py: SmolLM2-135M NF4, batches in order, dropout 0) trained +4.3%, +2.7%,
++2.6% off Trainer's step losses at steps 2-4, and the held-out loss of `sft_real.py --quant 4bit` was +4.9% off
+Trainer's over six seeds; handed on in float32 (and SwiGLU's product made from the float32 gate/up, training/
+swiglu.py), -0.5%, -0.3%, -0.5%. The float32 tensors live one block at a time: attention casts q/k/v to 16 bits,
+SwiGLU keeps 16-bit copies. `PEFT_MAGIC_4BIT_OUT=16` leaves the outputs in 16 bits (the ablation
+`sft_real.py --sides ours:4bit_out=16`).
 """
 
 from __future__ import annotations
@@ -74,21 +82,37 @@ def is_4bit(module) -> bool:
     return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
+def _float32_output(module, args, output):
+    """Forward hook: a 4-bit layer's 16-bit product handed on in float32, as bitsandbytes does on a float32 input."""
+    import torch
+
+    return output.float() if output.dtype in (torch.bfloat16, torch.float16) else None
+
+
 def compute_in_16_bit(model, mixed_precision: str):
-    """Set `model`'s 4-bit layers to multiply in the run's 16-bit type; returns what restores their own."""
+    """Set `model`'s 4-bit layers to multiply in the run's 16-bit type and hand their output on in float32; returns
+    what restores their own."""
+    from ..allocator import env_off
     from ..devices import autocast_type
 
     dtype = autocast_type(mixed_precision)
     if dtype is None:
         return lambda: None
-    changed = []
+    changed, handles = [], []
+    out16 = env_off("PEFT_MAGIC_4BIT_OUT", "16", "bf16", "fp16")  # the faster, lossier ablation (benchmarks)
     for module in model.modules():
-        if is_4bit(module) and getattr(module, "compute_dtype", None) != dtype:
+        if not is_4bit(module):
+            continue
+        if getattr(module, "compute_dtype", None) != dtype:
             changed.append((module, module.compute_dtype, getattr(module, "compute_type_is_set", False)))
             module.compute_dtype, module.compute_type_is_set = dtype, True
+        if not out16:
+            handles.append(module.register_forward_hook(_float32_output))
 
     def release():
         for module, dtype_before, was_set in changed:
             module.compute_dtype, module.compute_type_is_set = dtype_before, was_set
+        for h in handles:
+            h.remove()
 
     return release

@@ -11,6 +11,15 @@ a SmolLM2 LoRA step keeps under bf16).
 The gradients are SiLU's own formula, `g * sigmoid(a) * (1 + a * (1 - sigmoid(a)))`, equal to autograd's to
 float rounding.
 
+Under bf16/fp16 autocast with float32 gate and up outputs (a QLoRA block: bitsandbytes' 4-bit layers hand their
+output on in float32, training/quantized_cpu.py, and the LoRA update is added to it in float32) the product is
+computed in float32 from them and rounded once to 16 bits (what the down projection multiplies under autocast
+anyway), and only their 16-bit copies are kept: backward computes from the copies as above, and the down
+projection's LoRA A remakes its input from them (to a rounding or two, for A's weight gradient only). The product
+from 16-bit gate/up moved the real QLoRA job's step-2 training loss +1.6% off Trainer's (float32 throughout:
+benchmarks/sft_equivalence.py); kept copies do not move it. No float32 product is made: float32 temporaries of the
+intermediate size cost ~5 ms each on one core in fresh pages.
+
 `keep_two_of_three(model)` gives the MLPs of an allow-listed decoder family (their MLP is exactly that formula with
 SiLU) this forward for the run, under `train.kernels` not `none`, and returns what restores the model's own.
 """
@@ -24,6 +33,20 @@ SWIGLU_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite"})
 SILU = frozenset({"silu", "swish"})
 
 
+def _silu_mul_grads(gate, up, grad, needs_gate: bool, needs_up: bool):
+    """SiLU-times-up's gradients, remaking SiLU from `gate`."""
+    import torch
+
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_up = grad * silu if needs_up else None
+    grad_gate = None
+    if needs_gate:
+        # d silu / d a = sig * (1 + a * (1 - sig)) = sig + silu * (1 - sig)
+        grad_gate = silu.neg_().add_(gate).mul_(sig).add_(sig).mul_(grad).mul_(up)
+    return grad_gate, grad_up
+
+
 def _silu_mul():
     import torch
 
@@ -35,31 +58,46 @@ def _silu_mul():
 
         @staticmethod
         def backward(ctx, grad):
-            gate, up = ctx.saved_tensors
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            grad_up = grad * silu if ctx.needs_input_grad[1] else None
-            grad_gate = None
-            if ctx.needs_input_grad[0]:
-                # d silu / d a = sig * (1 + a * (1 - sig)) = sig + silu * (1 - sig)
-                grad_gate = silu.neg_().add_(gate).mul_(sig).add_(sig).mul_(grad).mul_(up)
-            return grad_gate, grad_up
+            return _silu_mul_grads(*ctx.saved_tensors, grad, *ctx.needs_input_grad)
 
-    return SiluMul
+    class SiluMulKept16(torch.autograd.Function):
+        """silu(gate) * up from float32 gate/up, rounded once to the copies' 16-bit type (what the down projection
+        multiplies under autocast anyway); backward from the 16-bit copies `gate16`, `up16` (made by the caller)."""
+
+        @staticmethod
+        def forward(ctx, gate, up, gate16, up16):
+            ctx.save_for_backward(gate16, up16)
+            return remake_silu_mul(gate, up).to(gate16.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return *_silu_mul_grads(*ctx.saved_tensors, grad, *ctx.needs_input_grad[:2]), None, None
+
+    return SiluMul, SiluMulKept16
 
 
-_FN = None
+_FNS = None
 
 
 def silu_mul(gate, up):
-    """silu(gate) * up, keeping `gate` and `up` for backward (not SiLU's output too). The product carries how to
-    remake it (`remade_from`): the down projection's LoRA A with dropout inside (training/dropout.py) keeps gate and
-    up, already kept here, instead of the product, and remakes it bit for bit in backward."""
-    global _FN
-    if _FN is None:
-        _FN = _silu_mul()
-    out = _FN.apply(gate, up)
-    out._peft_magic_remake = (remake_silu_mul, gate, up)
+    """silu(gate) * up, keeping `gate` and `up` for backward (not SiLU's output too), or when they are float32
+    under 16-bit autocast their 16-bit copies (the product then 16-bit too). The product carries how to remake it
+    (`remade_from`): the down projection's LoRA A with dropout inside (training/dropout.py) keeps what is kept here
+    anyway instead of the product, and remakes it in backward (bit for bit; from the copies, to a rounding)."""
+    global _FNS
+    from .chunked_loss import autocast_dtype
+
+    if _FNS is None:
+        _FNS = _silu_mul()
+    dtype = autocast_dtype(gate) if gate.dtype == up.dtype and gate.dtype.itemsize == 4 else None
+    if dtype is not None and dtype.itemsize == 2:
+        gate16, up16 = gate.detach().to(dtype), up.detach().to(dtype)
+        out = _FNS[1].apply(gate, up, gate16, up16)
+        out._peft_magic_remake = (remake_silu_mul, gate16, up16)  # to a 16-bit rounding or two of the product
+    else:
+        out = _FNS[0].apply(gate, up)
+        out._peft_magic_remake = (remake_silu_mul, gate, up)
+    out._peft_magic_kept = gate.requires_grad or up.requires_grad  # kept here for backward, so free to remake from
     return out
 
 
@@ -72,9 +110,9 @@ def remake_silu_mul(gate, up):
 
 def remade_from(x):
     """(function, *tensors) that remake `x` when `x` is a product of `silu_mul` whose backward keeps those tensors
-    anyway (they require grad), else None."""
+    anyway (its gate or up requires grad), else None."""
     remake = getattr(x, "_peft_magic_remake", None)
-    return remake if remake is not None and any(t.requires_grad for t in remake[1:]) else None
+    return remake if remake is not None and getattr(x, "_peft_magic_kept", False) else None
 
 
 def _forward(self, x):
