@@ -3,12 +3,21 @@
 the rows' order on both sides, LoRA r=16 all-linear with dropout 0, bf16, seed 0, lr 1e-3, 4 steps. It prints
 each step's training loss on both sides. With the order and dropout taken out, any difference is the training's.
 
-    python benchmarks/sft_equivalence.py                     # peft_magic's defaults
-    KERN=none python benchmarks/sft_equivalence.py           # without its CPU kernels: bit for bit Trainer's
-    NO16=1 NOHALF=1 python benchmarks/sft_equivalence.py     # without compute_in_16_bit and half_norm_outputs
+    python benchmarks/sft_equivalence.py                       # peft_magic's defaults
+    KERN=none python benchmarks/sft_equivalence.py             # without its CPU kernels: bit for bit Trainer's
+    PEFT_MAGIC_4BIT_OUT=16 python benchmarks/sft_equivalence.py  # 4-bit outputs left in bf16 (before 58b965e)
+    THEIRS=l1,l2,l3,l4 ...                                     # Trainer's losses from an earlier run: ours only
 
-(2026-12-03, 4-bit: defaults -0.22%, +4.26%, +2.72%, +2.62% against Trainer at steps 1-4; KERN=none 0.00% at
-every step; NO16=1 NOHALF=1 -0.33%, +0.40%, +0.23%, -0.02%.) Needs ~17 GB of RAM (Trainer's float32 4-bit step).
+Probes of what the 4-bit layers' precision does (each over peft_magic's defaults): ``NO16=1`` (no
+compute_in_16_bit), ``NOHALF=1`` (no half_norm_outputs), ``NOHALF4=1`` (the 16-bit norm copy kept from the 4-bit
+layers only), ``OUT32=q_proj,k_proj`` (those 4-bit layers' outputs cast to float32), ``F32BWD=1`` (bitsandbytes'
+input gradient computed in float32).
+
+2026-12-03, 4-bit, against Trainer at steps 1-4: defaults before 58b965e (4-bit outputs in bf16) -0.22%, +4.26%,
++2.72%, +2.62%; `KERN=none` 0.00% at every step; `NO16=1 NOHALF=1` and `NOHALF4=1` -0.33%, +0.40%, +0.23%,
+-0.02%; `F32BWD=1` +4.20% at step 2 (the backward's precision is not it); `OUT32` on q/k/v/o +2.79%, on
+gate/up/down +1.24%, on o/down +2.19%, on q/k/v/gate/up +0.40%; defaults since 58b965e (outputs in float32, SwiGLU's
+product from float32 gate/up) -0.33%, -0.01%, +0.24%, +0.01%. Needs ~17 GB of RAM (Trainer's float32 4-bit step).
 """
 
 import os

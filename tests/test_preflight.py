@@ -352,3 +352,31 @@ def test_block_model_under_bf16_kernels_matches_what_autograd_keeps():
                                             chunked=True, kernels=True)  # fmt: skip
     final_norm = tokens * config.hidden_size * 2  # the final norm keeps its output's copy (nothing reads it)
     assert layers + final_norm == pytest.approx(sum(seen.values()), rel=0.1)
+
+
+def test_a_4bit_bf16_run_counts_the_float32_outputs_its_4bit_layers_hand_on(monkeypatch):
+    """training/quantized_cpu.py: under bf16 with the CPU kernels a 4-bit layer hands its output on in float32;
+    each block frees four float32 tensors of the intermediate size per token into glibc's heap, trimmed every
+    heap_trim.EVERY-th block. Not counted without quantization, kernels or 16-bit mixed precision, or with the
+    outputs left in bf16."""
+    from peft_magic.training.heap_trim import EVERY
+
+    config = llama_config(hidden=64)
+    args = {"quantization": "4bit", "batch_size": 4, "seq_len": 100, "mixed_precision": "bf16", "kernels": True}
+
+    def total(**kw):
+        return estimate_memory(config, **{**args, **kw}).total
+
+    glibc, pooled = total(allocator="glibc"), total(allocator="tcmalloc")
+    monkeypatch.setenv("PEFT_MAGIC_4BIT_OUT", "16")
+    glibc16, pooled16 = total(allocator="glibc"), total(allocator="tcmalloc")
+    monkeypatch.delenv("PEFT_MAGIC_4BIT_OUT")
+    one_block = 4 * config.intermediate_size * 4 * 4 * 100
+    if sys.platform.startswith("linux"):
+        assert glibc - glibc16 == EVERY * one_block
+    assert pooled - pooled16 == one_block
+    for kw in ({"kernels": False}, {"mixed_precision": "no"}):
+        monkeypatch.setenv("PEFT_MAGIC_4BIT_OUT", "16")
+        off = total(allocator="tcmalloc", **kw)
+        monkeypatch.delenv("PEFT_MAGIC_4BIT_OUT")
+        assert total(allocator="tcmalloc", **kw) == off

@@ -89,17 +89,24 @@ def _float32_output(module, args, output):
     return output.float() if output.dtype in (torch.bfloat16, torch.float16) else None
 
 
+def hands_on_float32() -> bool:
+    """Whether 4-bit layers computing in 16 bits hand their output on in float32 (not `PEFT_MAGIC_4BIT_OUT=16`, the
+    faster, lossier ablation of the benchmarks)."""
+    from ..allocator import env_off
+
+    return not env_off("PEFT_MAGIC_4BIT_OUT", "16", "bf16", "fp16")
+
+
 def compute_in_16_bit(model, mixed_precision: str):
     """Set `model`'s 4-bit layers to multiply in the run's 16-bit type and hand their output on in float32; returns
     what restores their own."""
-    from ..allocator import env_off
     from ..devices import autocast_type
 
     dtype = autocast_type(mixed_precision)
     if dtype is None:
         return lambda: None
     changed, handles = [], []
-    out16 = env_off("PEFT_MAGIC_4BIT_OUT", "16", "bf16", "fp16")  # the faster, lossier ablation (benchmarks)
+    out16 = not hands_on_float32()
     for module in model.modules():
         if not is_4bit(module):
             continue
