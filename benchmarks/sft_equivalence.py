@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 torch.set_num_threads(1)
 QUANT = os.environ.get("QUANT", "4bit")
+DROP = float(os.environ.get("DROP", "0"))  # LoRA dropout on both sides (their masks differ: a noise of its own)
 import datasets
 import sft_real as S
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -64,7 +65,7 @@ if not theirs:
         m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=False)
     set_seed(0)
     m = get_peft_model(
-        m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        m, LoraConfig(r=16, lora_alpha=32, lora_dropout=DROP, target_modules="all-linear", task_type="CAUSAL_LM")
     )
 
     class L(TrainerCallback):
@@ -165,7 +166,7 @@ messages = [
 config = {
     "model": {"name_or_path": folder, "dtype": "float32", "quantization": QUANT},
     "task": "causal-lm",
-    "method": {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    "method": {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": DROP, "target_modules": "all-linear"},
     "data": {"train": messages, "max_length": 512},
     "train": {
         "num_train_epochs": 1,
