@@ -106,14 +106,14 @@ def compute_in_16_bit(model, mixed_precision: str):
     if dtype is None:
         return lambda: None
     changed, handles = [], []
-    out16 = not hands_on_float32()
+    float32_out = hands_on_float32()
     for module in model.modules():
         if not is_4bit(module):
             continue
         if getattr(module, "compute_dtype", None) != dtype:
             changed.append((module, module.compute_dtype, getattr(module, "compute_type_is_set", False)))
             module.compute_dtype, module.compute_type_is_set = dtype, True
-        if not out16:
+        if float32_out:
             handles.append(module.register_forward_hook(_float32_output))
 
     def release():

@@ -17,8 +17,8 @@ computed in float32 from them and rounded once to 16 bits (what the down project
 anyway), and only their 16-bit copies are kept: backward computes from the copies as above, and the down
 projection's LoRA A remakes its input from them (to a rounding or two, for A's weight gradient only). The product
 from 16-bit gate/up moved the real QLoRA job's step-2 training loss +1.6% off Trainer's (float32 throughout:
-benchmarks/sft_equivalence.py); kept copies do not move it. No float32 product is made: float32 temporaries of the
-intermediate size cost ~5 ms each on one core in fresh pages.
+benchmarks/sft_equivalence.py); kept copies do not move it. The float32 product is not handed on (down_proj would
+cast it anyway): float32 temporaries of the intermediate size cost ~5 ms each on one core in fresh pages.
 
 `keep_two_of_three(model)` gives the MLPs of an allow-listed decoder family (their MLP is exactly that formula with
 SiLU) this forward for the run, under `train.kernels` not `none`, and returns what restores the model's own.
@@ -26,6 +26,7 @@ SiLU) this forward for the run, under `train.kernels` not `none`, and returns wh
 
 from __future__ import annotations
 
+import functools
 import types
 
 # model_type -> the MLP is `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (transformers 5)
@@ -47,7 +48,9 @@ def _silu_mul_grads(gate, up, grad, needs_gate: bool, needs_up: bool):
     return grad_gate, grad_up
 
 
+@functools.cache
 def _silu_mul():
+    """(SiluMul, SiluMulKept16), made on first use (torch is imported lazily)."""
     import torch
 
     class SiluMul(torch.autograd.Function):
@@ -76,26 +79,21 @@ def _silu_mul():
     return SiluMul, SiluMulKept16
 
 
-_FNS = None
-
-
 def silu_mul(gate, up):
     """silu(gate) * up, keeping `gate` and `up` for backward (not SiLU's output too), or when they are float32
     under 16-bit autocast their 16-bit copies (the product then 16-bit too). The product carries how to remake it
     (`remade_from`): the down projection's LoRA A with dropout inside (training/dropout.py) keeps what is kept here
     anyway instead of the product, and remakes it in backward (bit for bit; from the copies, to a rounding)."""
-    global _FNS
     from .chunked_loss import autocast_dtype
 
-    if _FNS is None:
-        _FNS = _silu_mul()
+    plain, kept16 = _silu_mul()
     dtype = autocast_dtype(gate) if gate.dtype == up.dtype and gate.dtype.itemsize == 4 else None
     if dtype is not None and dtype.itemsize == 2:
         gate16, up16 = gate.detach().to(dtype), up.detach().to(dtype)
-        out = _FNS[1].apply(gate, up, gate16, up16)
+        out = kept16.apply(gate, up, gate16, up16)
         out._peft_magic_remake = (remake_silu_mul, gate16, up16)  # to a 16-bit rounding or two of the product
     else:
-        out = _FNS[0].apply(gate, up)
+        out = plain.apply(gate, up)
         out._peft_magic_remake = (remake_silu_mul, gate, up)
     out._peft_magic_kept = gate.requires_grad or up.requires_grad  # kept here for backward, so free to remake from
     return out
