@@ -260,7 +260,8 @@ class TrainConfig:
     group_by_length: str = field(
         default="auto",
         metadata=_help("Batch examples of similar length (less padding), batches in random order; a classifier's "
-                       "batches keep their labels mixed. auto: when random batches would be >= 10% padding.",
+                       "batches keep their labels mixed. auto: when random batches would be >= 10% padding. "
+                       "false: transformers.Trainer's random batches for the same seed.",
                        choices=GROUPINGS),
     )  # fmt: skip
     kernels: str = field(

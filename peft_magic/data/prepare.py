@@ -31,6 +31,7 @@ class PreparedData:
     source_names: dict = field(default_factory=dict)
     train_collator: Any = None  # when training batches collate differently (packing); else `collator`
     grouping: str = ""  # whether and why training batches are length-grouped (sampling.decide), once decided
+    order: Any = None  # the training order's torch.Generator (engine.make_loaders), reseeded by the loop each epoch
     format: str = ""  # the detected data format (data/formats.py), causal-lm only
     format_note: str = ""  # which format, from which columns, and how to choose another
     template_note: str = ""  # which chat template, and what is trained

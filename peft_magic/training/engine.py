@@ -68,7 +68,7 @@ def make_loaders(data, cfg, accelerator):
     from torch.utils.data import DataLoader
 
     t = cfg.train
-    gen = torch.Generator().manual_seed(t.seed)
+    gen = torch.Generator().manual_seed(t.seed)  # the order's own: the loop reseeds it each epoch (`data.order`)
     from .packing import example_lengths
     from .sampling import class_labels, decide, longest_first, train_sampler
 
@@ -77,10 +77,18 @@ def make_loaders(data, cfg, accelerator):
     labels = class_labels(cfg, data.train)  # read once from the dataset: the decision and the sampler use them
     group, data.grouping = decide(cfg, data.train, lengths, labels)
     sampler = train_sampler(group, lengths, t.per_device_train_batch_size, gen, labels)
+    if sampler is None:  # random batches: Trainer's for the same seed (its sampler draws randperm(n) at seed + epoch)
+        from torch.utils.data import RandomSampler
+
+        sampler = RandomSampler(data.train, generator=gen)
+    data.order = gen
     collate = getattr(data, "train_collator", None) or data.collator  # packing collates training batches apart
     pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU can overlap the previous step
+    # the DataLoader draws a seed for its workers from its own generator as each epoch begins: not the order's
+    # (whose next draw is the order) and not torch's global one (whose next draws are the dropout masks)
     train_dl = DataLoader(data.train.with_format("python"), batch_size=t.per_device_train_batch_size,
-                          shuffle=sampler is None, sampler=sampler, generator=gen, collate_fn=collate, pin_memory=pin)  # fmt: skip
+                          sampler=sampler, generator=torch.Generator().manual_seed(t.seed), collate_fn=collate,
+                          pin_memory=pin)  # fmt: skip
     eval_dl = None
     if data.eval is not None and len(data.eval):
         eval_dl = DataLoader(data.eval.with_format("python"), batch_size=t.per_device_eval_batch_size,
@@ -172,7 +180,7 @@ class Loop:
         accelerator = self.accelerator = make_accelerator(cfg, getattr(model, "config", None))
         self.stop = StopSignal(self.stop_event, accelerator)  # with several processes, all ranks stop after the same step
         train_dl, eval_dl = make_loaders(self.data, cfg, accelerator)
-        self.order = getattr(train_dl, "generator", None)  # the sampler's generator (prepare keeps the same object)
+        self.order = getattr(self.data, "order", None)  # the sampler's generator
         self.max_steps, self.per_epoch = plan_steps(cfg, len(self.data.train), accelerator.num_processes)
         self.warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.max_steps)
         optimizer = make_optimizer(model, cfg)
