@@ -181,6 +181,11 @@ def load_model(mcfg, task: str, labels=None, quantization: str | None = None, pa
     elif mcfg.gguf_file:
         kw["config"] = load_config(mcfg)  # read once per process: from_pretrained would parse the GGUF's header again
     cls = getattr(transformers, AUTO_CLASSES[task])
+    # transformers 5.2x with `kernels` installed (a dependency of its own) kernelizes a model as it loads and again at
+    # every train()/eval(): the forward of each hub-kernel layer (RMSNorm, ...) is put back or swapped for code from
+    # the Hugging Face Hub, which drops the run's own CPU kernels (training/rms_norm.py) at `model.train()`. Code
+    # from the Hub runs when the user says so, as with trust_remote_code.
+    kw["use_kernels"] = False
     with quiet_loading():
         try:
             model = cls.from_pretrained(os.path.expanduser(mcfg.name_or_path), dtype=dtype, **kw)

@@ -127,3 +127,21 @@ def test_a_bf16_run_uses_it_and_gives_the_norms_back(tiny_llama, workdir, monkey
     assert calls
     norms = [m for m in run.model.modules() if type(m).__name__ in RMS_NORMS]
     assert norms and not [m for m in norms if "forward" in m.__dict__ or "_peft_magic_own_forward" in m.__dict__]
+
+
+def test_a_loaded_model_keeps_the_runs_forwards_through_train_and_eval(tiny_llama):
+    """transformers 5.2x kernelizes a model at load (its `kernels` dependency) and again at each train()/eval(),
+    putting back every hub-kernel layer's forward: peft_magic loads without it, so the norms' forward stays."""
+    import types
+
+    from peft_magic.config.schema import ModelConfig
+    from peft_magic.models import load_model
+
+    model = load_model(ModelConfig(name_or_path=tiny_llama), "causal-lm")
+    assert not getattr(model, "use_kernels", False)
+    norm = model.model.norm
+    norm.forward = types.MethodType(lambda self, h: h, norm)
+    model.train()
+    model.eval()
+    model.train()
+    assert "forward" in norm.__dict__
