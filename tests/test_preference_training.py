@@ -4,6 +4,7 @@ bad input is one clear line."""
 from __future__ import annotations
 
 import os
+import statistics
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_grpo_raises_the_mean_reward(tiny_llama, workdir):
         cfg["train"]["learning_rate"] = lr
         run = peft_magic.train(cfg, namespace={"says_good": says_good}, display="none")
         rows = [r for r in run.history if "reward" in r]
-        return run, rows, sum(r["reward"] for r in rows[len(rows) // 2 :]) / (len(rows) - len(rows) // 2)
+        return run, rows, statistics.fmean(r["reward"] for r in rows[len(rows) // 2 :])
 
     run, rows, trained = second_half(3e-2, "grpo")
     _, _, still = second_half(1e-7, "still")
